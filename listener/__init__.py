@@ -1,0 +1,1 @@
+"""order-expiry-listener: cancels unpaid orders at their deadline and announces it over MQTT."""

@@ -1,0 +1,173 @@
+"""The MQTT side: one connection kept up with reconnects, publishing in order.
+
+aiomqtt's reconnect pattern is a loop around ``async with Client(...)``; the
+link runs that loop, subscribes, hands incoming messages to a handler and
+lets publishers wait for the current connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from listener import logs
+from listener.config import Settings, mqtt_target
+from listener.events import StatusEvent
+from listener.supervise import Service, supervise
+
+log = logs.get("listener.mqtt")
+
+Handler = Callable[[aiomqtt.Message], Awaitable[None]]
+
+
+def protocol_of(settings: Settings) -> aiomqtt.ProtocolVersion:
+    return aiomqtt.ProtocolVersion.V5 if settings.mqtt_protocol == "5" else aiomqtt.ProtocolVersion.V311
+
+
+def make_client(settings: Settings, *, identifier: str | None = None,
+                persistent: bool = False, timeout: float = 10.0) -> aiomqtt.Client:
+    """An aiomqtt client for the configured URL (not yet connected)."""
+    target = mqtt_target(settings.mqtt_url)
+    v5 = settings.mqtt_protocol == "5"
+    return aiomqtt.Client(
+        target.host,
+        target.port,
+        username=target.username,
+        password=target.password,
+        identifier=identifier,
+        protocol=protocol_of(settings),
+        clean_session=None if v5 else not persistent,
+        clean_start=False if (v5 and persistent) else True,  # noqa: SIM211
+        properties=_session_expiry() if (v5 and persistent) else None,
+        tls_context=ssl.create_default_context() if target.tls else None,
+        timeout=timeout,
+        keepalive=15,
+        max_inflight_messages=1000,
+    )
+
+
+def _session_expiry() -> Properties:
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 7 * 24 * 3600
+    return props
+
+
+def default_client_id(role: str) -> str:
+    return f"order-listener-{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+def publish_properties(event: StatusEvent, v5: bool) -> Properties | None:
+    """MQTT v5: content type and event id / status as user properties, so a
+    broker's rule engine can route without parsing the payload."""
+    if not v5:
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = "application/json"
+    props.UserProperty = [("event_id", event.event_id), ("status", event.status)]
+    return props
+
+
+@dataclass
+class Connection:
+    client: aiomqtt.Client
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class MqttLink:
+    """Keeps one connection to the broker; publishers borrow the current one."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        service: Service,
+        *,
+        subscriptions: Sequence[str] = (),
+        handler: Handler | None = None,
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self.subscriptions = list(subscriptions)
+        self.handler = handler
+        self.v5 = settings.mqtt_protocol == "5"
+        persistent = bool(settings.mqtt_client_id)
+        self._identifier = settings.mqtt_client_id or default_client_id("daemon")
+        self._persistent = persistent
+        self._current: Connection | None = None
+        self._ready = asyncio.Event()
+        self.subscribed = asyncio.Event()
+
+    async def run(self) -> None:
+        await supervise("mqtt", self.service, self._session)
+
+    async def _session(self) -> None:
+        client = make_client(
+            self.settings, identifier=self._identifier, persistent=self._persistent
+        )
+        try:
+            async with client:
+                for topic in self.subscriptions:
+                    await client.subscribe(topic, qos=1)
+                connection = Connection(client)
+                self._current = connection
+                self._ready.set()
+                self.subscribed.set()
+                self.service.ok()
+                log.info("mqtt connected", broker=mqtt_target(self.settings.mqtt_url).shown,
+                         subscriptions=self.subscriptions)
+                try:
+                    async for message in client.messages:
+                        if self.handler is not None:
+                            await self.handler(message)
+                finally:
+                    connection.lost.set()
+                    self._ready.clear()
+                    self._current = None
+        finally:
+            self._ready.clear()
+
+    async def connection(self) -> Connection:
+        while True:
+            await self._ready.wait()
+            if self._current is not None:
+                return self._current
+
+    async def publish(self, events: Sequence[StatusEvent], timeout: float = 10.0) -> None:
+        """Publish with QoS 1, in this order, and return once the broker
+        acknowledged all of them. Raises MqttError if the connection is lost."""
+        if not events:
+            return
+        connection = await self.connection()
+        client = connection.client
+        prefix = self.settings.topic_prefix
+        sends = [
+            client.publish(
+                event.topic(prefix),
+                event.payload(),
+                qos=1,
+                properties=publish_properties(event, self.v5),
+                timeout=timeout,
+            )
+            for event in events
+        ]
+        together = asyncio.gather(*sends)
+        lost = asyncio.ensure_future(connection.lost.wait())
+        try:
+            done, _ = await asyncio.wait({together, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if together not in done:
+                together.cancel()
+                await asyncio.gather(together, return_exceptions=True)
+                raise aiomqtt.MqttError("connection to the broker lost while publishing")
+            together.result()
+        finally:
+            lost.cancel()
+            if not together.done():
+                together.cancel()
+                await asyncio.gather(together, return_exceptions=True)

@@ -1,0 +1,221 @@
+"""Outbox -> MQTT: every event the scripts appended goes out at least once,
+in version order per order; an entry is deleted only after the broker's PUBACK.
+
+One lane per part, all lanes concurrent. Each lane has two streams:
+``outbox`` (every transition after `created`) and ``outbox:created``. The
+second one can hold a bulk import's backlog; a lane publishes its ``outbox``
+first and ``outbox:created`` only when the first is empty, in small chunks
+through one gate shared by all lanes, so a cancellation waits behind at most
+one such chunk. Per-order order still holds: before an order's later event,
+the lane publishes that order's `created` event out of its turn if it is
+still unpublished (found by the id kept in the order record) and deletes it.
+
+With several daemons, a lane is published by the holder of its lease
+(``<prefix>:{P}:lease``), so events of one order never race each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+
+import aiomqtt
+from redis.asyncio import Redis
+
+from listener import logs
+from listener.events import StatusEvent, from_created_entry, from_outbox_entry
+from listener.keys import PARTS, KeyLayout
+from listener.mqtt import MqttLink
+from listener.scripts import Scripts
+from listener.supervise import Service, supervise
+
+log = logs.get("listener.outbox")
+
+LEASE_MS = 6000
+RENEW_EVERY = 2.0
+CREATED_CHUNK = 100
+BLOCK_MS = 1000
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _id_tuple(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+class Outbox:
+    """The lanes, their leases, and counters for metrics and tests."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        scripts: Scripts,
+        layout: KeyLayout,
+        link: MqttLink,
+        redis_service: Service,
+        *,
+        batch: int = 500,
+        owner: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.layout = layout
+        self.link = link
+        self.redis_service = redis_service
+        self.batch = batch
+        self.owner = owner or owner_id()
+        self.held = [asyncio.Event() for _ in range(PARTS)]
+        self.published = 0
+        self.stopping = asyncio.Event()
+        self._created_gate = asyncio.Semaphore(1)
+
+    async def run(self) -> None:
+        """Run the leases and all lanes until `stop()` drained them."""
+        async with asyncio.TaskGroup() as group:
+            leases = group.create_task(self._keep_leases(), name="outbox-leases")
+            lanes = [
+                group.create_task(self._lane(part), name=f"outbox-lane-{part}")
+                for part in range(PARTS)
+            ]
+            await asyncio.gather(*lanes)
+            leases.cancel()
+        await self._release_leases()
+
+    def stop(self) -> None:
+        """Lanes publish what is there now, then end."""
+        self.stopping.set()
+
+    # -- leases --------------------------------------------------------------
+
+    async def _keep_leases(self) -> None:
+        while True:
+            await supervise("outbox-leases", self.redis_service, self._renew_once)
+            await asyncio.sleep(RENEW_EVERY)
+
+    async def _renew_once(self) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for part in range(PARTS):
+                    await self.scripts.lease(
+                        keys=[self.layout.lease(part)], args=[self.owner, LEASE_MS], client=pipe
+                    )
+                replies = await pipe.execute()
+        except BaseException:
+            for event in self.held:  # without renewal we cannot be sure we hold them
+                event.clear()
+            raise
+        for part, got in enumerate(replies):
+            if int(got):
+                if not self.held[part].is_set():
+                    log.debug("lane lease taken", part=part, owner=self.owner)
+                self.held[part].set()
+            else:
+                self.held[part].clear()
+
+    async def _release_leases(self) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for part in range(PARTS):
+                    await self.scripts.release(
+                        keys=[self.layout.lease(part)], args=[self.owner], client=pipe
+                    )
+                await pipe.execute()
+        except Exception as exc:  # leases lapse by themselves within LEASE_MS
+            log.debug("lease release failed", error=str(exc))
+
+    # -- lanes ---------------------------------------------------------------
+
+    async def _lane(self, part: int) -> None:
+        while not self.stopping.is_set():
+            if not self.held[part].is_set():
+                waiter = asyncio.ensure_future(self.held[part].wait())
+                stop = asyncio.ensure_future(self.stopping.wait())
+                try:
+                    await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                    stop.cancel()
+                continue
+            await supervise(f"outbox-lane-{part}", self.redis_service, lambda: self._drain(part))
+
+    async def _drain(self, part: int) -> None:
+        """Publish the lane from its first unpublished entry while the lease is held."""
+        hi_key = self.layout.outbox(part)
+        lo_key = self.layout.outbox_created(part)
+        hi_last, lo_last = b"0-0", b"0-0"
+        while self.held[part].is_set():
+            block = None if self.stopping.is_set() else BLOCK_MS
+            reply = await self.redis.xread(
+                {hi_key: hi_last, lo_key: lo_last}, count=self.batch, block=block
+            )
+            self.redis_service.ok()
+            streams = {_name(stream): entries for stream, entries in reply or []}
+            hi = streams.get(hi_key, [])
+            if hi:
+                await self._publish_hi(part, hi, lo_last)
+                await self.redis.xdel(hi_key, *[entry_id for entry_id, _ in hi])
+                hi_last = hi[-1][0]
+                continue
+            lo = streams.get(lo_key, [])[:CREATED_CHUNK]
+            if lo:
+                async with self._created_gate:
+                    await self._send([from_created_entry(i, f) for i, f in lo])
+                await self.redis.xdel(lo_key, *[entry_id for entry_id, _ in lo])
+                lo_last = lo[-1][0]
+                continue
+            if self.stopping.is_set():
+                return
+
+    async def _publish_hi(self, part: int, hi: Sequence[Entry], lo_last: bytes) -> None:
+        lo_key = self.layout.outbox_created(part)
+        events: list[StatusEvent] = []
+        early: list[bytes] = []
+        checked: set[bytes] = set()
+        for _, fields in hi:
+            event = from_outbox_entry(fields)
+            created = event.created_entry
+            if created not in checked and _id_tuple(created) > _id_tuple(lo_last):
+                checked.add(created)
+                found = await self.redis.xrange(lo_key, created, created)
+                if found:
+                    events.append(from_created_entry(*found[0]))
+                    early.append(created)
+            events.append(event)
+        await self._send(events)
+        if early:
+            await self.redis.xdel(lo_key, *early)
+
+    async def _send(self, events: Sequence[StatusEvent]) -> None:
+        """Publish until the broker acknowledged all; a broker outage is the
+        MQTT link's to report and repair, the lane only waits and resends."""
+        while True:
+            try:
+                await self.link.publish(events)
+                break
+            except aiomqtt.MqttError as exc:
+                log.debug("publish failed; resending after reconnect", error=str(exc))
+                await asyncio.sleep(0.1)
+        self.published += len(events)
+        for event in events:
+            log.debug("event published", order_id=event.order_id, event_id=event.event_id,
+                      status=event.status)
+
+    async def backlog(self) -> int:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for part in range(PARTS):
+                pipe.xlen(self.layout.outbox(part))
+                pipe.xlen(self.layout.outbox_created(part))
+            lengths = await pipe.execute()
+        return sum(int(n) for n in lengths)
+
+
+def _name(stream: bytes | str) -> str:
+    return stream.decode() if isinstance(stream, bytes) else stream

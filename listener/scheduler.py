@@ -1,0 +1,131 @@
+"""The deadline scheduler: cancels each order at its deadline from the deadline index.
+
+Redis sends `expired` only when its sampling sweep happens to delete a timer
+key: seconds late, later still with many TTL keys, and never while we are
+disconnected. So the index (one sorted set per part) is the truth. The
+scheduler knows the earliest deadline of every part, sleeps until the
+earliest of all (or until a create wakes it for an earlier one), then runs
+the `sweep` script on the parts that are due. Each call cancels a bounded
+batch and returns the part's next deadline and the Redis clock, so sleeping
+is always measured on the Redis clock and never busy-waits.
+
+It also runs the catch-up: a full sweep on start, after every reconnect, and
+every `resync_interval` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+
+from listener import logs
+from listener.keys import PARTS
+from listener.store import Store, SweepResult
+from listener.supervise import Service, supervise
+
+log = logs.get("listener.scheduler")
+
+CancelledHook = Callable[[str, int, int], None]  # order id, deadline ms, cancelled-at ms
+
+
+class DeadlineScheduler:
+    def __init__(
+        self,
+        store: Store,
+        service: Service,
+        *,
+        batch: int = 1000,
+        resync_interval: float = 5.0,
+        on_cancelled: CancelledHook | None = None,
+    ) -> None:
+        self.store = store
+        self.service = service
+        self.batch = batch
+        self.resync_interval = resync_interval
+        self.on_cancelled = on_cancelled
+        # earliest deadline of each part, as time.monotonic() seconds; inf = none
+        self._heads = [math.inf] * PARTS
+        self._offset: float | None = None  # redis ms / 1000 - monotonic
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self.caught_up = asyncio.Event()
+        self.cancelled = 0
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    def wake(self, part: int, deadline_ms: int) -> None:
+        """A new order became the earliest of `part` (from the wake channel)."""
+        if not 0 <= part < PARTS:
+            return
+        due = self._local(deadline_ms)
+        if due < self._heads[part]:
+            self._heads[part] = due
+            self._wake.set()
+
+    def resync(self) -> None:
+        """Sweep every part at once (after a reconnect, or a burst we did not follow)."""
+        self._heads = [0.0] * PARTS
+        self._wake.set()
+
+    def _local(self, redis_ms: int) -> float:
+        if self._offset is None:
+            return 0.0  # clock unknown yet: look now
+        return redis_ms / 1000 - self._offset
+
+    async def run(self) -> None:
+        await supervise("scheduler", self.service, self._session)
+
+    async def _session(self) -> None:
+        self.resync()  # catch-up on start and after every failure
+        next_resync = time.monotonic()
+        while not self._stopping:
+            now = time.monotonic()
+            if now >= next_resync:
+                self._heads = [0.0] * PARTS
+                next_resync = now + self.resync_interval
+            due = [part for part, head in enumerate(self._heads) if head <= now]
+            if due:
+                results = await self.store.sweep(due, self.batch)
+                self.service.ok()
+                self._absorb(results)
+                if not self.caught_up.is_set() and all(h > now for h in self._heads):
+                    self.caught_up.set()
+                    log.info("caught up with the deadline index")
+                continue
+            self._wake.clear()
+            sleep = min(min(self._heads), next_resync) - time.monotonic()
+            if sleep > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=sleep)
+                except TimeoutError:
+                    pass
+
+    def _absorb(self, results: list[SweepResult]) -> None:
+        received = time.monotonic()
+        for result in results:
+            # The reply left Redis a little before we got it: the offset we
+            # compute errs on the late side by at most the round trip.
+            self._offset = result.now_ms / 1000 - received
+            for order_id, deadline_ms in result.cancelled:
+                self.cancelled += 1
+                log.info(
+                    "order cancelled",
+                    order_id=order_id,
+                    reason="timeout",
+                    lag_ms=result.now_ms - deadline_ms,
+                    via="deadline",
+                )
+                if self.on_cancelled is not None:
+                    self.on_cancelled(order_id, deadline_ms, result.now_ms)
+            if len(result.cancelled) >= self.batch:
+                self._heads[result.part] = 0.0  # more due: go again at once
+            elif result.next_deadline_ms is None:
+                self._heads[result.part] = math.inf
+            elif result.next_deadline_ms <= result.now_ms:
+                self._heads[result.part] = 0.0
+            else:
+                self._heads[result.part] = received + (result.next_deadline_ms - result.now_ms) / 1000

@@ -1,0 +1,7 @@
+-- cancel: created -> cancelled (reason customer). Repeated when already cancelled.
+return transition({
+  from = {created = true},
+  steps = {'cancelled'},
+  reason = 'customer',
+  already = function(status, _) return status == 'cancelled' end,
+})

@@ -1,0 +1,40 @@
+-- create: new orders of one part, each `created` with its timer and deadline.
+--   KEYS: deadline index of the part, outbox:created of the part,
+--         then for each order: order hash, timer key
+--   ARGV: wake channel, part, then for each order: order id, timeout ms
+-- Returns, per order, two items: 1, deadline (created) or 0, status (id taken:
+-- nothing changed). Publishes "<part> <deadline>" on the wake channel when an
+-- order becomes the earliest of its part, so a sleeping daemon wakes for it.
+local index, created_box = KEYS[1], KEYS[2]
+local channel, part = ARGV[1], ARGV[2]
+local now = now_ms()
+local head = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
+local earliest = head[2] and tonumber(head[2])
+local new_min
+local out = {}
+for i = 1, (#ARGV - 2) / 2 do
+  local id, timeout = ARGV[1 + 2 * i], tonumber(ARGV[2 + 2 * i])
+  local okey, timer = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  local existing = redis.call('HGET', okey, 's')
+  if existing then
+    out[#out + 1] = 0
+    out[#out + 1] = existing
+  else
+    local deadline = now + timeout
+    local entry = redis.call('XADD', created_box, '*', 'o', id, 'd', deadline)
+    local created = tonumber(string.match(entry, '^(%d+)'))
+    redis.call('HSET', okey, 's', 'created', 'v', 1, 'r', 'created', 'c', entry,
+               'u', created, 'd', deadline)
+    redis.call('SET', timer, '1', 'PXAT', deadline)
+    redis.call('ZADD', index, deadline, id)
+    if not new_min or deadline < new_min then
+      new_min = deadline
+    end
+    out[#out + 1] = 1
+    out[#out + 1] = deadline
+  end
+end
+if new_min and (not earliest or new_min < earliest) then
+  redis.call('PUBLISH', channel, part .. ' ' .. string.format('%d', new_min))
+end
+return out

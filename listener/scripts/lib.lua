@@ -1,0 +1,63 @@
+-- lib.lua: helpers prepended to every transition script (see listener/scripts.py).
+-- Times are Unix milliseconds from the Redis clock, so every daemon and
+-- producer agrees on "now" whatever their own clocks say.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Appends one status event (any after `created`) to the part's outbox stream.
+local function emit(outbox, id, status, previous, reason, version, at, created)
+  redis.call('XADD', outbox, '*', 'o', id, 's', status, 'p', previous, 'r', reason,
+             'v', version, 't', at, 'c', created)
+end
+
+-- Moves an order through `steps`, one event and one version per step, and
+-- remembers `reason`. A cancelled order keeps its record for `retention` ms.
+local function advance(okey, outbox, id, status, version, created, steps, reason, now, retention)
+  for _, nxt in ipairs(steps) do
+    version = version + 1
+    emit(outbox, id, nxt, status, reason, version, now, created)
+    status = nxt
+  end
+  redis.call('HSET', okey, 's', status, 'v', version, 'r', reason, 'u', now)
+  if status == 'cancelled' then
+    redis.call('PEXPIRE', okey, retention)
+  end
+  return version
+end
+
+-- The shape of every transition script:
+--   KEYS: order hash, timer key, deadline index of the part, outbox of the part
+--   ARGV: order id, retention ms of finished orders, [reason]
+-- spec: from (set of statuses), steps, reason, already(status, reason) -> bool,
+--       due (optional: the deadline must have passed).
+-- Returns {outcome, status, version, reason} with outcome one of
+--   done | already | refused | unknown | notdue.
+local function transition(spec)
+  local okey, timer, index, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+  local id, retention = ARGV[1], tonumber(ARGV[2])
+  local cur = redis.call('HMGET', okey, 's', 'v', 'r', 'c', 'd')
+  local status, version, reason = cur[1], tonumber(cur[2]), cur[3]
+  if not status then
+    return {'unknown', '', 0, ''}
+  end
+  if spec.from[status] then
+    local now = now_ms()
+    if spec.due and tonumber(cur[5]) > now then
+      return {'notdue', status, version, reason}
+    end
+    if status == 'created' then
+      redis.call('DEL', timer)
+      redis.call('ZREM', index, id)
+    end
+    version = advance(okey, outbox, id, status, version, cur[4], spec.steps, spec.reason, now,
+                      retention)
+    return {'done', spec.steps[#spec.steps], version, spec.reason}
+  end
+  if spec.already(status, reason) then
+    return {'already', status, version, reason}
+  end
+  return {'refused', status, version, reason}
+end

@@ -1,0 +1,227 @@
+"""Calls the Lua scripts and reads orders: the only module that changes order state.
+
+Python decides nothing here about what is allowed; the scripts check and
+change atomically and say what happened (done, already, refused, unknown).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from listener.config import Settings, redis_target
+from listener.keys import PARTS, KeyLayout, part_of
+from listener.orders import Operation, Order, Reason, Status
+from listener.scripts import Scripts
+
+CREATE_CHUNK = 500  # orders per create script call (one part each)
+PIPELINE_CALLS = 40  # script calls per round trip
+
+
+def connect_redis(settings: Settings, *, timeout: float = 5.0) -> Redis:
+    """A client for the configured URL. Commands retry twice on a dropped connection;
+    longer outages are the caller's (the daemon's loops back off and resume)."""
+    target = redis_target(settings.redis_url)
+    return Redis.from_url(
+        target.url,
+        socket_connect_timeout=3.0,
+        socket_timeout=timeout,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        health_check_interval=15,
+    )
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    order_id: str
+    created: bool
+    deadline_ms: int | None = None
+    existing_status: str | None = None
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    """What a transition script reported. `outcome`: done, already, refused, unknown, notdue."""
+
+    order_id: str
+    outcome: str
+    status: str
+    version: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    part: int
+    now_ms: int
+    next_deadline_ms: int | None  # None: nothing pending in the part
+    cancelled: list[tuple[str, int]]  # (order id, deadline ms)
+
+
+_SCRIPT_OF: dict[Operation, tuple[str, str | None]] = {
+    Operation.PAY: ("pay", None),
+    Operation.CANCEL: ("cancel", None),
+    Operation.EXPIRE: ("expire", None),
+    Operation.DELIVER: ("deliver", Reason.DELIVERED),
+    Operation.LOGISTICS_DELIVERED: ("deliver", Reason.LOGISTICS),
+    Operation.REFUND: ("refund", Reason.REFUND),
+    Operation.LOGISTICS_RETURNED: ("refund", Reason.RETURNED),
+}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Store:
+    def __init__(self, redis: Redis, layout: KeyLayout, retention_ms: int) -> None:
+        self.redis = redis
+        self.layout = layout
+        self.retention_ms = retention_ms
+        self.scripts = Scripts.register(redis)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, redis: Redis | None = None) -> Store:
+        client = redis if redis is not None else connect_redis(settings)
+        return cls(client, KeyLayout(settings.key_prefix), settings.retention_ms)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # -- create ------------------------------------------------------------
+
+    async def create_many(self, orders: Sequence[tuple[str, int]]) -> list[CreateResult]:
+        """Create (order id, timeout ms) pairs; ids must be valid already.
+
+        Orders are grouped by part, CREATE_CHUNK to a script call, and the calls
+        pipelined. An id that exists is reported, not changed.
+        """
+        by_part: dict[int, list[int]] = defaultdict(list)
+        for index, (order_id, _) in enumerate(orders):
+            by_part[part_of(order_id)].append(index)
+        calls: list[tuple[int, list[int]]] = []
+        for part, indexes in by_part.items():
+            for start in range(0, len(indexes), CREATE_CHUNK):
+                calls.append((part, indexes[start : start + CREATE_CHUNK]))
+        results: list[CreateResult | None] = [None] * len(orders)
+        for start in range(0, len(calls), PIPELINE_CALLS):
+            batch = calls[start : start + PIPELINE_CALLS]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for part, indexes in batch:
+                    keys = [self.layout.deadlines(part), self.layout.outbox_created(part)]
+                    args: list[Any] = [self.layout.wake_channel, part]
+                    for index in indexes:
+                        order_id, timeout_ms = orders[index]
+                        keys += [self.layout.order(order_id), self.layout.timer(order_id)]
+                        args += [order_id, timeout_ms]
+                    await self.scripts.create(keys=keys, args=args, client=pipe)
+                replies = await pipe.execute()
+            for (_, indexes), reply in zip(batch, replies, strict=True):
+                for position, index in enumerate(indexes):
+                    flag, value = reply[2 * position], reply[2 * position + 1]
+                    order_id = orders[index][0]
+                    if int(flag) == 1:
+                        results[index] = CreateResult(order_id, True, deadline_ms=int(value))
+                    else:
+                        results[index] = CreateResult(order_id, False, existing_status=_text(value))
+        return [result for result in results if result is not None]
+
+    # -- transitions -------------------------------------------------------
+
+    def _transition_call(self, operation: Operation, order_id: str) -> tuple[Any, list[str], list[Any]]:
+        name, reason = _SCRIPT_OF[operation]
+        part = part_of(order_id)
+        keys = [
+            self.layout.order(order_id),
+            self.layout.timer(order_id),
+            self.layout.deadlines(part),
+            self.layout.outbox(part),
+        ]
+        args: list[Any] = [order_id, self.retention_ms]
+        if reason is not None:
+            args.append(str(reason))
+        return getattr(self.scripts, name), keys, args
+
+    @staticmethod
+    def _result(order_id: str, reply: Sequence[Any]) -> TransitionResult:
+        return TransitionResult(
+            order_id=order_id,
+            outcome=_text(reply[0]),
+            status=_text(reply[1]),
+            version=int(reply[2]),
+            reason=_text(reply[3]) if reply[3] is not None else "",
+        )
+
+    async def apply(self, operation: Operation, order_id: str) -> TransitionResult:
+        script, keys, args = self._transition_call(operation, order_id)
+        reply = await script(keys=keys, args=args)
+        return self._result(order_id, reply)
+
+    async def apply_many(
+        self, operation: Operation, order_ids: Sequence[str]
+    ) -> list[TransitionResult]:
+        """The same operation on many orders, pipelined (one script call each)."""
+        out: list[TransitionResult] = []
+        for start in range(0, len(order_ids), 500):
+            chunk = order_ids[start : start + 500]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for order_id in chunk:
+                    script, keys, args = self._transition_call(operation, order_id)
+                    await script(keys=keys, args=args, client=pipe)
+                replies = await pipe.execute()
+            out += [self._result(oid, reply) for oid, reply in zip(chunk, replies, strict=True)]
+        return out
+
+    # -- deadline index ------------------------------------------------------
+
+    async def sweep(self, parts: Iterable[int], limit: int) -> list[SweepResult]:
+        """Cancel what is due in each part (up to `limit` each), in one round trip."""
+        chosen = list(parts)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for part in chosen:
+                await self.scripts.sweep(
+                    keys=[self.layout.deadlines(part), self.layout.outbox(part)],
+                    args=[self.layout.base(part), limit, self.retention_ms],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        results = []
+        for part, (now, nxt, flat) in zip(chosen, replies, strict=True):
+            cancelled = [(_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+            nxt_ms = int(nxt)
+            results.append(SweepResult(part, int(now), None if nxt_ms < 0 else nxt_ms, cancelled))
+        return results
+
+    async def pending_count(self) -> int:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for part in range(PARTS):
+                pipe.zcard(self.layout.deadlines(part))
+            counts = await pipe.execute()
+        return sum(int(c) for c in counts)
+
+    # -- reads ---------------------------------------------------------------
+
+    async def get(self, order_id: str) -> Order | None:
+        raw = await self.redis.hgetall(self.layout.order(order_id))  # type: ignore[misc]
+        if not raw:
+            return None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        return Order(
+            order_id=order_id,
+            status=Status(fields["s"]),
+            version=int(fields["v"]),
+            reason=Reason(fields["r"]),
+            created_ms=int(fields["c"].split("-", 1)[0]),
+            updated_ms=int(fields["u"]),
+            deadline_ms=int(fields["d"]),
+        )
+
+    async def now_ms(self) -> int:
+        seconds, micros = await self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000

@@ -1,0 +1,110 @@
+"""Outages and reconnects: one warning per outage, one info line when back,
+capped exponential backoff with full jitter between attempts (``backoff``).
+
+Each long-lived task runs its body through `supervise`; the body reports
+`Service.ok()` once its connection works, which ends the outage and resets
+the backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import aiomqtt
+import backoff
+import redis.exceptions
+
+from listener import logs
+
+log = logs.get("listener.supervise")
+
+# Losing a server is normal: these end a session, never the daemon.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    aiomqtt.MqttError,
+    OSError,
+)
+
+# A script error NOSCRIPT after a Redis restart is handled by redis-py itself.
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+class Service:
+    """The state of one dependency ("redis" or "mqtt"), shared by every task using it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.up = False
+        self.generation = 0  # rises each time the service comes (back) up
+        self.reconnects = 0
+        self._down_since: float | None = None
+        self.changed = asyncio.Event()
+
+    def ok(self) -> None:
+        if self.up:
+            return
+        self.up = True
+        self.generation += 1
+        if self._down_since is not None:
+            self.reconnects += 1
+            log.info(
+                f"{self.name} is back",
+                service=self.name,
+                outage_s=round(time.monotonic() - self._down_since, 3),
+            )
+            self._down_since = None
+        self._notify()
+
+    def failed(self, exc: BaseException, task: str) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning(
+                f"{self.name} unavailable; retrying with backoff",
+                service=self.name,
+                task=task,
+                error=describe(exc),
+            )
+        self.up = False
+        self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+def _delays(cap: float) -> Iterator[float]:
+    expo = backoff.expo(base=2, factor=0.05, max_value=cap)
+    next(expo)  # the generator's first value is a priming None
+    for delay in expo:
+        yield backoff.full_jitter(delay)
+
+
+async def supervise(
+    task: str,
+    service: Service,
+    body: Callable[[], Awaitable[None]],
+    *,
+    cap: float = 5.0,
+) -> None:
+    """Run `body` until it returns; after a transient failure wait and run it again."""
+    delays = _delays(cap)
+    seen = service.generation
+    while True:
+        try:
+            await body()
+            return
+        except TRANSIENT as exc:
+            if service.generation != seen:  # it worked for a while: a new outage
+                delays = _delays(cap)
+                seen = service.generation
+            service.failed(exc, task)
+            await asyncio.sleep(next(delays))
