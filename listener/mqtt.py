@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiomqtt
+from paho.mqtt import client as mqtt_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -37,7 +38,7 @@ def make_client(settings: Settings, *, identifier: str | None = None,
     """An aiomqtt client for the configured URL (not yet connected)."""
     target = mqtt_target(settings.mqtt_url)
     v5 = settings.mqtt_protocol == "5"
-    return aiomqtt.Client(
+    client = aiomqtt.Client(
         target.host,
         target.port,
         username=target.username,
@@ -45,13 +46,21 @@ def make_client(settings: Settings, *, identifier: str | None = None,
         identifier=identifier,
         protocol=protocol_of(settings),
         clean_session=None if v5 else not persistent,
-        clean_start=False if (v5 and persistent) else True,  # noqa: SIM211
+        clean_start=_clean_start(v5, persistent),
         properties=_session_expiry() if (v5 and persistent) else None,
         tls_context=ssl.create_default_context() if target.tls else None,
         timeout=timeout,
         keepalive=15,
         max_inflight_messages=1000,
     )
+    client.pending_calls_threshold = 1_000_000  # our batches are bounded; no warning per call
+    return client
+
+
+def _clean_start(v5: bool, persistent: bool) -> mqtt_client.CleanStartOption:
+    if not v5:
+        return mqtt_client.MQTT_CLEAN_START_FIRST_ONLY  # the only value paho accepts for 3.1.1
+    return False if persistent else True  # noqa: SIM211
 
 
 def _session_expiry() -> Properties:
@@ -64,15 +73,50 @@ def default_client_id(role: str) -> str:
     return f"order-listener-{role}-{socket.gethostname()}-{os.getpid()}"
 
 
+class PackedProperties(Properties):
+    """PUBLISH properties encoded once by us. paho's own Properties validates
+    every attribute on each message and cost more than the rest of a publish;
+    paho only ever calls `pack()` on what we hand it."""
+
+    def __init__(self, packed: bytes) -> None:  # noqa: D107 - no super(): it is the slow part
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "_packed", packed)
+
+    def pack(self) -> bytes:
+        return bytes(self._packed)
+
+    def __str__(self) -> str:
+        return f"PackedProperties({self._packed!r})"
+
+
+def _utf8(text: str) -> bytes:
+    raw = text.encode()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value % 128, value // 128
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+_CONTENT_TYPE = b"\x03" + _utf8("application/json")
+
+
 def publish_properties(event: StatusEvent, v5: bool) -> Properties | None:
     """MQTT v5: content type and event id / status as user properties, so a
     broker's rule engine can route without parsing the payload."""
     if not v5:
         return None
-    props = Properties(PacketTypes.PUBLISH)
-    props.ContentType = "application/json"
-    props.UserProperty = [("event_id", event.event_id), ("status", event.status)]
-    return props
+    body = (
+        _CONTENT_TYPE
+        + b"\x26" + _utf8("event_id") + _utf8(event.event_id)
+        + b"\x26" + _utf8("status") + _utf8(event.status)
+    )
+    return PackedProperties(_varint(len(body)) + body)
 
 
 @dataclass

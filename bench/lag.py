@@ -1,0 +1,813 @@
+"""Cancellation lag: from an order's deadline to a subscriber holding its `cancelled` event.
+
+    .venv/bin/python bench/lag.py [--pending N ...] [--rate R ...] [--duration S]
+
+For each number of pending orders N and each rate R (orders falling due per
+second) the script:
+
+1. flushes Redis and starts the daemon (`order-listener run`, a separate
+   process) and a fresh MQTT subscriber (QoS 1 on `orders/+/status`, a
+   separate process by default);
+2. waits until the daemon cancelled and published a probe order (so it is
+   up end to end);
+3. loads N pending orders with a deadline one hour away (bulk, pipelined, in
+   chunks) and waits until their `created` events are published and received,
+   so that backlog does not skew the measurement;
+4. for `--duration` seconds creates R orders a second (a batch every 10 ms)
+   with a timeout of `--timeout` seconds (2 by default) and records each one's
+   deadline (Unix ms from the Redis clock: Redis runs on this machine, so its
+   clock is `time.time()`'s);
+5. waits for their `cancelled` events (reason `timeout`); the lag of an order
+   is the subscriber's `time.time()` on receipt minus its deadline.
+
+It prints the setup, one line per scenario as it ends, a table (p50, p99 and
+max lag in ms, how many were measured and how many never arrived) and the
+same table in Markdown. It prints figures only; nothing is asserted.
+
+redis-server (with the project's redis.conf) and mosquitto are started on free
+loopback ports in a temporary folder and stopped at the end. Any
+ORDER_LISTENER_* variables in the environment are ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+import aiomqtt
+from redis.asyncio import Redis
+
+from listener.api import OrderClient
+from listener.config import load_settings
+from listener.keys import PARTS, KeyLayout
+from listener.servers import ServerProcess, mosquitto, mosquitto_binary, redis_binary, redis_server
+
+TOPIC = "orders/+/status"
+MEASURED_PREFIX = "lag-"
+PENDING_PREFIX = "pend-"
+PROBE_ID = "probe-ready"
+PENDING_TIMEOUT_MS = 3600 * 1000  # the pending orders must not fall due during a run
+LOAD_CHUNK = 50_000  # pending orders per create_prepared call (bounded memory)
+TICK = 0.010  # the producer's pacing interval
+POLL = 0.1
+SCRIPT = Path(__file__).resolve()
+
+
+# -- the subscriber ------------------------------------------------------------
+
+
+def unix_ms(iso: str) -> int:
+    """An event's time (``2026-11-24T15:00:00.123Z``) as Unix ms."""
+    return round(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+class Receiver:
+    """Subscribes to every status event and timestamps each `cancelled` (timeout) one."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.created = 0  # `created` events received (only counted)
+        # order id -> (time.time() of the first receipt, the event's `at` as Unix ms)
+        self.cancelled: dict[str, tuple[float, int]] = {}
+        self.measured = 0  # cancelled events of measured orders (first receipts)
+        self.other = 0  # any other event (should stay 0)
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        client = aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=f"lag-bench-subscriber-{os.getpid()}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            keepalive=30,
+        )
+        async with client:
+            await client.subscribe(TOPIC, qos=1)
+            self.ready.set()
+            async for message in client.messages:
+                received = time.time()
+                payload = message.payload
+                if not isinstance(payload, bytes | bytearray):
+                    self.other += 1
+                    continue
+                if b'"status":"created"' in payload:
+                    self.created += 1
+                    continue
+                event = json.loads(payload)
+                if event.get("status") == "cancelled" and event.get("reason") == "timeout":
+                    order_id = str(event["order_id"])
+                    if order_id not in self.cancelled:
+                        self.cancelled[order_id] = (received, unix_ms(str(event["at"])))
+                        if order_id.startswith(MEASURED_PREFIX):
+                            self.measured += 1
+                else:
+                    self.other += 1
+
+    def counts(self) -> Counts:
+        return Counts(self.created, self.measured, len(self.cancelled), self.other)
+
+
+@dataclass(frozen=True)
+class Counts:
+    created: int
+    measured: int  # cancelled (timeout) events of measured orders
+    cancelled: int  # cancelled (timeout) events of any order
+    other: int
+
+
+class Subscriber(Protocol):
+    async def start(self) -> None: ...
+    async def counts(self) -> Counts: ...
+    async def received(self, order_id: str) -> bool: ...
+    def pid(self) -> int: ...
+    async def results(self) -> dict[str, tuple[float, int]]: ...
+    async def stop(self) -> None: ...
+
+
+class InlineSubscriber:
+    """The receiver as a task of the bench's own event loop (shares its CPU)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.receiver = Receiver(host, port)
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.receiver.run())
+        ready = asyncio.create_task(self.receiver.ready.wait())
+        await asyncio.wait({self.task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        if not self.receiver.ready.is_set():
+            ready.cancel()
+            if self.task.done():
+                self.task.result()
+            raise RuntimeError("the subscriber did not connect in 10 s")
+
+    async def counts(self) -> Counts:
+        return self.receiver.counts()
+
+    async def received(self, order_id: str) -> bool:
+        return order_id in self.receiver.cancelled
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def results(self) -> dict[str, tuple[float, int]]:
+        return dict(self.receiver.cancelled)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self.task
+
+
+class ProcessSubscriber:
+    """The receiver in a child process (this script with --subscriber-child),
+    driven over its stdin/stdout one line per command."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(SCRIPT),
+            "--subscriber-child", self.host, str(self.port),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=1 << 28,
+        )
+        line = await asyncio.wait_for(self._line(), timeout=15)
+        if line != "ready":
+            raise RuntimeError(f"the subscriber process did not start: {line!r}")
+
+    async def _line(self) -> str:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        raw = await self.proc.stdout.readline()
+        if not raw:
+            raise RuntimeError(f"the subscriber process ended ({await self.proc.wait()})")
+        return raw.decode().strip()
+
+    async def _ask(self, command: str) -> str:
+        assert self.proc is not None
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command.encode() + b"\n")
+        await self.proc.stdin.drain()
+        return await self._line()
+
+    async def counts(self) -> Counts:
+        return Counts(**json.loads(await self._ask("counts")))
+
+    async def received(self, order_id: str) -> bool:
+        return await self._ask(f"has {order_id}") == "1"
+
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def results(self) -> dict[str, tuple[float, int]]:
+        data: dict[str, list[float]] = json.loads(await self._ask("dump"))
+        return {order_id: (pair[0], int(pair[1])) for order_id, pair in data.items()}
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._ask("quit"), timeout=5)
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout=5)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def subscriber_child(host: str, port: int) -> None:
+    """The child side of ProcessSubscriber: answers `counts`, `has ID`, `dump`, `quit`."""
+    receiver = Receiver(host, port)
+    task = asyncio.create_task(receiver.run())
+    ready = asyncio.create_task(receiver.ready.wait())
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if not receiver.ready.is_set():
+        print(f"error {task.exception()!r}", flush=True)
+        return
+    print("ready", flush=True)
+    while True:
+        line = (await asyncio.to_thread(sys.stdin.readline)).strip()
+        if task.done():  # the connection failed: say so on every question
+            print(f"error {task.exception()!r}", flush=True)
+            return
+        if not line or line == "quit":
+            print("bye", flush=True)
+            break
+        command, _, argument = line.partition(" ")
+        if command == "counts":
+            c = receiver.counts()
+            reply = json.dumps({"created": c.created, "measured": c.measured,
+                                "cancelled": c.cancelled, "other": c.other})
+        elif command == "has":
+            reply = "1" if argument in receiver.cancelled else "0"
+        elif command == "dump":
+            reply = json.dumps(receiver.cancelled)
+        else:
+            reply = f"error unknown command {command!r}"
+        sys.stdout.write(reply + "\n")
+        sys.stdout.flush()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+        await task
+
+
+# -- the daemon ------------------------------------------------------------------
+
+
+def daemon_command() -> list[str]:
+    beside = Path(sys.executable).parent / "order-listener"
+    if beside.exists():
+        return [str(beside), "run"]
+    found = shutil.which("order-listener")
+    if found is None:
+        raise SystemExit("order-listener not found: pip install -e . in this venv")
+    return [found, "run"]
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited ({self.proc.returncode}):\n{self.log_tail()}")
+
+
+def spawn_daemon(redis_url: str, mqtt_url: str, log_path: Path, log_level: str) -> DaemonProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_LISTENER_")}
+    env.update(
+        ORDER_LISTENER_REDIS_URL=redis_url,
+        ORDER_LISTENER_MQTT_URL=mqtt_url,
+        ORDER_LISTENER_LOG_LEVEL=log_level,
+        ORDER_LISTENER_LOG_FORMAT="json",
+    )
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            daemon_command(),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C of the bench reaches it as our SIGTERM only
+        )
+    return DaemonProcess(proc, log_path)
+
+
+async def stop_daemon(daemon: DaemonProcess, wait_s: float = 30.0) -> int | None:
+    """SIGTERM and wait; the exit status (None: killed after `wait_s`)."""
+    proc = daemon.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(proc.wait, wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+            return None
+    return proc.returncode
+
+
+# -- CPU accounting ------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU used by named processes between start() and stop(), in % of one core."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.before: dict[str, float] = {}
+        self.began = 0.0
+        self.usage: dict[str, float] = {}
+
+    def start(self) -> None:
+        self.began = time.monotonic()
+        self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> None:
+        elapsed = time.monotonic() - self.began
+        if elapsed <= 0:
+            return
+        self.usage = {
+            name: 100 * (cpu_seconds(pid) - self.before[name]) / elapsed
+            for name, pid in self.pids.items()
+        }
+
+
+# -- one scenario ---------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    pending: int
+    rate: float
+    created: int = 0  # measured orders created
+    measured: int = 0
+    missing: int = 0
+    p50_ms: float = math.nan
+    p99_ms: float = math.nan
+    max_ms: float = math.nan
+    min_ms: float = math.nan
+    load_s: float = 0.0  # creating the pending orders
+    drain_s: float = 0.0  # until their `created` events were published (outbox empty)
+    received_s: float = 0.0  # until the subscriber had them all
+    achieved_rate: float = 0.0  # creates per second the producer really reached
+    slowest_create_ms: float = 0.0  # slowest create_prepared call of the paced loop
+    # the lag split at the event's `at` (the Redis clock when the daemon cancelled)
+    cancel_p50: float = math.nan  # deadline -> cancelled in Redis
+    cancel_p99: float = math.nan
+    cancel_max: float = math.nan
+    deliver_p50: float = math.nan  # cancelled in Redis -> received
+    deliver_p99: float = math.nan
+    deliver_max: float = math.nan
+    max_backlog: int = 0  # most unpublished outbox entries seen while measuring
+    unexpected: int = 0  # cancellations of pending orders, other events
+    daemon_exit: int | None = 0
+    cpu: dict[str, float] = field(default_factory=dict)  # % of a core while measuring
+    note: str = ""
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+async def watch_backlog(redis: Redis, row: Row) -> None:
+    """Sample the outbox backlog every 100 ms (until cancelled); keep the largest."""
+    layout = KeyLayout()
+    while True:
+        row.max_backlog = max(row.max_backlog, await backlog(redis, layout))
+        await asyncio.sleep(POLL)
+
+
+def summary(sorted_values: Sequence[float]) -> tuple[float, float, float]:
+    """p50, p99 and max of an ascending list."""
+    return percentile(sorted_values, 50), percentile(sorted_values, 99), sorted_values[-1]
+
+
+async def backlog(redis: Redis, layout: KeyLayout) -> int:
+    """Entries in all outbox streams: events not yet published."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for part in range(PARTS):
+            pipe.xlen(layout.outbox(part))
+            pipe.xlen(layout.outbox_created(part))
+        lengths = await pipe.execute()
+    return sum(int(n) for n in lengths)
+
+
+@dataclass(frozen=True)
+class Bench:
+    redis_url: str
+    mqtt_host: str
+    mqtt_port: int
+    workdir: Path
+    duration: float
+    timeout_s: float
+    grace: float
+    subscriber: str
+    daemon_log_level: str
+    server_pids: dict[str, int]
+
+    @property
+    def mqtt_url(self) -> str:
+        return f"mqtt://{self.mqtt_host}:{self.mqtt_port}"
+
+    def new_subscriber(self) -> Subscriber:
+        if self.subscriber == "inline":
+            return InlineSubscriber(self.mqtt_host, self.mqtt_port)
+        return ProcessSubscriber(self.mqtt_host, self.mqtt_port)
+
+
+async def wait_ready(daemon: DaemonProcess, orders: OrderClient, sub: Subscriber) -> None:
+    """The daemon is up end to end once a probe order's cancellation reached us."""
+    await orders.create_prepared([(PROBE_ID, 100)])
+    give_up = time.monotonic() + 60
+    while not await sub.received(PROBE_ID):
+        daemon.check_alive()
+        if time.monotonic() > give_up:
+            raise RuntimeError(f"the daemon did not cancel the probe in 60 s:\n{daemon.log_tail()}")
+        await asyncio.sleep(0.05)
+
+
+async def load_pending(orders: OrderClient, count: int) -> None:
+    for start in range(0, count, LOAD_CHUNK):
+        chunk = [(f"{PENDING_PREFIX}{i}", PENDING_TIMEOUT_MS)
+                 for i in range(start, min(count, start + LOAD_CHUNK))]
+        result = await orders.create_prepared(chunk)
+        if result.existing:
+            raise RuntimeError(f"{len(result.existing)} pending orders existed already")
+
+
+async def wait_drained(
+    bench: Bench, redis: Redis, sub: Subscriber, daemon: DaemonProcess, created: int, row: Row
+) -> None:
+    """Until the outbox is empty and the subscriber has `created` created events."""
+    layout = KeyLayout()
+    start = time.monotonic()
+    give_up = start + 120 + created / 1000
+    published = False
+    while True:
+        if not published and await backlog(redis, layout) == 0:
+            published = True
+            row.drain_s = time.monotonic() - start
+        if published and (await sub.counts()).created >= created:
+            row.received_s = time.monotonic() - start
+            return
+        daemon.check_alive()
+        if time.monotonic() > give_up:
+            raise RuntimeError(
+                f"backlog not drained after {time.monotonic() - start:.0f} s "
+                f"(outbox {await backlog(redis, layout)}, received {(await sub.counts()).created}"
+                f" of {created} created events)"
+            )
+        await asyncio.sleep(POLL)
+
+
+async def paced_creates(bench: Bench, orders: OrderClient, rate: float, row: Row) -> dict[str, int]:
+    """R orders a second for the duration, a batch per tick; their deadlines (Unix ms)."""
+    total = round(rate * bench.duration)
+    timeout_ms = round(bench.timeout_s * 1000)
+    deadlines: dict[str, int] = {}
+    done = 0
+    slowest = 0.0
+    start = time.monotonic()
+    tick = 0
+    while done < total:
+        want = min(total, math.floor(rate * (time.monotonic() - start)) + 1)
+        if want > done:
+            batch = [(f"{MEASURED_PREFIX}{i}", timeout_ms) for i in range(done, want)]
+            began = time.monotonic()
+            result = await orders.create_prepared(batch)
+            slowest = max(slowest, time.monotonic() - began)
+            for created in result.created:
+                assert created.deadline_ms is not None
+                deadlines[created.order_id] = created.deadline_ms
+            done = want
+        tick += 1
+        pause = start + tick * TICK - time.monotonic()
+        if pause > 0:
+            await asyncio.sleep(pause)
+        else:  # behind: do not try to catch up ticks, only orders
+            tick = math.ceil((time.monotonic() - start) / TICK)
+    elapsed = time.monotonic() - start
+    row.achieved_rate = total / elapsed if elapsed > 0 else math.nan
+    row.slowest_create_ms = slowest * 1000
+    return deadlines
+
+
+async def wait_cancelled(bench: Bench, sub: Subscriber, deadlines: dict[str, int]) -> None:
+    """Until every measured order's cancellation arrived, or `grace` s after the last deadline."""
+    if not deadlines:
+        return
+    last = max(deadlines.values()) / 1000
+    while (await sub.counts()).measured < len(deadlines):
+        if time.time() > last + bench.grace:
+            return
+        await asyncio.sleep(POLL)
+
+
+async def scenario(bench: Bench, redis: Redis, pending: int, rate: float, index: int) -> Row:
+    row = Row(pending, rate)
+    await redis.flushall()
+    sub = bench.new_subscriber()
+    await sub.start()
+    log_path = bench.workdir / f"daemon-{index}.log"
+    daemon = spawn_daemon(bench.redis_url, bench.mqtt_url, log_path, bench.daemon_log_level)
+    settings = load_settings(redis_url=bench.redis_url, mqtt_url=bench.mqtt_url)
+    orders = OrderClient(settings)
+    try:
+        await wait_ready(daemon, orders, sub)
+        began = time.monotonic()
+        await load_pending(orders, pending)
+        row.load_s = time.monotonic() - began
+        await wait_drained(bench, redis, sub, daemon, pending + 1, row)  # + the probe
+
+        pids = {"daemon": daemon.proc.pid, "subscriber": sub.pid(), "bench": os.getpid()}
+        if pids["subscriber"] == pids["bench"]:
+            del pids["subscriber"]
+        meter = CpuMeter(pids | bench.server_pids)
+        meter.start()
+        watcher = asyncio.create_task(watch_backlog(redis, row))
+        try:
+            deadlines = await paced_creates(bench, orders, rate, row)
+            await wait_cancelled(bench, sub, deadlines)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        meter.stop()
+        row.cpu = meter.usage
+        received = await sub.results()
+        counts = await sub.counts()
+
+        lags: list[float] = []
+        cancel: list[float] = []
+        deliver: list[float] = []
+        for order_id, deadline in deadlines.items():
+            if order_id in received:
+                at_time, at_ms = received[order_id]
+                lags.append(at_time * 1000 - deadline)
+                cancel.append(at_ms - deadline)
+                deliver.append(at_time * 1000 - at_ms)
+        lags.sort()
+        cancel.sort()
+        deliver.sort()
+        row.created = len(deadlines)
+        row.measured = len(lags)
+        row.missing = row.created - row.measured
+        if lags:
+            row.p50_ms, row.p99_ms, row.max_ms = summary(lags)
+            row.min_ms = lags[0]
+            row.cancel_p50, row.cancel_p99, row.cancel_max = summary(cancel)
+            row.deliver_p50, row.deliver_p99, row.deliver_max = summary(deliver)
+        early = sum(1 for order_id in received if order_id.startswith(PENDING_PREFIX))
+        row.unexpected = early + counts.other
+    finally:
+        await orders.close()
+        row.daemon_exit = await stop_daemon(daemon)
+        await sub.stop()
+    if row.daemon_exit != 0:
+        row.note = f"daemon exit status {row.daemon_exit}"
+        print(f"\nWARNING: the daemon exited with {row.daemon_exit}:\n{daemon.log_tail()}\n")
+    return row
+
+
+def describe(row: Row) -> str:
+    """The scenario's details, a few indented lines."""
+    lines = [
+        f"pending {row.pending:,}, {row.rate:g} orders due per second:",
+        f"  pending orders loaded in {row.load_s:.1f} s; their created events published in "
+        f"{row.drain_s:.1f} s, all received in {row.received_s:.1f} s",
+        f"  producer reached {row.achieved_rate:.0f}/s (slowest create call "
+        f"{row.slowest_create_ms:.1f} ms); {row.created} orders, {row.measured} measured, "
+        f"{row.missing} missing",
+        f"  lag ms: min {fmt(row.min_ms)}, p50 {fmt(row.p50_ms)}, p99 {fmt(row.p99_ms)}, "
+        f"max {fmt(row.max_ms)}",
+        f"    deadline -> cancelled in Redis (the event's `at`): p50 {fmt(row.cancel_p50)}, "
+        f"p99 {fmt(row.cancel_p99)}, max {fmt(row.cancel_max)}",
+        f"    cancelled in Redis -> received: p50 {fmt(row.deliver_p50)}, "
+        f"p99 {fmt(row.deliver_p99)}, max {fmt(row.deliver_max)}; "
+        f"outbox backlog up to {row.max_backlog} entries",
+    ]
+    if row.cpu:
+        lines.append("  CPU while measuring (% of one core): " + ", ".join(
+            f"{name} {share:.0f}" for name, share in row.cpu.items()))
+    if row.unexpected:
+        lines.append(f"  UNEXPECTED events (pending orders cancelled, other statuses): "
+                     f"{row.unexpected}")
+    if row.note:
+        lines.append(f"  {row.note}")
+    return "\n".join(lines)
+
+
+async def run_all(
+    bench: Bench, pendings: Sequence[int], rates: Sequence[float], rows: list[Row]
+) -> None:
+    """Every scenario in turn; each finished row is appended to `rows` at once."""
+    redis = Redis.from_url(bench.redis_url)
+    try:
+        index = 0
+        for pending in pendings:
+            for rate in rates:
+                index += 1
+                row = await scenario(bench, redis, pending, rate, index)
+                print(describe(row), flush=True)
+                rows.append(row)
+    finally:
+        await redis.aclose()
+
+
+# -- setup and report --------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def command_output(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError as exc:
+        return f"unknown ({exc})"
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "unknown"
+
+
+def print_setup(args: argparse.Namespace) -> None:
+    redis_path, redis_kind = redis_binary()
+    mosquitto_path = mosquitto_binary() or "mosquitto"
+    print("Setup")
+    print(f"  CPUs:       {os.cpu_count()} x {cpu_model()}")
+    print(f"  OS:         {platform.system()} {platform.release()}")
+    print(f"  Python:     {platform.python_version()} ({sys.executable})")
+    print(f"  Redis:      {command_output([redis_path, '--version'])} [{redis_kind}]")
+    print(f"  mosquitto:  {command_output([mosquitto_path, '-h'])}")
+    print(f"  scenarios:  pending {args.pending} x rate {args.rate}/s, {args.duration:g} s each; "
+          f"order timeout {args.timeout:g} s; pending orders due in 1 h")
+    print(f"  subscriber: {args.subscriber} (QoS 1, {TOPIC}); daemon log level "
+          f"{args.daemon_log_level}; redis.conf of the project, all on loopback")
+    print(flush=True)
+
+
+def fmt(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1f}"
+
+
+HEADERS = ["pending", "rate/s", "measured", "missing", "p50 ms", "p99 ms", "max ms",
+           "load s", "drain s"]
+
+
+def cells(row: Row) -> list[str]:
+    return [f"{row.pending:,}", f"{row.rate:g}", f"{row.measured:,}", f"{row.missing:,}",
+            fmt(row.p50_ms), fmt(row.p99_ms), fmt(row.max_ms),
+            f"{row.load_s:.1f}", f"{row.received_s:.1f}"]
+
+
+def print_tables(rows: Sequence[Row]) -> None:
+    table = [HEADERS] + [cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(HEADERS))]
+    print()
+    print("Lag from deadline to the subscriber's receipt of the `cancelled` event")
+    for n, line in enumerate(table):
+        print("  " + "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+        if n == 0:
+            print("  " + "  ".join("-" * width for width in widths))
+    print("  (load s: creating the pending orders; drain s: until their `created` events "
+          "were published and received)")
+    print()
+    print("Markdown:")
+    print()
+    print("| " + " | ".join(HEADERS) + " |")
+    print("|" + "|".join("---:" for _ in HEADERS) + "|")
+    for row in rows:
+        print("| " + " | ".join(cells(row)) + " |")
+    print(flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Lag from each order's deadline to the receipt of its `cancelled` event.")
+    parser.add_argument("--pending", type=int, nargs="+", default=[0, 100_000], metavar="N",
+                        help="pending orders (due in 1 h) loaded first (default: 0 100000)")
+    parser.add_argument("--rate", type=float, nargs="+", default=[100, 2000], metavar="R",
+                        help="orders falling due per second (default: 100 2000)")
+    parser.add_argument("--duration", type=float, default=10.0, metavar="S",
+                        help="seconds of paced creates per scenario (default: 10)")
+    parser.add_argument("--timeout", type=float, default=2.0, metavar="S",
+                        help="timeout of the measured orders in seconds (default: 2)")
+    parser.add_argument("--grace", type=float, default=15.0, metavar="S",
+                        help="wait this long after the last deadline for late events (default: 15)")
+    parser.add_argument("--subscriber", choices=["process", "inline"], default="process",
+                        help="subscriber in its own process (default) or in the bench's loop")
+    parser.add_argument("--daemon-log-level", choices=["warning", "info"], default="warning",
+                        help="info also reports the daemon's own sweep lag from its log")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary folder (server and daemon logs)")
+    parser.add_argument("--subscriber-child", nargs=2, metavar=("HOST", "PORT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.subscriber_child is None:
+        if any(n < 0 for n in args.pending) or any(r <= 0 for r in args.rate):
+            parser.error("--pending must be >= 0 and --rate > 0")
+        if args.duration <= 0 or not 0.1 <= args.timeout <= 3600:
+            parser.error("--duration must be > 0 and --timeout 0.1 .. 3600")
+    return args
+
+
+def _pid(server: ServerProcess) -> int:
+    assert server.proc is not None
+    return server.proc.pid
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.subscriber_child is not None:
+        host, port = args.subscriber_child
+        asyncio.run(subscriber_child(host, int(port)))
+        return 0
+    for name in [k for k in os.environ if k.startswith("ORDER_LISTENER_")]:
+        del os.environ[name]
+    print_setup(args)
+    workdir = Path(tempfile.mkdtemp(prefix="order-listener-lag-"))
+    servers: list[ServerProcess] = []
+    rows: list[Row] = []
+    try:
+        redis_proc = redis_server(workdir / "redis")
+        broker = mosquitto(workdir / "mosquitto")
+        for server in (redis_proc, broker):
+            servers.append(server)
+            server.start()
+        bench = Bench(
+            redis_url=f"redis://127.0.0.1:{redis_proc.port}/0",
+            mqtt_host="127.0.0.1",
+            mqtt_port=broker.port,
+            workdir=workdir,
+            duration=args.duration,
+            timeout_s=args.timeout,
+            grace=args.grace,
+            subscriber=args.subscriber,
+            daemon_log_level=args.daemon_log_level,
+            server_pids={"redis": _pid(redis_proc), "mosquitto": _pid(broker)},
+        )
+        print(f"servers: redis-server on port {redis_proc.port}, mosquitto on port "
+              f"{broker.port}, files in {workdir}", flush=True)
+        asyncio.run(run_all(bench, args.pending, args.rate, rows))
+    finally:
+        for server in reversed(servers):
+            server.stop()
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if rows:
+            print_tables(rows)
+    return 0 if all(row.daemon_exit == 0 for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

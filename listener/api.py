@@ -1,0 +1,166 @@
+"""The async producer API: what a shop's backend calls instead of a subprocess.
+
+    from listener import OrderClient
+
+    async with OrderClient.from_env() as orders:
+        await orders.create("A-1001", timeout=900)
+        await orders.pay("A-1001")
+
+Every call is one atomic script in Redis; the daemon publishes the events.
+Errors: BadInput (malformed id or timeout), OrderExists, UnknownOrder,
+Refused (the status forbids it; nothing changed), Unavailable (Redis down).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import redis.exceptions
+from redis.asyncio import Redis
+
+from listener.config import Settings, load_settings, redis_target
+from listener.errors import OrderExists, Refused, Unavailable, UnknownOrder
+from listener.orders import Operation, Order, parse_timeout, validate_order_id
+from listener.store import CreateResult, Store, TransitionResult, connect_redis
+
+
+@dataclass(frozen=True)
+class Change:
+    """The result of a transition that succeeded. `changed` is False for a
+    repeated operation (pay of a paid order): nothing was written or published."""
+
+    order_id: str
+    status: str
+    version: int
+    reason: str
+    changed: bool
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    created: list[CreateResult]
+    existing: list[CreateResult]  # ids already taken: nothing changed for them
+
+
+_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class OrderClient:
+    def __init__(self, settings: Settings, *, redis: Redis | None = None) -> None:
+        self.settings = settings
+        self._shown = redis_target(settings.redis_url).shown
+        self.store = Store.from_settings(settings, redis)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> OrderClient:
+        """Settings from ORDER_LISTENER_* variables, with keyword overrides."""
+        return cls(load_settings(**overrides))
+
+    async def __aenter__(self) -> OrderClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    @contextlib.asynccontextmanager
+    async def _reaching_redis(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except _UNAVAILABLE as exc:
+            raise Unavailable(f"cannot reach Redis at {self._shown}: {exc}") from None
+        except redis.exceptions.ResponseError as exc:
+            if "NOPERM" in str(exc) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+                raise Unavailable(f"Redis at {self._shown} refused us: {exc}") from None
+            raise
+
+    # -- create ------------------------------------------------------------
+
+    def _timeout_ms(self, timeout: float | str | None) -> int:
+        return self.settings.default_timeout_ms if timeout is None else parse_timeout(timeout)
+
+    async def create(self, order_id: str, timeout: float | str | None = None) -> CreateResult:
+        """Create one order; raises OrderExists if the id is taken (nothing changes)."""
+        validate_order_id(order_id)
+        timeout_ms = self._timeout_ms(timeout)
+        async with self._reaching_redis():
+            (result,) = await self.store.create_many([(order_id, timeout_ms)])
+        if not result.created:
+            raise OrderExists(order_id, result.existing_status or "?")
+        return result
+
+    async def create_many(
+        self, orders: Iterable[str | tuple[str, float | str | None]]
+    ) -> BulkResult:
+        """Create many orders in pipelined batches. Every id and timeout is
+        validated first: one bad item raises BadInput and nothing is written.
+        Ids that exist already are reported in `existing` and left alone."""
+        prepared: list[tuple[str, int]] = []
+        for item in orders:
+            order_id, timeout = (item, None) if isinstance(item, str) else item
+            prepared.append((validate_order_id(order_id), self._timeout_ms(timeout)))
+        return await self.create_prepared(prepared)
+
+    async def create_prepared(self, prepared: Sequence[tuple[str, int]]) -> BulkResult:
+        """Like create_many for (id, timeout ms) pairs already validated."""
+        async with self._reaching_redis():
+            results = await self.store.create_many(prepared)
+        return BulkResult(
+            created=[r for r in results if r.created],
+            existing=[r for r in results if not r.created],
+        )
+
+    # -- transitions ---------------------------------------------------------
+
+    async def _apply(self, operation: Operation, order_id: str) -> Change:
+        validate_order_id(order_id)
+        async with self._reaching_redis():
+            result: TransitionResult = await self.store.apply(operation, order_id)
+        if result.outcome == "unknown":
+            raise UnknownOrder(order_id)
+        if result.outcome in ("refused", "notdue"):
+            raise Refused(order_id, str(operation), result.status, result.reason)
+        return Change(
+            order_id=order_id,
+            status=result.status,
+            version=result.version,
+            reason=result.reason,
+            changed=result.outcome == "done",
+        )
+
+    async def pay(self, order_id: str) -> Change:
+        """created -> paid; the timer stops. Repeated on a paid or delivered order."""
+        return await self._apply(Operation.PAY, order_id)
+
+    async def cancel(self, order_id: str) -> Change:
+        """created -> cancelled (reason customer). Repeated on a cancelled order."""
+        return await self._apply(Operation.CANCEL, order_id)
+
+    async def deliver(self, order_id: str) -> Change:
+        """paid -> delivered (shipping confirmed). Repeated on a delivered order."""
+        return await self._apply(Operation.DELIVER, order_id)
+
+    async def refund(self, order_id: str) -> Change:
+        """paid or delivered -> refunded -> cancelled (two events, reason refund)."""
+        return await self._apply(Operation.REFUND, order_id)
+
+    # -- reads -----------------------------------------------------------------
+
+    async def get(self, order_id: str) -> Order:
+        validate_order_id(order_id)
+        async with self._reaching_redis():
+            order = await self.store.get(order_id)
+        if order is None:
+            raise UnknownOrder(order_id)
+        return order

@@ -1,0 +1,109 @@
+"""`order-listener check`: the operator's doctor. Each problem comes with its exact fix."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+import aiomqtt
+
+from listener.config import Settings, mqtt_target, redis_target
+from listener.daemon import check_notifications
+from listener.mqtt import default_client_id, make_client
+from listener.store import connect_redis
+
+Echo = Callable[[str], None]
+
+
+class _Report:
+    def __init__(self, echo: Echo) -> None:
+        self.echo = echo
+        self.problems = 0
+
+    def ok(self, text: str) -> None:
+        self.echo(f"ok    {text}")
+
+    def problem(self, text: str, fix: str) -> None:
+        self.problems += 1
+        self.echo(f"FAIL  {text}\n      fix: {fix}")
+
+    def note(self, text: str) -> None:
+        self.echo(f"warn  {text}")
+
+
+async def run_checks(settings: Settings, echo: Echo) -> int:
+    """Print one line per check; return the number of problems."""
+    report = _Report(echo)
+    await _check_redis(settings, report)
+    await _check_mqtt(settings, report)
+    return report.problems
+
+
+async def _check_redis(settings: Settings, report: _Report) -> None:
+    target = redis_target(settings.redis_url)
+    redis = connect_redis(settings)
+    try:
+        try:
+            info = await redis.info("server")
+        except Exception as exc:
+            report.problem(
+                f"redis: cannot reach {target.shown}: {exc}",
+                "start redis-server, or point ORDER_LISTENER_REDIS_URL at it "
+                "(redis://host:6379/0, rediss:// for TLS, user:password@ for ACL users)",
+            )
+            return
+        report.ok(f"redis: reachable at {target.shown} (version {info.get('redis_version', '?')})")
+        notifications = await check_notifications(redis)
+        if notifications.ok:
+            report.ok(f"redis: {notifications.message}")
+        else:
+            report.problem("redis: expired events are not published", notifications.message)
+        try:
+            appendonly = (await redis.config_get("appendonly")).get("appendonly")
+            policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+        except Exception as exc:
+            report.note(f"redis: cannot read persistence and eviction settings ({exc})")
+            return
+        if appendonly == "yes":
+            report.ok("redis: AOF persistence on")
+        else:
+            report.note(
+                "redis: AOF persistence is off: a restart of Redis loses timers and unpublished "
+                "events since the last snapshot. Set 'appendonly yes' (see redis.conf)"
+            )
+        if policy == "noeviction":
+            report.ok("redis: maxmemory-policy noeviction")
+        else:
+            report.problem(
+                f"redis: maxmemory-policy is {policy!r}: Redis may evict timers and orders",
+                "redis-cli CONFIG SET maxmemory-policy noeviction, and the same in redis.conf",
+            )
+    finally:
+        await redis.aclose()
+
+
+async def _check_mqtt(settings: Settings, report: _Report) -> None:
+    target = mqtt_target(settings.mqtt_url)
+    topic = f"{settings.topic_prefix}/_check-{uuid.uuid4().hex[:8]}/probe"
+    try:
+        async with make_client(settings, identifier=default_client_id("check"), timeout=5) as client:
+            report.ok(f"mqtt: reachable at {target.shown} (MQTT {settings.mqtt_protocol})")
+            await client.subscribe(topic, qos=1)
+            await client.publish(topic, b"check", qos=1)
+            async with asyncio.timeout(5):
+                async for _ in client.messages:
+                    break
+            report.ok(f"mqtt: allowed to publish and subscribe under {settings.topic_prefix}/")
+    except TimeoutError:
+        report.problem(
+            f"mqtt: a message published to {topic} did not come back within 5 s",
+            "allow this user to publish and subscribe under the topic prefix (broker ACL)",
+        )
+    except aiomqtt.MqttError as exc:
+        report.problem(
+            f"mqtt: cannot connect to {target.shown}: {exc}",
+            "start the broker, or point ORDER_LISTENER_MQTT_URL at it "
+            "(mqtt://host:1883, mqtts:// for TLS, user:password@ to log in); "
+            "older brokers: ORDER_LISTENER_MQTT_PROTOCOL=3.1.1",
+        )
