@@ -396,10 +396,14 @@ class Row:
     deliver_p50: float = math.nan  # cancelled in Redis -> received
     deliver_p99: float = math.nan
     deliver_max: float = math.nan
-    max_backlog: int = 0  # most unpublished outbox entries seen while measuring
+    # most unpublished entries seen while measuring, in the outbox streams
+    # (cancellations) and in the outbox:created streams
+    max_backlog: int = 0
+    max_backlog_created: int = 0
     unexpected: int = 0  # cancellations of pending orders, other events
     daemon_exit: int | None = 0
     cpu: dict[str, float] = field(default_factory=dict)  # % of a core while measuring
+    commands: dict[str, int] = field(default_factory=dict)  # Redis calls while measuring
     note: str = ""
 
 
@@ -415,8 +419,22 @@ async def watch_backlog(redis: Redis, row: Row) -> None:
     """Sample the outbox backlog every 100 ms (until cancelled); keep the largest."""
     layout = KeyLayout()
     while True:
-        row.max_backlog = max(row.max_backlog, await backlog(redis, layout))
+        async with redis.pipeline(transaction=False) as pipe:
+            for part in range(PARTS):
+                pipe.xlen(layout.outbox(part))
+            for part in range(PARTS):
+                pipe.xlen(layout.outbox_created(part))
+            lengths = [int(n) for n in await pipe.execute()]
+        row.max_backlog = max(row.max_backlog, sum(lengths[:PARTS]))
+        row.max_backlog_created = max(row.max_backlog_created, sum(lengths[PARTS:]))
         await asyncio.sleep(POLL)
+
+
+async def command_calls(redis: Redis) -> dict[str, int]:
+    """Calls of each Redis command so far (INFO commandstats)."""
+    stats = await redis.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(value["calls"])
+            for name, value in stats.items() if isinstance(value, dict)}
 
 
 def summary(sorted_values: Sequence[float]) -> tuple[float, float, float]:
@@ -566,6 +584,7 @@ async def scenario(bench: Bench, redis: Redis, pending: int, rate: float, index:
             del pids["subscriber"]
         meter = CpuMeter(pids | bench.server_pids)
         meter.start()
+        calls_before = await command_calls(redis)
         watcher = asyncio.create_task(watch_backlog(redis, row))
         try:
             deadlines = await paced_creates(bench, orders, rate, row)
@@ -576,6 +595,10 @@ async def scenario(bench: Bench, redis: Redis, pending: int, rate: float, index:
                 await watcher
         meter.stop()
         row.cpu = meter.usage
+        calls_after = await command_calls(redis)
+        row.commands = {name: calls - calls_before.get(name, 0)
+                        for name, calls in calls_after.items()
+                        if calls > calls_before.get(name, 0)}
         received = await sub.results()
         counts = await sub.counts()
 
@@ -626,11 +649,16 @@ def describe(row: Row) -> str:
         f"p99 {fmt(row.cancel_p99)}, max {fmt(row.cancel_max)}",
         f"    cancelled in Redis -> received: p50 {fmt(row.deliver_p50)}, "
         f"p99 {fmt(row.deliver_p99)}, max {fmt(row.deliver_max)}; "
-        f"outbox backlog up to {row.max_backlog} entries",
+        f"unpublished up to {row.max_backlog} cancellations and "
+        f"{row.max_backlog_created} created events",
     ]
     if row.cpu:
         lines.append("  CPU while measuring (% of one core): " + ", ".join(
             f"{name} {share:.0f}" for name, share in row.cpu.items()))
+    if row.commands:
+        busiest = sorted(row.commands.items(), key=lambda item: -item[1])[:10]
+        lines.append("  Redis calls while measuring: " + ", ".join(
+            f"{name} {calls}" for name, calls in busiest))
     if row.unexpected:
         lines.append(f"  UNEXPECTED events (pending orders cancelled, other statuses): "
                      f"{row.unexpected}")

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from listener.config import Settings, load_settings, redis_target
 from listener.errors import OrderExists, Refused, Unavailable, UnknownOrder
 from listener.orders import Operation, Order, parse_timeout, validate_order_id
-from listener.store import CreateResult, Store, TransitionResult, connect_redis
+from listener.store import CreateResult, Store, TransitionResult
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,7 @@ class OrderClient:
             raise OrderExists(order_id, result.existing_status or "?")
         return result
 
-    async def create_many(
-        self, orders: Iterable[str | tuple[str, float | str | None]]
-    ) -> BulkResult:
+    async def create_many(self, orders: Iterable[str | tuple[str, float | str | None]]) -> BulkResult:
         """Create many orders in pipelined batches. Every id and timeout is
         validated first: one bad item raises BadInput and nothing is written.
         Ids that exist already are reported in `existing` and left alone."""

@@ -60,8 +60,11 @@ def parse_lines(text_lines: Iterable[str], default_timeout_ms: int) -> Parsed:
             continue
         if order_id in first_seen:
             parsed.repeated.append(
-                Problem(number, order_id,
-                        f"order {order_id!r} appears again (first on line {first_seen[order_id]})")
+                Problem(
+                    number,
+                    order_id,
+                    f"order {order_id!r} appears again (first on line {first_seen[order_id]})",
+                )
             )
             continue
         first_seen[order_id] = number

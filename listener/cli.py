@@ -148,9 +148,12 @@ def _deadline_text(deadline_ms: int) -> str:
 
 @app.command()
 def create(
-    order_ids: Annotated[list[str], typer.Argument(help="order ids, or - to read 'ORDER_ID [TIMEOUT]' lines from stdin")],
+    order_ids: Annotated[
+        list[str], typer.Argument(help="order ids, or - to read 'ORDER_ID [TIMEOUT]' lines from stdin")
+    ],
     timeout: Annotated[
-        str | None, typer.Option(help="seconds to pay (0.1 .. 2592000); default ORDER_LISTENER_DEFAULT_TIMEOUT")
+        str | None,
+        typer.Option(help="seconds to pay (0.1 .. 2592000); default ORDER_LISTENER_DEFAULT_TIMEOUT"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
@@ -181,14 +184,16 @@ def create(
             if len(order_ids) == 1 and result.created:
                 made = result.created[0]
                 assert made.deadline_ms is not None
-                out = {"order_id": made.order_id, "status": "created",
-                       "deadline": iso_ms(made.deadline_ms)}
+                out = {"order_id": made.order_id, "status": "created", "deadline": iso_ms(made.deadline_ms)}
             else:
                 out = {
-                    "created": [{"order_id": m.order_id, "deadline": iso_ms(m.deadline_ms or 0)}
-                                for m in result.created],
-                    "refused": [{"order_id": m.order_id, "status": m.existing_status}
-                                for m in result.existing],
+                    "created": [
+                        {"order_id": m.order_id, "deadline": iso_ms(m.deadline_ms or 0)}
+                        for m in result.created
+                    ],
+                    "refused": [
+                        {"order_id": m.order_id, "status": m.existing_status} for m in result.existing
+                    ],
                 }
             typer.echo(json.dumps(out))
         if result.existing:
@@ -216,15 +221,22 @@ def _create_bulk(config: Settings, timeout_ms: int, as_json: bool) -> None:
         elapsed = time.perf_counter() - started
         number_of = {line.order_id: line.number for line in parsed.lines}
         refused = [
-            {"line": number_of[m.order_id], "order_id": m.order_id, "status": m.existing_status,
-             "error": f"order {m.order_id!r} already exists (status {m.existing_status})"}
+            {
+                "line": number_of[m.order_id],
+                "order_id": m.order_id,
+                "status": m.existing_status,
+                "error": f"order {m.order_id!r} already exists (status {m.existing_status})",
+            }
             for m in result.existing
-        ] + [{"line": p.number, "order_id": p.order_id, "status": "created", "error": p.message}
-             for p in parsed.repeated]
+        ] + [
+            {"line": p.number, "order_id": p.order_id, "status": "created", "error": p.message}
+            for p in parsed.repeated
+        ]
         refused.sort(key=lambda item: int(str(item["line"])))
         if as_json:
-            typer.echo(json.dumps({"created": len(result.created), "refused": refused,
-                                   "seconds": round(elapsed, 3)}))
+            typer.echo(
+                json.dumps({"created": len(result.created), "refused": refused, "seconds": round(elapsed, 3)})
+            )
         else:
             typer.echo(f"created {len(result.created)} orders in {elapsed:.2f} s")
         for item in refused[:100]:
@@ -369,7 +381,9 @@ def demo(
 
 
 @app.command()
-def scripts(name: Annotated[str, typer.Argument(help="create, pay, cancel, expire, deliver, refund, sweep")]) -> None:
+def scripts(
+    name: Annotated[str, typer.Argument(help="create, pay, cancel, expire, deliver, refund, sweep")],
+) -> None:
     """Print a Lua script exactly as the daemon loads it (for producers in other languages)."""
     from listener.scripts import NAMES, source
 

@@ -188,5 +188,4 @@ class Daemon:
             left = None
             with contextlib.suppress(Exception):
                 left = await self.outbox.backlog()
-            log.warning("stopped before the outbox was empty; the events stay in Redis",
-                        unpublished=left)
+            log.warning("stopped before the outbox was empty; the events stay in Redis", unpublished=left)

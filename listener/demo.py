@@ -266,9 +266,7 @@ class Run:
         if len(self.paid_ok) + len(self.pay_refused) < len(self.to_pay):
             return False
         status = self.status_of()
-        return all(
-            status[oid] == ("paid" if oid in self.paid_ok else "cancelled") for oid in self.ids
-        )
+        return all(status[oid] == ("paid" if oid in self.paid_ok else "cancelled") for oid in self.ids)
 
 
 def _event_of(payload: bytes, received_ms: float) -> Seen | None:
@@ -360,9 +358,7 @@ class Display:
         elapsed = (now_ms - run.started_ms) / 1000 if run.started_ms else 0.0
 
         head = Table.grid(padding=(0, 2))
-        head.add_row(
-            Text("order-listener demo", style="bold"), Text(f"run {run.run_id}", style="dim")
-        )
+        head.add_row(Text("order-listener demo", style="bold"), Text(f"run {run.run_id}", style="dim"))
         head.add_row("Redis", self.plan.redis_label)
         head.add_row("MQTT", self.plan.mqtt_label)
 
@@ -505,9 +501,7 @@ def judge(run: Run, final: dict[str, str]) -> Verdict:
             problems.append(f"{oid}: {len(created)} 'created' events (expected 1)")
         if oid in unpaid:
             if len(cancels) != 1:
-                problems.append(
-                    f"{oid} (unpaid): {len(cancels)} distinct 'cancelled' events (expected 1)"
-                )
+                problems.append(f"{oid} (unpaid): {len(cancels)} distinct 'cancelled' events (expected 1)")
             if pays:
                 problems.append(f"{oid} (unpaid): announced paid")
             for cancel in cancels:
@@ -516,9 +510,7 @@ def judge(run: Run, final: dict[str, str]) -> Verdict:
                     problems.append(f"{oid}: cancelled with reason {cancel.reason!r}, not timeout")
                 if cancel.at_ms is not None and cancel.at_ms < deadline:
                     early.append(oid)
-                    problems.append(
-                        f"{oid}: cancelled {deadline - cancel.at_ms} ms BEFORE its deadline"
-                    )
+                    problems.append(f"{oid}: cancelled {deadline - cancel.at_ms} ms BEFORE its deadline")
                 lags.append(cancel.received_ms - deadline)
                 if cancel.at_ms is not None:
                     in_redis.append(cancel.at_ms - deadline)
@@ -526,9 +518,7 @@ def judge(run: Run, final: dict[str, str]) -> Verdict:
             if len(cancels) == 1 and final.get(oid) == "cancelled":
                 cancelled_ok += 1
             if final.get(oid) != "cancelled":
-                problems.append(
-                    f"{oid} (unpaid): status in Redis is {final.get(oid)!r}, not cancelled"
-                )
+                problems.append(f"{oid} (unpaid): status in Redis is {final.get(oid)!r}, not cancelled")
         else:
             if len(pays) != 1:
                 problems.append(f"{oid} (paid): {len(pays)} distinct 'paid' events (expected 1)")
@@ -549,11 +539,7 @@ def judge(run: Run, final: dict[str, str]) -> Verdict:
             "(the order was cancelled first): counted as unpaid"
         )
     if lags:
-        when = (
-            "none before its deadline"
-            if not early
-            else f"{len(early)} BEFORE their deadline"
-        )
+        when = "none before its deadline" if not early else f"{len(early)} BEFORE their deadline"
         lines.append(
             f"cancelled on time: lag after the deadline p50 {percentile(lags, 0.5):.0f} ms, "
             f"p99 {percentile(lags, 0.99):.0f} ms, max {max(lags):.0f} ms; {when}"
@@ -567,18 +553,14 @@ def judge(run: Run, final: dict[str, str]) -> Verdict:
     else:
         lines.append("cancelled on time: no cancellation seen")
     exactly = "yes" if cancelled_ok == len(unpaid) else "NO"
-    lines.append(
-        f"every unpaid order cancelled exactly once: {exactly} ({cancelled_ok}/{len(unpaid)})"
-    )
+    lines.append(f"every unpaid order cancelled exactly once: {exactly} ({cancelled_ok}/{len(unpaid)})")
     stayed = sum(1 for oid in run.ids if oid not in unpaid and final.get(oid) == "paid")
     lines.append(
         f"every paid order stayed paid: {'yes' if stayed == len(run.paid_ok) else 'NO'} "
         f"({stayed}/{len(run.paid_ok)})"
     )
     if redelivered:
-        lines.append(
-            f"({redelivered} redelivered event(s) ignored by event_id, as subscribers should)"
-        )
+        lines.append(f"({redelivered} redelivered event(s) ignored by event_id, as subscribers should)")
     return Verdict(lines, problems)
 
 
@@ -615,9 +597,7 @@ async def _demo(
                 subscriber = make_client(settings, identifier=default_client_id("demo"))
                 await subscriber.__aenter__()
             except aiomqtt.MqttError as exc:
-                raise DemoError(
-                    f"cannot reach the MQTT broker ({plan.mqtt_label}): {exc}"
-                ) from None
+                raise DemoError(f"cannot reach the MQTT broker ({plan.mqtt_label}): {exc}") from None
             try:
                 await subscriber.subscribe(f"{settings.topic_prefix}/+/status", qos=1)
                 tasks.append(asyncio.create_task(_receive(subscriber, run), name="demo-receive"))
@@ -695,8 +675,7 @@ async def _show(
         verdict.problems.append("the daemon stopped during the demo")
     if not run.settled():
         verdict.problems.append(
-            "not every order reached its expected status within "
-            f"{SETTLE_AFTER:g} s of the last deadline"
+            f"not every order reached its expected status within {SETTLE_AFTER:g} s of the last deadline"
         )
 
     console.print()

@@ -2,7 +2,8 @@
 
 The Lua scripts append raw fields to the outbox streams (``o`` order id,
 ``s`` status, ``p`` previous, ``r`` reason, ``v`` version, ``t`` at (Unix ms),
-``c`` id of the order's `created` entry (``<Unix ms>-<seq>``), ``d`` deadline (Unix ms, `created` only)). The JSON is
+``c`` id of the order's `created` entry (``<Unix ms>-<seq>``),
+``d`` deadline (Unix ms, `created` only)). The JSON is
 built here at publish time, so it is the same on every redelivery.
 """
 

@@ -88,7 +88,7 @@ class ExpiryListener:
                     continue
                 self._on_message(message["channel"], message["data"])
         finally:
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         if channel.decode() == self.layout.wake_channel:
@@ -121,5 +121,6 @@ class ExpiryListener:
                 self._pending.pop(result.order_id, None)
                 if result.outcome == "done":
                     self.cancelled += 1
-                    log.info("order cancelled", order_id=result.order_id, reason="timeout",
-                             via="expired-event")
+                    log.info(
+                        "order cancelled", order_id=result.order_id, reason="timeout", via="expired-event"
+                    )

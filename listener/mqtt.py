@@ -13,6 +13,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import aiomqtt
 from paho.mqtt import client as mqtt_client
@@ -33,8 +34,9 @@ def protocol_of(settings: Settings) -> aiomqtt.ProtocolVersion:
     return aiomqtt.ProtocolVersion.V5 if settings.mqtt_protocol == "5" else aiomqtt.ProtocolVersion.V311
 
 
-def make_client(settings: Settings, *, identifier: str | None = None,
-                persistent: bool = False, timeout: float = 10.0) -> aiomqtt.Client:
+def make_client(
+    settings: Settings, *, identifier: str | None = None, persistent: bool = False, timeout: float = 10.0
+) -> aiomqtt.Client:
     """An aiomqtt client for the configured URL (not yet connected)."""
     target = mqtt_target(settings.mqtt_url)
     v5 = settings.mqtt_protocol == "5"
@@ -64,7 +66,7 @@ def _clean_start(v5: bool, persistent: bool) -> mqtt_client.CleanStartOption:
 
 
 def _session_expiry() -> Properties:
-    props = Properties(PacketTypes.CONNECT)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 7 * 24 * 3600
     return props
 
@@ -78,15 +80,16 @@ class PackedProperties(Properties):
     every attribute on each message and cost more than the rest of a publish;
     paho only ever calls `pack()` on what we hand it."""
 
-    def __init__(self, packed: bytes) -> None:  # noqa: D107 - no super(): it is the slow part
+    def __init__(self, packed: bytes) -> None:
         object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
         object.__setattr__(self, "_packed", packed)
 
     def pack(self) -> bytes:
-        return bytes(self._packed)
+        packed: bytes = self.__dict__["_packed"]
+        return packed
 
     def __str__(self) -> str:
-        return f"PackedProperties({self._packed!r})"
+        return f"PackedProperties({self.__dict__['_packed']!r})"
 
 
 def _utf8(text: str) -> bytes:
@@ -113,8 +116,12 @@ def publish_properties(event: StatusEvent, v5: bool) -> Properties | None:
         return None
     body = (
         _CONTENT_TYPE
-        + b"\x26" + _utf8("event_id") + _utf8(event.event_id)
-        + b"\x26" + _utf8("status") + _utf8(event.status)
+        + b"\x26"
+        + _utf8("event_id")
+        + _utf8(event.event_id)
+        + b"\x26"
+        + _utf8("status")
+        + _utf8(event.status)
     )
     return PackedProperties(_varint(len(body)) + body)
 
@@ -152,9 +159,7 @@ class MqttLink:
         await supervise("mqtt", self.service, self._session)
 
     async def _session(self) -> None:
-        client = make_client(
-            self.settings, identifier=self._identifier, persistent=self._persistent
-        )
+        client = make_client(self.settings, identifier=self._identifier, persistent=self._persistent)
         try:
             async with client:
                 for topic in self.subscriptions:
@@ -164,8 +169,11 @@ class MqttLink:
                 self._ready.set()
                 self.subscribed.set()
                 self.service.ok()
-                log.info("mqtt connected", broker=mqtt_target(self.settings.mqtt_url).shown,
-                         subscriptions=self.subscriptions)
+                log.info(
+                    "mqtt connected",
+                    broker=mqtt_target(self.settings.mqtt_url).shown,
+                    subscriptions=self.subscriptions,
+                )
                 try:
                     async for message in client.messages:
                         if self.handler is not None:
@@ -201,10 +209,13 @@ class MqttLink:
             )
             for event in events
         ]
-        together = asyncio.gather(*sends)
-        lost = asyncio.ensure_future(connection.lost.wait())
+        together: asyncio.Future[list[None]] = asyncio.gather(*sends)
+        lost: asyncio.Future[bool] = asyncio.ensure_future(connection.lost.wait())
         try:
-            done, _ = await asyncio.wait({together, lost}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [cast("asyncio.Future[object]", together), cast("asyncio.Future[object]", lost)],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             if together not in done:
                 together.cancel()
                 await asyncio.gather(together, return_exceptions=True)

@@ -134,9 +134,7 @@ def validate_order_id(order_id: str) -> str:
     if not isinstance(order_id, str) or not order_id:
         raise BadInput("order id is empty; use 1 to 128 letters, digits, '-', '_', '.', ':'")
     if len(order_id) > 128:
-        raise BadInput(
-            f"order id {order_id[:40]!r}... is {len(order_id)} characters long; at most 128"
-        )
+        raise BadInput(f"order id {order_id[:40]!r}... is {len(order_id)} characters long; at most 128")
     if not ORDER_ID_PATTERN.fullmatch(order_id):
         bad = sorted({c for c in order_id if not ORDER_ID_PATTERN.fullmatch(c)})
         shown = "".join(bad)
@@ -154,9 +152,7 @@ def parse_timeout(value: str | float | int) -> int:
         try:
             seconds = float(text)
         except ValueError:
-            raise BadInput(
-                f"timeout {value!r} is not a number of seconds (e.g. 1800 or 2.5)"
-            ) from None
+            raise BadInput(f"timeout {value!r} is not a number of seconds (e.g. 1800 or 2.5)") from None
     elif isinstance(value, bool):
         raise BadInput(f"timeout {value!r} is not a number of seconds")
     else:
@@ -165,9 +161,7 @@ def parse_timeout(value: str | float | int) -> int:
         raise BadInput(f"timeout {value!r} is not a finite number of seconds")
     ms = round(seconds * 1000)
     if ms < MIN_TIMEOUT_MS or ms > MAX_TIMEOUT_MS:
-        raise BadInput(
-            f"timeout {value!r} is out of range: use 0.1 seconds to 30 days (2592000 seconds)"
-        )
+        raise BadInput(f"timeout {value!r} is out of range: use 0.1 seconds to 30 days (2592000 seconds)")
     return ms
 
 

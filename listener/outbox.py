@@ -21,6 +21,7 @@ import os
 import socket
 import uuid
 from collections.abc import Sequence
+from typing import cast
 
 import aiomqtt
 from redis.asyncio import Redis
@@ -81,10 +82,7 @@ class Outbox:
         """Run the leases and all lanes until `stop()` drained them."""
         async with asyncio.TaskGroup() as group:
             leases = group.create_task(self._keep_leases(), name="outbox-leases")
-            lanes = [
-                group.create_task(self._lane(part), name=f"outbox-lane-{part}")
-                for part in range(PARTS)
-            ]
+            lanes = [group.create_task(self._lane(part), name=f"outbox-lane-{part}") for part in range(PARTS)]
             await asyncio.gather(*lanes)
             leases.cancel()
         await self._release_leases()
@@ -124,9 +122,7 @@ class Outbox:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for part in range(PARTS):
-                    await self.scripts.release(
-                        keys=[self.layout.lease(part)], args=[self.owner], client=pipe
-                    )
+                    await self.scripts.release(keys=[self.layout.lease(part)], args=[self.owner], client=pipe)
                 await pipe.execute()
         except Exception as exc:  # leases lapse by themselves within LEASE_MS
             log.debug("lease release failed", error=str(exc))
@@ -153,8 +149,9 @@ class Outbox:
         hi_last, lo_last = b"0-0", b"0-0"
         while self.held[part].is_set():
             block = None if self.stopping.is_set() else BLOCK_MS
-            reply = await self.redis.xread(
-                {hi_key: hi_last, lo_key: lo_last}, count=self.batch, block=block
+            reply = cast(
+                "list[tuple[bytes, list[Entry]]] | None",
+                await self.redis.xread({hi_key: hi_last, lo_key: lo_last}, count=self.batch, block=block),
             )
             self.redis_service.ok()
             streams = {_name(stream): entries for stream, entries in reply or []}
@@ -184,7 +181,7 @@ class Outbox:
             created = event.created_entry
             if created not in checked and _id_tuple(created) > _id_tuple(lo_last):
                 checked.add(created)
-                found = await self.redis.xrange(lo_key, created, created)
+                found = cast("list[Entry]", await self.redis.xrange(lo_key, created, created))
                 if found:
                     events.append(from_created_entry(*found[0]))
                     early.append(created)
@@ -205,8 +202,9 @@ class Outbox:
                 await asyncio.sleep(0.1)
         self.published += len(events)
         for event in events:
-            log.debug("event published", order_id=event.order_id, event_id=event.event_id,
-                      status=event.status)
+            log.debug(
+                "event published", order_id=event.order_id, event_id=event.event_id, status=event.status
+            )
 
     async def backlog(self) -> int:
         async with self.redis.pipeline(transaction=False) as pipe:

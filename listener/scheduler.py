@@ -16,6 +16,7 @@ every `resync_interval` seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -99,10 +100,8 @@ class DeadlineScheduler:
             self._wake.clear()
             sleep = min(min(self._heads), next_resync) - time.monotonic()
             if sleep > 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=sleep)
-                except TimeoutError:
-                    pass
 
     def _absorb(self, results: list[SweepResult]) -> None:
         received = time.monotonic()

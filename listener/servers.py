@@ -122,8 +122,9 @@ def redis_binary() -> tuple[str, str]:
     )
 
 
-def redis_server(workdir: Path, port: int | None = None, *, conf: Path | None = None,
-                 extra: list[str] | None = None) -> ServerProcess:
+def redis_server(
+    workdir: Path, port: int | None = None, *, conf: Path | None = None, extra: list[str] | None = None
+) -> ServerProcess:
     """A redis-server on 127.0.0.1 with the project's redis.conf (when found),
     its AOF and logs in `workdir`."""
     binary, kind = redis_binary()
@@ -135,11 +136,29 @@ def redis_server(workdir: Path, port: int | None = None, *, conf: Path | None = 
     if conf is not None:
         argv.append(str(conf))
     else:  # the essentials of redis.conf
-        argv += ["--notify-keyspace-events", "Ex", "--appendonly", "yes",
-                 "--maxmemory-policy", "noeviction", "--hz", "50"]
+        argv += [
+            "--notify-keyspace-events",
+            "Ex",
+            "--appendonly",
+            "yes",
+            "--maxmemory-policy",
+            "noeviction",
+            "--hz",
+            "50",
+        ]
     argv += [
-        "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-        "--logfile", "", "--daemonize", "no", "--save", "",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(workdir),
+        "--logfile",
+        "",
+        "--daemonize",
+        "no",
+        "--save",
+        "",
     ]
     argv += extra or []
     return ServerProcess(kind, argv, port, workdir, log)
@@ -168,8 +187,7 @@ def mosquitto(workdir: Path, port: int | None = None, *, extra_conf: str = "") -
         "autosave_interval 1\n"
         "max_queued_messages 0\n"
         "max_inflight_messages 0\n"
-        "set_tcp_nodelay true\n"
-        + extra_conf
+        "set_tcp_nodelay true\n" + extra_conf
     )
     log = workdir / "mosquitto.log"
     return ServerProcess("mosquitto", [binary, "-c", str(conf)], port, workdir, log)

@@ -163,9 +163,7 @@ class Store:
         reply = await script(keys=keys, args=args)
         return self._result(order_id, reply)
 
-    async def apply_many(
-        self, operation: Operation, order_ids: Sequence[str]
-    ) -> list[TransitionResult]:
+    async def apply_many(self, operation: Operation, order_ids: Sequence[str]) -> list[TransitionResult]:
         """The same operation on many orders, pipelined (one script call each)."""
         out: list[TransitionResult] = []
         for start in range(0, len(order_ids), 500):
@@ -208,7 +206,7 @@ class Store:
     # -- reads ---------------------------------------------------------------
 
     async def get(self, order_id: str) -> Order | None:
-        raw = await self.redis.hgetall(self.layout.order(order_id))  # type: ignore[misc]
+        raw = await self.redis.hgetall(self.layout.order(order_id))
         if not raw:
             return None
         fields = {_text(k): _text(v) for k, v in raw.items()}

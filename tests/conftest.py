@@ -6,6 +6,7 @@ clean database; fault tests stop, kill and restart them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -131,10 +132,12 @@ class CliResult:
 def cli(settings: Settings) -> Callable[..., Awaitable[CliResult]]:
     """Run `order-listener ARGS` as a real process against the test servers."""
 
-    async def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
-                  timeout: float = 60) -> CliResult:
+    async def run(
+        *args: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> CliResult:
         proc = await asyncio.create_subprocess_exec(
-            CLI, *args,
+            CLI,
+            *args,
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -202,8 +205,11 @@ async def subscriber(settings: Settings, mqtt_server_proc: ServerProcess) -> Asy
         while True:
             try:
                 async with aiomqtt.Client(
-                    "127.0.0.1", mqtt_server_proc.port, identifier=identifier,
-                    clean_session=False, keepalive=5,
+                    "127.0.0.1",
+                    mqtt_server_proc.port,
+                    identifier=identifier,
+                    clean_session=False,
+                    keepalive=5,
                 ) as client:
                     await client.subscribe(f"{settings.topic_prefix}/+/status", qos=1)
                     ready.set()
@@ -218,10 +224,8 @@ async def subscriber(settings: Settings, mqtt_server_proc: ServerProcess) -> Asy
     await asyncio.wait_for(ready.wait(), 10)
     yield sub
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass
 
 
 @dataclass
@@ -250,14 +254,17 @@ class DaemonProcess:
 
 
 @pytest.fixture
-async def spawn_daemon(settings: Settings, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[DaemonProcess]]]:
+async def spawn_daemon(
+    settings: Settings, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[DaemonProcess]]]:
     procs: list[DaemonProcess] = []
 
     async def spawn(**extra_env: str) -> DaemonProcess:
         log = tmp_path / f"daemon-{len(procs)}.log"
         handle = log.open("wb")
         proc = await asyncio.create_subprocess_exec(
-            CLI, "run",
+            CLI,
+            "run",
             stdin=asyncio.subprocess.DEVNULL,
             stdout=handle,
             stderr=handle,

@@ -79,8 +79,9 @@ def check_run(done: subprocess.CompletedProcess[str], tmp_path: Path) -> str:
     assert not by_status["paid"] & by_status["cancelled"], shown
     for event in events:
         if event["status"] == "cancelled":
-            assert (event["previous"], event["reason"], event["version"]) == (
-                "created", "timeout", "2"), shown
+            assert (event["previous"], event["reason"], event["version"]) == ("created", "timeout", "2"), (
+                shown
+            )
     # Never the standard ports, and nothing left behind in the temporary folder.
     for port in re.findall(r"started on 127\.0\.0\.1:(\d+)|on 127\.0\.0\.1:(\d+)", out):
         assert not {"6379", "1883"} & set(port), shown
