@@ -18,11 +18,20 @@ second) the script:
    deadline (Unix ms from the Redis clock: Redis runs on this machine, so its
    clock is `time.time()`'s);
 5. waits for their `cancelled` events (reason `timeout`); the lag of an order
-   is the subscriber's `time.time()` on receipt minus its deadline.
+   is the subscriber's `time.time()` on receipt minus its deadline. An order
+   whose event has not arrived `--grace` seconds after the last deadline
+   counts as missing.
 
-It prints the setup, one line per scenario as it ends, a table (p50, p99 and
-max lag in ms, how many were measured and how many never arrived) and the
-same table in Markdown. It prints figures only; nothing is asserted.
+It prints the setup, a block per scenario as it ends, then a table (p50, p99
+and max lag in ms, how many were measured, how many are missing) and the same
+table in Markdown. It prints figures only; nothing is asserted.
+
+Each block also splits the lag at the event's `at` (the Redis clock when the
+daemon cancelled the order): deadline -> cancelled in Redis (the scheduler)
+and cancelled -> received (outbox, broker, subscriber); it shows the largest
+outbox backlog seen, the CPU each process used while measuring (and how much
+other work on the machine took), the Redis commands run, and what the daemon
+logged. Run it on an otherwise idle machine: the setup says how busy it was.
 
 redis-server (with the project's redis.conf) and mosquitto are started on free
 loopback ports in a temporary folder and stopped at the end. Any
@@ -38,6 +47,8 @@ import json
 import math
 import os
 import platform
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -95,7 +106,7 @@ class Receiver:
             self.host,
             self.port,
             identifier=f"lag-bench-subscriber-{os.getpid()}",
-            protocol=aiomqtt.ProtocolVersion.V5,
+            protocol=aiomqtt.ProtocolVersion.V311,  # v5 properties cost ~15% CPU per message
             keepalive=30,
         )
         async with client:
@@ -239,6 +250,100 @@ class ProcessSubscriber:
             await self.proc.wait()
 
 
+class MosquittoSubSubscriber:
+    """mosquitto_sub (C, from the mosquitto clients) writing `<unix time ns> <payload>`
+    lines to a file that this process reads as it grows: a cross-check that shows
+    how much of the lag is the Python subscriber's own."""
+
+    PROBE_TOPIC = "orders/bench-probe/status"
+
+    def __init__(self, host: str, port: int, workdir: Path) -> None:
+        self.host = host
+        self.port = port
+        self.path = workdir / f"mosquitto_sub-{time.monotonic_ns()}.out"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.offset = 0
+        self.rest = b""
+        self.created = 0
+        self.measured = 0
+        self.other = 0
+        self.probes = 0
+        self.cancelled: dict[str, tuple[float, int]] = {}
+
+    def _spawn(self) -> None:
+        binary = shutil.which("mosquitto_sub")
+        if binary is None:
+            raise RuntimeError("no mosquitto_sub on PATH (apt-get install mosquitto-clients)")
+        with self.path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [binary, "-h", self.host, "-p", str(self.port), "-t", TOPIC, "-q", "1",
+                 "-V", "mqttv5", "-F", "%U %p"],
+                stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            )
+
+    def _read(self) -> None:
+        with self.path.open("rb") as out:
+            out.seek(self.offset)
+            chunk = out.read()
+        self.offset += len(chunk)
+        lines = (self.rest + chunk).split(b"\n")
+        self.rest = lines.pop()
+        for line in lines:
+            stamp, _, payload = line.partition(b" ")
+            if b'"status":"created"' in payload:
+                self.created += 1
+                continue
+            event = json.loads(payload)
+            if event.get("status") == "probe":
+                self.probes += 1
+            elif event.get("status") == "cancelled" and event.get("reason") == "timeout":
+                order_id = str(event["order_id"])
+                if order_id not in self.cancelled:
+                    self.cancelled[order_id] = (float(stamp), unix_ms(str(event["at"])))
+                    if order_id.startswith(MEASURED_PREFIX):
+                        self.measured += 1
+            else:
+                self.other += 1
+
+    async def start(self) -> None:
+        self._spawn()
+        async with aiomqtt.Client(self.host, self.port) as client:
+            give_up = time.monotonic() + 15
+            while True:  # it says nothing when subscribed: publish until it hears us
+                await client.publish(self.PROBE_TOPIC, b'{"status":"probe"}', qos=1)
+                await asyncio.sleep(0.05)
+                self._read()
+                if self.probes:
+                    return
+                if time.monotonic() > give_up:
+                    raise RuntimeError("mosquitto_sub did not receive anything in 15 s")
+
+    async def counts(self) -> Counts:
+        self._read()
+        return Counts(self.created, self.measured, len(self.cancelled), self.other)
+
+    async def received(self, order_id: str) -> bool:
+        self._read()
+        return order_id in self.cancelled
+
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def results(self) -> dict[str, tuple[float, int]]:
+        self._read()
+        return dict(self.cancelled)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                await asyncio.to_thread(self.proc.wait, 5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                await asyncio.to_thread(self.proc.wait)
+
+
 async def subscriber_child(host: str, port: int) -> None:
     """The child side of ProcessSubscriber: answers `counts`, `has ID`, `dump`, `quit`."""
     receiver = Receiver(host, port)
@@ -347,18 +452,40 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_seconds() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine so far, all cores (/proc/stat)."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return 0.0, 0.0
+    ticks = [int(value) for value in first[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    busy = sum(ticks[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK"), idle / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy(seconds: float = 1.0) -> float:
+    """How busy the machine is now, in % of one core, measured over `seconds`."""
+    busy, _ = machine_seconds()
+    time.sleep(seconds)
+    return 100 * (machine_seconds()[0] - busy) / seconds
+
+
 class CpuMeter:
-    """CPU used by named processes between start() and stop(), in % of one core."""
+    """CPU used by named processes between start() and stop(), in % of one core,
+    and by everything else on the machine (`others`: CPU this run does not control)."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.before: dict[str, float] = {}
+        self.machine_before = 0.0
         self.began = 0.0
         self.usage: dict[str, float] = {}
 
     def start(self) -> None:
         self.began = time.monotonic()
         self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.machine_before = machine_seconds()[0]
 
     def stop(self) -> None:
         elapsed = time.monotonic() - self.began
@@ -368,6 +495,9 @@ class CpuMeter:
             name: 100 * (cpu_seconds(pid) - self.before[name]) / elapsed
             for name, pid in self.pids.items()
         }
+        machine = 100 * (machine_seconds()[0] - self.machine_before) / elapsed
+        self.usage["others"] = max(0.0, machine - sum(self.usage.values()))
+        self.usage["idle"] = max(0.0, 100 * (os.cpu_count() or 1) - machine)
 
 
 # -- one scenario ---------------------------------------------------------------------
@@ -402,6 +532,8 @@ class Row:
     max_backlog_created: int = 0
     unexpected: int = 0  # cancellations of pending orders, other events
     daemon_exit: int | None = 0
+    log_lines: int = 0  # lines the daemon logged
+    log_top: str = ""  # its most frequent line (numbers blanked) and how often
     cpu: dict[str, float] = field(default_factory=dict)  # % of a core while measuring
     commands: dict[str, int] = field(default_factory=dict)  # Redis calls while measuring
     note: str = ""
@@ -472,6 +604,8 @@ class Bench:
     def new_subscriber(self) -> Subscriber:
         if self.subscriber == "inline":
             return InlineSubscriber(self.mqtt_host, self.mqtt_port)
+        if self.subscriber == "mosquitto_sub":
+            return MosquittoSubSubscriber(self.mqtt_host, self.mqtt_port, self.workdir)
         return ProcessSubscriber(self.mqtt_host, self.mqtt_port)
 
 
@@ -563,6 +697,25 @@ async def wait_cancelled(bench: Bench, sub: Subscriber, deadlines: dict[str, int
         await asyncio.sleep(POLL)
 
 
+def log_summary(log_path: Path) -> tuple[int, str]:
+    """Lines in the daemon's log and its most frequent line, numbers blanked."""
+    counts: dict[str, int] = {}
+    total = 0
+    with log_path.open("rb") as log:
+        for raw in log:
+            total += 1
+            text = raw.decode(errors="replace").strip()
+            if text.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    text = str(json.loads(text).get("event", text))
+            shape = re.sub(r"\d+", "N", text)[:100]
+            counts[shape] = counts.get(shape, 0) + 1
+    if not counts:
+        return 0, ""
+    shape, times = max(counts.items(), key=lambda item: item[1])
+    return total, f"{shape!r} x {times}"
+
+
 async def scenario(bench: Bench, redis: Redis, pending: int, rate: float, index: int) -> Row:
     row = Row(pending, rate)
     await redis.flushall()
@@ -628,6 +781,7 @@ async def scenario(bench: Bench, redis: Redis, pending: int, rate: float, index:
         await orders.close()
         row.daemon_exit = await stop_daemon(daemon)
         await sub.stop()
+    row.log_lines, row.log_top = log_summary(log_path)
     if row.daemon_exit != 0:
         row.note = f"daemon exit status {row.daemon_exit}"
         print(f"\nWARNING: the daemon exited with {row.daemon_exit}:\n{daemon.log_tail()}\n")
@@ -656,9 +810,11 @@ def describe(row: Row) -> str:
         lines.append("  CPU while measuring (% of one core): " + ", ".join(
             f"{name} {share:.0f}" for name, share in row.cpu.items()))
     if row.commands:
-        busiest = sorted(row.commands.items(), key=lambda item: -item[1])[:10]
+        busiest = sorted(row.commands.items(), key=lambda item: -item[1])[:20]
         lines.append("  Redis calls while measuring: " + ", ".join(
             f"{name} {calls}" for name, calls in busiest))
+    if row.log_lines:
+        lines.append(f"  daemon log: {row.log_lines} lines, most often {row.log_top}")
     if row.unexpected:
         lines.append(f"  UNEXPECTED events (pending orders cancelled, other statuses): "
                      f"{row.unexpected}")
@@ -717,6 +873,10 @@ def print_setup(args: argparse.Namespace) -> None:
     print(f"  mosquitto:  {command_output([mosquitto_path, '-h'])}")
     print(f"  scenarios:  pending {args.pending} x rate {args.rate}/s, {args.duration:g} s each; "
           f"order timeout {args.timeout:g} s; pending orders due in 1 h")
+    busy = machine_busy()
+    print(f"  load:       {busy:.0f}% of one core busy before the start (load average "
+          f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])})"
+          + ("  <- other work on this machine skews the figures" if busy > 20 else ""))
     print(f"  subscriber: {args.subscriber} (QoS 1, {TOPIC}); daemon log level "
           f"{args.daemon_log_level}; redis.conf of the project, all on loopback")
     print(flush=True)
@@ -770,10 +930,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="timeout of the measured orders in seconds (default: 2)")
     parser.add_argument("--grace", type=float, default=15.0, metavar="S",
                         help="wait this long after the last deadline for late events (default: 15)")
-    parser.add_argument("--subscriber", choices=["process", "inline"], default="process",
-                        help="subscriber in its own process (default) or in the bench's loop")
+    parser.add_argument(
+        "--subscriber", choices=["process", "inline", "mosquitto_sub"], default="process",
+        help="aiomqtt subscriber in its own process (default) or in the bench's event loop, "
+             "or mosquitto_sub (C) as a cross-check")
     parser.add_argument("--daemon-log-level", choices=["warning", "info"], default="warning",
-                        help="info also reports the daemon's own sweep lag from its log")
+                        help="the daemon's log level (info logs every cancellation: "
+                             "shows what that costs)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary folder (server and daemon logs)")
     parser.add_argument("--subscriber-child", nargs=2, metavar=("HOST", "PORT"),
@@ -834,6 +997,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
         if rows:
             print_tables(rows)
+            mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            print(f"peak RSS: bench {mine:.0f} MB, largest child process {children:.0f} MB")
     return 0 if all(row.daemon_exit == 0 for row in rows) else 1
 
 

@@ -16,8 +16,8 @@ before their deadline and shows the rest being cancelled, live on a terminal
 or one plain line per event otherwise (CI logs). It ends with a summary and
 exit status 0 when every expectation held (each unpaid order cancelled exactly
 once and never before its deadline, each paid order still paid), 1 otherwise,
-130 on Ctrl-C (143 on SIGTERM). Every process it started is stopped on the way
-out, whatever happened.
+130 on Ctrl-C, 128 + n on signal n (SIGTERM, SIGHUP). Every process it started
+is stopped on the way out, whatever happened.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ import secrets
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +47,7 @@ import aiomqtt
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress_bar import ProgressBar
+from rich.status import Status
 from rich.table import Table
 from rich.text import Text
 
@@ -189,7 +192,8 @@ class EmbeddedBroker:
             return
         broker, self._broker = self._broker, None
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(broker.shutdown(), 10.0)
+            async with asyncio.timeout(10.0):
+                await broker.shutdown()
 
 
 # -- what we see -------------------------------------------------------------
@@ -229,8 +233,9 @@ class Run:
     deadline_of: dict[str, int] = field(default_factory=dict)
     to_pay: set[str] = field(default_factory=set)
     paid_ok: set[str] = field(default_factory=set)  # pay succeeded
-    pay_refused: dict[str, str] = field(default_factory=dict)  # order -> why
-    pay_sent_ms: dict[str, float] = field(default_factory=dict)
+    pay_refused: dict[str, str] = field(default_factory=dict)  # order -> why (too late)
+    pay_failed: dict[str, str] = field(default_factory=dict)  # order -> error
+    receive_error: str | None = None  # the subscription broke
     events: list[Seen] = field(default_factory=list)
     started_ms: float = 0.0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -263,7 +268,7 @@ class Run:
     def settled(self) -> bool:
         """Every paid order announced paid and every other one announced cancelled
         (or a pay is still to come)."""
-        if len(self.paid_ok) + len(self.pay_refused) < len(self.to_pay):
+        if len(self.paid_ok) + len(self.pay_refused) + len(self.pay_failed) < len(self.to_pay):
             return False
         status = self.status_of()
         return all(status[oid] == ("paid" if oid in self.paid_ok else "cancelled") for oid in self.ids)
@@ -413,24 +418,29 @@ class Display:
 
 
 async def _receive(client: aiomqtt.Client, run: Run) -> None:
-    async for message in client.messages:
-        received_ms = time.time() * 1000
-        payload = message.payload
-        if not isinstance(payload, bytes | bytearray):
-            continue
-        event = _event_of(bytes(payload), received_ms)
-        if event is not None and run.mine(event.order_id):
-            run.record(event)
+    try:
+        async for message in client.messages:
+            received_ms = time.time() * 1000
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray):
+                continue
+            event = _event_of(bytes(payload), received_ms)
+            if event is not None and run.mine(event.order_id):
+                run.record(event)
+    except aiomqtt.MqttError as exc:
+        run.receive_error = str(exc) or type(exc).__name__
+        run.changed.set()
 
 
 async def _pay_later(client: OrderClient, run: Run, order_id: str, delay: float) -> None:
     await asyncio.sleep(delay)
-    run.pay_sent_ms[order_id] = time.time() * 1000
     try:
         await client.pay(order_id)
         run.paid_ok.add(order_id)
     except Refused as exc:
         run.pay_refused[order_id] = str(exc)
+    except ListenerError as exc:
+        run.pay_failed[order_id] = str(exc)
     run.changed.set()
 
 
@@ -550,8 +560,10 @@ def judge(run: Run, final: dict[str, str]) -> Verdict:
                 f"after the deadline, then published and received "
                 f"p50 {percentile(in_flight, 0.5):.0f} ms later"
             )
-    else:
+    elif unpaid:
         lines.append("cancelled on time: no cancellation seen")
+    else:
+        lines.append("cancelled on time: nothing to cancel, every order was paid")
     exactly = "yes" if cancelled_ok == len(unpaid) else "NO"
     lines.append(f"every unpaid order cancelled exactly once: {exactly} ({cancelled_ok}/{len(unpaid)})")
     stayed = sum(1 for oid in run.ids if oid not in unpaid and final.get(oid) == "paid")
@@ -565,7 +577,14 @@ def judge(run: Run, final: dict[str, str]) -> Verdict:
 
 
 async def _demo(
-    plan: Plan, flags: dict[str, Any], console: Console, *, orders: int, paid: int, window: float
+    plan: Plan,
+    flags: dict[str, Any],
+    console: Console,
+    *,
+    orders: int,
+    paid: int,
+    window: float,
+    on_ready: Callable[[], None],
 ) -> int:
     broker: EmbeddedBroker | None = None
     daemon_task: asyncio.Task[None] | None = None
@@ -576,7 +595,10 @@ async def _demo(
     try:
         if plan.embedded_broker_port is not None:
             broker = EmbeddedBroker(plan.embedded_broker_port)
-            await broker.start()
+            try:
+                await broker.start()
+            except Exception as exc:
+                raise DemoError(f"cannot start the embedded amqtt broker: {exc}") from None
         overrides = {**flags, "redis_url": plan.redis_url, "mqtt_url": plan.mqtt_url}
         if plan.mqtt_protocol is not None:
             overrides["mqtt_protocol"] = plan.mqtt_protocol
@@ -605,8 +627,9 @@ async def _demo(
                 daemon = Daemon(settings)
                 daemon_task = asyncio.create_task(daemon.run(stop), name="daemon")
                 await _wait_ready(daemon_task, daemon.ready, plan)
+                on_ready()
 
-                code = await _show(plan, run, client, console, tasks, daemon_task, settings)
+                code = await _show(plan, run, client, console, tasks, daemon_task)
             finally:
                 for task in tasks:
                     task.cancel()
@@ -627,7 +650,6 @@ async def _show(
     console: Console,
     tasks: list[asyncio.Task[None]],
     daemon_task: asyncio.Task[None],
-    settings: Settings,
 ) -> int:
     display = Display(console, run, plan)
     if not display.live_mode:
@@ -652,11 +674,19 @@ async def _show(
             tasks.append(asyncio.create_task(paying, name=f"pay {oid}"))
 
         give_up = max(run.deadline_of.values()) / 1000 + SETTLE_AFTER
-        while not run.settled() and time.time() < give_up and not daemon_task.done():
+        while (
+            not run.settled()
+            and time.time() < give_up
+            and not daemon_task.done()
+            and run.receive_error is None
+        ):
             run.changed.clear()
             display.update()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation (Ctrl-C) that arrives as its timeout fires.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(run.changed.wait(), 0.1)
+                async with asyncio.timeout(0.1):
+                    await run.changed.wait()
         # Keep listening a moment: a second cancellation would show up now.
         end = time.time() + GRACE
         while time.time() < end:
@@ -672,7 +702,12 @@ async def _show(
             final[oid] = f"? ({exc})"
     verdict = judge(run, final)
     if daemon_task.done():
-        verdict.problems.append("the daemon stopped during the demo")
+        why = "cancelled" if daemon_task.cancelled() else repr(daemon_task.exception())
+        verdict.problems.append(f"the daemon stopped during the demo: {why}")
+    if run.receive_error is not None:
+        verdict.problems.append(f"the event subscription broke: {run.receive_error}")
+    for oid, why in sorted(run.pay_failed.items()):
+        verdict.problems.append(f"paying {oid} failed: {why}")
     if not run.settled():
         verdict.problems.append(
             f"not every order reached its expected status within {SETTLE_AFTER:g} s of the last deadline"
@@ -723,54 +758,73 @@ def _log_problems(path: Path, limit: int = 10) -> list[str]:
     return found[:limit]
 
 
+def _stop_signals() -> list[signal.Signals]:
+    """Signals that end the demo like Ctrl-C: SIGTERM, and SIGHUP (terminal closed)."""
+    names = ("SIGTERM", "SIGHUP")
+    return [getattr(signal, name) for name in names if hasattr(signal, name)]
+
+
 def run_demo(flags: dict[str, Any], *, orders: int, paid: int, timeout: float) -> int:
     """Run the demo; the exit status: 0 every expectation held, 1 not (or a setup
-    problem), 2 bad configuration, 130 Ctrl-C, 143 SIGTERM."""
+    problem), 2 bad configuration, 130 Ctrl-C, 128 + n on signal n (143 SIGTERM)."""
     console = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     workdir = Path(tempfile.mkdtemp(prefix="order-listener-demo-"))
     plan = Plan(workdir)
     log_path = workdir / "daemon.log"
     log_file: IO[str] | None = None
-    terminated = False
+    stopped_by: int | None = None
+    starting = Status("starting Redis, MQTT and the daemon ...", console=console)
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         # Like Ctrl-C: cancel the demo while it runs (its finally blocks stop
         # the daemon and the broker), else raise; then the processes are stopped.
-        nonlocal terminated
-        terminated = True
+        nonlocal stopped_by
+        stopped_by = signum
         if plan.main_task is not None and plan.loop is not None and not plan.main_task.done():
             plan.loop.call_soon_threadsafe(plan.main_task.cancel)
             return
         raise KeyboardInterrupt
 
-    previous_term = signal.signal(signal.SIGTERM, on_sigterm)
+    def say(text: str) -> None:
+        with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+            err.print(Text(text), soft_wrap=True)
+
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in _stop_signals():
+            previous[signum] = signal.signal(signum, on_signal)
     try:
         log_file = log_path.open("a", encoding="utf-8")
         level = str(flags.get("log_level") or "warning")
         logs.configure(level, LogFormat.JSON, stream=log_file)
+        load_settings(**flags)  # a bad configuration fails here, before we start anything
+        if console.is_terminal:
+            starting.start()
         _start_servers(plan, flags)
-        return asyncio.run(_demo(plan, flags, console, orders=orders, paid=paid, window=timeout))
-    except KeyboardInterrupt:
-        err.print(Text("\ninterrupted: stopping what the demo started"), soft_wrap=True)
-        return 143 if terminated else 130
-    except asyncio.CancelledError:  # SIGTERM (cancels the demo)
-        err.print(Text("\nterminated: stopped what the demo started"), soft_wrap=True)
-        return 143 if terminated else 130
+        demo = _demo(plan, flags, console, orders=orders, paid=paid, window=timeout, on_ready=starting.stop)
+        return asyncio.run(demo)
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C; a signal cancels the demo
+        say("\ninterrupted: stopping what the demo started")
+        return 128 + stopped_by if stopped_by is not None else 130
     except (DemoError, ServerError) as exc:
-        err.print(Text(f"order-listener: demo: {exc}"), soft_wrap=True)
+        say(f"order-listener: demo: {exc}")
         return 1
     except ListenerError as exc:
-        err.print(Text(f"order-listener: {exc}"), soft_wrap=True)
+        say(f"order-listener: {exc}")
         return exc.exit_code
     finally:
         plan.stop_processes()
+        with contextlib.suppress(Exception):
+            starting.stop()
         if log_file is not None:
             log_file.close()
         problems = _log_problems(log_path)
         if problems:
-            err.print(Text("daemon log (warnings and errors):"), soft_wrap=True)
+            say("daemon log (warnings and errors):")
             for line in problems:
-                err.print(Text(f"  {line}"), soft_wrap=True)
+                say(f"  {line}")
         shutil.rmtree(workdir, ignore_errors=True)
-        signal.signal(signal.SIGTERM, previous_term)
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)

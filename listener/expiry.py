@@ -59,6 +59,8 @@ class ExpiryListener:
         self._stopping = asyncio.Event()
         self.cancelled = 0
         self.ignored = 0
+        self.dropped = 0
+        self.received = 0  # expired events seen, ours or not
 
     def stop(self) -> None:
         self._stopping.set()
@@ -97,10 +99,12 @@ class ExpiryListener:
                 self.scheduler.wake(int(part), int(deadline))
             return
         order_id = self.layout.parse_timer(data.decode(errors="replace"))
+        self.received += 1
         if order_id is None:
             self.ignored += 1
             return
         if len(self._pending) >= MAX_PENDING:
+            self.dropped += 1  # the deadline index still holds it: a full sweep will find it
             self.scheduler.resync()
             return
         self._pending[order_id] = None

@@ -11,6 +11,7 @@ import asyncio
 import os
 import socket
 import ssl
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -72,7 +73,8 @@ def _session_expiry() -> Properties:
 
 
 def default_client_id(role: str) -> str:
-    return f"order-listener-{role}-{socket.gethostname()}-{os.getpid()}"
+    """Unique per connection: two clients with one id make the broker drop the older."""
+    return f"order-listener-{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class PackedProperties(Properties):

@@ -32,7 +32,9 @@ CLI = str(Path(sys.executable).parent / "order-listener")
 
 
 async def wait_until(
-    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = ""
+    condition: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 10.0,
+    what: str | Callable[[], str] = "",
 ) -> None:
     """Wait for a condition, polling every 20 ms; fail the test after `timeout`."""
     give_up = time.monotonic() + timeout
@@ -43,7 +45,8 @@ async def wait_until(
         if result:
             return
         if time.monotonic() > give_up:
-            pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
+            said = what() if callable(what) else what
+            pytest.fail(f"timed out after {timeout} s waiting for {said or condition}")
         await asyncio.sleep(0.02)
 
 
@@ -268,7 +271,7 @@ async def spawn_daemon(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=handle,
             stderr=handle,
-            env=env_for(settings, ORDER_LISTENER_LOG_FORMAT="json", **extra_env),
+            env=env_for(settings, **{"ORDER_LISTENER_LOG_FORMAT": "json", **extra_env}),
         )
         handle.close()
         daemon = DaemonProcess(proc, log)

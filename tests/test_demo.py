@@ -7,6 +7,7 @@ never on 6379 / 1883.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,14 +40,29 @@ def demo_env(tmp_path: Path, path: str | None = None) -> dict[str, str]:
     return env
 
 
+def stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """End a demo that overran: SIGTERM first (it then stops its servers), SIGKILL last."""
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()
+
+
 def run_demo(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     started = time.monotonic()
-    done = subprocess.run(
-        [COMMAND, *ARGS], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    proc = subprocess.Popen(
+        [COMMAND, *ARGS], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = stop(proc)
+        pytest.fail(f"the demo did not end within {timeout} s\n{out}\n{err}")
     elapsed = time.monotonic() - started
-    assert elapsed < 30, f"the demo took {elapsed:.1f} s\n{done.stdout}\n{done.stderr}"
-    return done
+    assert elapsed < 30, f"the demo took {elapsed:.1f} s\n{out}\n{err}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def check_run(done: subprocess.CompletedProcess[str], tmp_path: Path) -> str:
@@ -136,36 +153,53 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
 def test_demo_ctrl_c_stops_everything_it_started(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [COMMAND, "demo", "--orders", "5", "--paid", "1", "--timeout", "60"],
-        env=demo_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # SIGINT must not be ignored in the child (as it would be in a background job)
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
+    work = tmp_path / "tmp"
+    work.mkdir()
+    with (tmp_path / "stderr.txt").open("w") as stderr:
+        proc = subprocess.Popen(
+            [COMMAND, "demo", "--orders", "5", "--paid", "1", "--timeout", "60"],
+            env=demo_env(work),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            # SIGINT must not be ignored in the child (as it is in a shell's background job)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    lines: list[str] = []
+    first_event = threading.Event()
+
+    def read() -> None:
         assert proc.stdout is not None
-        seen = []
-        give_up = time.monotonic() + 30
-        while time.monotonic() < give_up:
-            line = proc.stdout.readline()
-            seen.append(line)
-            if EVENT_LINE.match(line) or not line:
-                break
-        assert EVENT_LINE.match(seen[-1]), "".join(seen)
+        for line in proc.stdout:
+            lines.append(line)
+            if EVENT_LINE.match(line):
+                first_event.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    servers: list[int] = []
+    try:
+        assert first_event.wait(30), "no event within 30 s:\n" + "".join(lines)
         servers = _children(proc.pid)
         # redis-server (or valkey-server) and mosquitto, unless amqtt runs in process
         assert len(servers) == (2 if shutil.which("mosquitto") else 1), servers
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        reader.join(5)
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.terminate()  # the demo then stops its servers itself
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            for pid in servers:  # if even SIGTERM did not help
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+    out, err = "".join(lines), (tmp_path / "stderr.txt").read_text()
     assert proc.returncode == 130, f"{out}\n{err}"
     assert "interrupted: stopping what the demo started" in err
     assert "summary" not in out
     assert [pid for pid in servers if _alive(pid)] == []
-    assert list(tmp_path.iterdir()) == []
+    assert list(work.iterdir()) == []
