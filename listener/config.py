@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     publish_batch: int = Field(default=500, ge=1, le=10000)
     shutdown_timeout: float = Field(default=10.0, gt=0)
     resync_interval: float = Field(default=5.0, gt=0)
+    metrics_addr: str = ""  # host:port for /metrics and /healthz; empty: off
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _metrics_addr(cls, value: str) -> str:
+        if value:
+            from listener.metrics import parse_addr
+
+            parse_addr(value)
+        return value
 
     @field_validator("redis_url")
     @classmethod

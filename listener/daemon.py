@@ -23,11 +23,12 @@ from listener.config import Settings, mqtt_target, redis_target
 from listener.expiry import ExpiryListener
 from listener.keys import KeyLayout
 from listener.logistics import LogisticsHandler
+from listener.metrics import Metrics, serve
 from listener.mqtt import MqttLink
 from listener.outbox import Outbox
 from listener.scheduler import DeadlineScheduler
 from listener.store import Store, connect_redis
-from listener.supervise import Service
+from listener.supervise import TRANSIENT, Service
 
 log = logs.get("listener.daemon")
 
@@ -83,11 +84,13 @@ class Daemon:
             subscriptions=[settings.logistics_topic],
             handler=self.logistics,
         )
+        self.metrics = Metrics([self.redis_service, self.mqtt_service])
         self.scheduler = DeadlineScheduler(
             self.store,
             self.redis_service,
             batch=settings.sweep_batch,
             resync_interval=settings.resync_interval,
+            on_cancelled=lambda _order_id, deadline, at: self.metrics.cancelled(deadline, at),
         )
         self.listener = ExpiryListener(
             self.redis,
@@ -104,8 +107,10 @@ class Daemon:
             self.link,
             self.redis_service,
             batch=settings.publish_batch,
+            on_published=lambda event: self.metrics.event_published(event.status, event.reason),
         )
         self.ready = asyncio.Event()
+        self.http_ready = asyncio.Event()
         self._notifier = sdnotify.SystemdNotifier()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -123,9 +128,18 @@ class Daemon:
                 sweep_task = group.create_task(self.scheduler.run(), name="scheduler")
                 start_task = group.create_task(self._start(group), name="readiness")
                 watchdog_task = group.create_task(self._watchdog(), name="watchdog")
+                gauges_task = group.create_task(self._sample_gauges(), name="gauges")
+                extra = [start_task, watchdog_task, gauges_task]
+                if self.settings.metrics_addr:
+                    extra.append(
+                        group.create_task(
+                            serve(self.settings.metrics_addr, self.metrics, self.health, self.http_ready),
+                            name="metrics",
+                        )
+                    )
                 await stop.wait()
                 await self._shutdown(sweep_task, outbox_task)
-                for task in (start_task, watchdog_task, mqtt_task):
+                for task in (*extra, mqtt_task):
                     task.cancel()
         finally:
             await self.redis.aclose()
@@ -141,6 +155,23 @@ class Daemon:
         self._notifier.notify("READY=1")
         self._notifier.notify("STATUS=cancelling orders at their deadline")
         log.info("ready", pending=await self._pending_or_none())
+
+    def health(self) -> dict[str, bool]:
+        """What /healthz reports: 200 only while all are true."""
+        return {
+            "redis": self.redis_service.up,
+            "mqtt": self.mqtt_service.up,
+            "ready": self.ready.is_set(),
+        }
+
+    async def _sample_gauges(self, every: float = 5.0) -> None:
+        while True:
+            try:
+                self.metrics.pending_orders.set(await self.store.pending_count())
+                self.metrics.outbox_pending.set(await self.outbox.backlog())
+            except TRANSIENT:
+                pass  # the tasks that need Redis report the outage
+            await asyncio.sleep(every)
 
     async def _pending_or_none(self) -> int | None:
         try:

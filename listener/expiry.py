@@ -61,6 +61,7 @@ class ExpiryListener:
         self.ignored = 0
         self.dropped = 0
         self.received = 0  # expired events seen, ours or not
+        self.skipped = 0
 
     def stop(self) -> None:
         self._stopping.set()
@@ -103,6 +104,9 @@ class ExpiryListener:
         if order_id is None:
             self.ignored += 1
             return
+        if order_id in self.scheduler.recent:
+            self.skipped += 1  # the scheduler cancelled it; deleting its timer sent this event
+            return
         if len(self._pending) >= MAX_PENDING:
             self.dropped += 1  # the deadline index still holds it: a full sweep will find it
             self.scheduler.resync()
@@ -118,7 +122,18 @@ class ExpiryListener:
                 self._have_work.clear()
                 await self._have_work.wait()
                 continue
-            batch = list(self._pending)[:BATCH]
+            # Expired events are the slow path anyway: a few ms let the
+            # scheduler's reply for the same orders land first.
+            await asyncio.sleep(0.005)
+            batch = []
+            for order_id in list(self._pending)[:BATCH]:
+                if order_id in self.scheduler.recent:  # its sweep result arrived after the event
+                    self._pending.pop(order_id)
+                    self.skipped += 1
+                else:
+                    batch.append(order_id)
+            if not batch:
+                continue
             results = await self.store.apply_many(Operation.EXPIRE, batch)
             self.service.ok()
             for result in results:

@@ -20,7 +20,7 @@ import asyncio
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import aiomqtt
@@ -65,6 +65,7 @@ class Outbox:
         *,
         batch: int = 500,
         owner: str | None = None,
+        on_published: Callable[[StatusEvent], None] | None = None,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
@@ -73,6 +74,7 @@ class Outbox:
         self.redis_service = redis_service
         self.batch = batch
         self.owner = owner or owner_id()
+        self.on_published = on_published
         self.held = [asyncio.Event() for _ in range(PARTS)]
         self.published = 0
         self.stopping = asyncio.Event()
@@ -172,23 +174,30 @@ class Outbox:
                 return
 
     async def _publish_hi(self, part: int, hi: Sequence[Entry], lo_last: bytes) -> None:
+        """Publish `hi` in order; an order whose `created` event may still wait
+        in outbox:created gets it published first (and deleted there)."""
         lo_key = self.layout.outbox_created(part)
-        events: list[StatusEvent] = []
-        early: list[bytes] = []
-        checked: set[bytes] = set()
-        for _, fields in hi:
-            event = from_outbox_entry(fields)
-            created = event.created_entry
-            if created not in checked and _id_tuple(created) > _id_tuple(lo_last):
-                checked.add(created)
-                found = cast("list[Entry]", await self.redis.xrange(lo_key, created, created))
-                if found:
-                    events.append(from_created_entry(*found[0]))
-                    early.append(created)
-            events.append(event)
-        await self._send(events)
-        if early:
-            await self.redis.xdel(lo_key, *early)
+        events = [from_outbox_entry(fields) for _, fields in hi]
+        suspects = list(
+            dict.fromkeys(e.created_entry for e in events if _id_tuple(e.created_entry) > _id_tuple(lo_last))
+        )
+        waiting: dict[bytes, StatusEvent] = {}
+        if suspects:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for created in suspects:
+                    pipe.xrange(lo_key, created, created)
+                found = cast("list[list[Entry]]", await pipe.execute())
+            waiting = {entries[0][0]: from_created_entry(*entries[0]) for entries in found if entries}
+        ordered: list[StatusEvent] = []
+        for event in events:
+            early = waiting.pop(event.created_entry, None)
+            if early is not None:
+                ordered.append(early)
+            ordered.append(event)
+        await self._send(ordered)
+        early_ids = [e.created_entry for e in events if e.created_entry in suspects]
+        if early_ids:
+            await self.redis.xdel(lo_key, *dict.fromkeys(early_ids))
 
     async def _send(self, events: Sequence[StatusEvent]) -> None:
         """Publish until the broker acknowledged all; a broker outage is the
@@ -202,6 +211,8 @@ class Outbox:
                 await asyncio.sleep(0.1)
         self.published += len(events)
         for event in events:
+            if self.on_published is not None:
+                self.on_published(event)
             log.debug(
                 "event published", order_id=event.order_id, event_id=event.event_id, status=event.status
             )

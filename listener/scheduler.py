@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from listener import logs
@@ -28,6 +29,7 @@ from listener.supervise import Service, supervise
 
 log = logs.get("listener.scheduler")
 
+RECENT_MAX = 100_000
 CancelledHook = Callable[[str, int, int], None]  # order id, deadline ms, cancelled-at ms
 
 
@@ -53,6 +55,10 @@ class DeadlineScheduler:
         self._stopping = False
         self.caught_up = asyncio.Event()
         self.cancelled = 0
+        # Ids this scheduler cancelled lately. Deleting a timer whose time has
+        # passed makes Redis announce it as `expired`; the listener skips those
+        # instead of running the expire script again for nothing.
+        self.recent: OrderedDict[str, None] = OrderedDict()
 
     def stop(self) -> None:
         self._stopping = True
@@ -111,6 +117,9 @@ class DeadlineScheduler:
             self._offset = result.now_ms / 1000 - received
             for order_id, deadline_ms in result.cancelled:
                 self.cancelled += 1
+                self.recent[order_id] = None
+                if len(self.recent) > RECENT_MAX:
+                    self.recent.popitem(last=False)
                 log.info(
                     "order cancelled",
                     order_id=order_id,

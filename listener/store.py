@@ -13,12 +13,16 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from listener.config import Settings, redis_target
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.orders import Operation, Order, Reason, Status
 from listener.scripts import Scripts
+
+ScriptCall = tuple[AsyncScript, list[str], list[Any]]
 
 CREATE_CHUNK = 500  # orders per create script call (one part each)
 PIPELINE_CALLS = 40  # script calls per round trip
@@ -94,6 +98,36 @@ class Store:
     async def close(self) -> None:
         await self.redis.aclose()
 
+    # -- running scripts in pipelines ----------------------------------------
+
+    async def run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """EVALSHA each call in one pipelined round trip, in order.
+
+        redis-py's own script pipelining sends SCRIPT EXISTS before every
+        pipeline (a second round trip on the cancellation path). Instead the
+        scripts are loaded once; a call answered NOSCRIPT (Redis restarted
+        or flushed its script cache) is loaded and sent again, alone, so a
+        call that ran is never run twice.
+        """
+        replies = await self._evalsha(calls)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            for script in {id(calls[i][0]): calls[i][0] for i in missing}.values():
+                await self.redis.script_load(script.script)
+            again = await self._evalsha([calls[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def _evalsha(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
     # -- create ------------------------------------------------------------
 
     async def create_many(self, orders: Sequence[tuple[str, int]]) -> list[CreateResult]:
@@ -112,16 +146,16 @@ class Store:
         results: list[CreateResult | None] = [None] * len(orders)
         for start in range(0, len(calls), PIPELINE_CALLS):
             batch = calls[start : start + PIPELINE_CALLS]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for part, indexes in batch:
-                    keys = [self.layout.deadlines(part), self.layout.outbox_created(part)]
-                    args: list[Any] = [self.layout.wake_channel, part]
-                    for index in indexes:
-                        order_id, timeout_ms = orders[index]
-                        keys += [self.layout.order(order_id), self.layout.timer(order_id)]
-                        args += [order_id, timeout_ms]
-                    await self.scripts.create(keys=keys, args=args, client=pipe)
-                replies = await pipe.execute()
+            script_calls: list[ScriptCall] = []
+            for part, indexes in batch:
+                keys = [self.layout.deadlines(part), self.layout.outbox_created(part)]
+                args: list[Any] = [self.layout.wake_channel, part]
+                for index in indexes:
+                    order_id, timeout_ms = orders[index]
+                    keys += [self.layout.order(order_id), self.layout.timer(order_id)]
+                    args += [order_id, timeout_ms]
+                script_calls.append((self.scripts.create, keys, args))
+            replies = await self.run_scripts(script_calls)
             for (_, indexes), reply in zip(batch, replies, strict=True):
                 for position, index in enumerate(indexes):
                     flag, value = reply[2 * position], reply[2 * position + 1]
@@ -134,7 +168,7 @@ class Store:
 
     # -- transitions -------------------------------------------------------
 
-    def _transition_call(self, operation: Operation, order_id: str) -> tuple[Any, list[str], list[Any]]:
+    def _transition_call(self, operation: Operation, order_id: str) -> ScriptCall:
         name, reason = _SCRIPT_OF[operation]
         part = part_of(order_id)
         keys = [
@@ -168,11 +202,7 @@ class Store:
         out: list[TransitionResult] = []
         for start in range(0, len(order_ids), 500):
             chunk = order_ids[start : start + 500]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for order_id in chunk:
-                    script, keys, args = self._transition_call(operation, order_id)
-                    await script(keys=keys, args=args, client=pipe)
-                replies = await pipe.execute()
+            replies = await self.run_scripts([self._transition_call(operation, oid) for oid in chunk])
             out += [self._result(oid, reply) for oid, reply in zip(chunk, replies, strict=True)]
         return out
 
@@ -181,14 +211,16 @@ class Store:
     async def sweep(self, parts: Iterable[int], limit: int) -> list[SweepResult]:
         """Cancel what is due in each part (up to `limit` each), in one round trip."""
         chosen = list(parts)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for part in chosen:
-                await self.scripts.sweep(
-                    keys=[self.layout.deadlines(part), self.layout.outbox(part)],
-                    args=[self.layout.base(part), limit, self.retention_ms],
-                    client=pipe,
+        replies = await self.run_scripts(
+            [
+                (
+                    self.scripts.sweep,
+                    [self.layout.deadlines(part), self.layout.outbox(part)],
+                    [self.layout.base(part), limit, self.retention_ms],
                 )
-            replies = await pipe.execute()
+                for part in chosen
+            ]
+        )
         results = []
         for part, (now, nxt, flat) in zip(chosen, replies, strict=True):
             cancelled = [(_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]

@@ -83,12 +83,11 @@ async def test_broker_down_while_orders_fall_due_nothing_lost(
     daemon = await start_daemon()
     ids = [f"bk-{i:03d}" for i in range(200)]
     async with OrderClient(settings) as client:
-        await client.create_many([(oid, 1.0 + 1.5 * i / len(ids)) for i, oid in enumerate(ids)])
-        await wait_until(lambda: len(subscriber.with_status("created")) >= 200, 10, "created events")
         mqtt_server_proc.stop()
+        await client.create_many([(oid, 1.0 + 1.5 * i / len(ids)) for i, oid in enumerate(ids)])
         await client.pay(ids[-1])  # a transition while the broker is away
         await asyncio.sleep(4.0)  # every other order falls due with no broker
-        assert await daemon.outbox.backlog() >= 199, "events must wait in Redis"
+        assert await daemon.outbox.backlog() >= 200 + 199 + 1, "events must wait in Redis"
         mqtt_server_proc.start()
     await wait_until(
         lambda: len({e["order_id"] for e in subscriber.with_status("cancelled")}) == 199, 30, "every event"
@@ -257,7 +256,11 @@ async def test_expired_event_burst_does_not_disconnect_the_listener(
     listener = daemon.listener
 
     def handled() -> bool:
-        return listener.received >= 45_000 and listener.cancelled + listener.dropped == listener.received
+        return (
+            listener.received >= 45_000
+            and listener.cancelled + listener.dropped + listener.skipped + listener.ignored
+            == listener.received
+        )
 
     await wait_until(
         handled,
@@ -276,3 +279,34 @@ async def test_expired_event_burst_does_not_disconnect_the_listener(
             pipe.hget(layout.order(oid), "s")
         statuses = Counter(await pipe.execute())
     assert statuses[b"cancelled"] == daemon.listener.cancelled
+
+
+async def test_second_signal_exits_at_once_still_losing_nothing(
+    settings: Settings,
+    spawn_daemon: Callable[..., Awaitable[DaemonProcess]],
+    subscriber: Subscriber,
+    mqtt_server_proc: ServerProcess,
+) -> None:
+    """With the broker gone, a graceful stop would wait for the outbox; a second
+    SIGTERM ends the daemon at once. The events stay in Redis and go out later."""
+    daemon = await spawn_daemon(ORDER_LISTENER_SHUTDOWN_TIMEOUT="30")
+    await daemon.wait_ready()
+    ids = [f"twice-{i:03d}" for i in range(100)]
+    mqtt_server_proc.stop()
+    async with OrderClient(settings) as client:
+        await client.create_many([(oid, 0.3) for oid in ids])
+    await asyncio.sleep(1.0)  # all cancelled in Redis, nothing published
+    daemon.terminate()
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    daemon.terminate()
+    assert await daemon.wait(10) != 0
+    assert time.monotonic() - started < 3
+    mqtt_server_proc.start()
+    again = await spawn_daemon()
+    await again.wait_ready()
+    await wait_until(
+        lambda: len({e["order_id"] for e in subscriber.with_status("cancelled")}) == 100, 20, "every event"
+    )
+    cancelled_once(subscriber, ids)
+    assert_in_version_order(subscriber)

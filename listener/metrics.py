@@ -1,0 +1,141 @@
+"""Metrics and health over HTTP: Prometheus text at /metrics, /healthz.
+
+Off unless ``ORDER_LISTENER_METRICS_ADDR`` (host:port) is set. The metrics use
+the official client library with a registry of this daemon's own (several
+daemons can live in one process, as in the tests). The HTTP side is a small
+asyncio server in the daemon's loop, so /healthz reads the live state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from listener import logs
+from listener.supervise import Service
+
+log = logs.get("listener.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LAG_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
+
+
+class _ServiceCollector(Collector):
+    def __init__(self, services: list[Service]) -> None:
+        self.services = services
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        up = GaugeMetricFamily(
+            "order_listener_connected", "1 while the daemon is connected to the service", labels=["service"]
+        )
+        again = CounterMetricFamily(
+            "order_listener_reconnects", "Times the service came back after an outage", labels=["service"]
+        )
+        for service in self.services:
+            up.add_metric([service.name], 1.0 if service.up else 0.0)
+            again.add_metric([service.name], float(service.reconnects))
+        yield up
+        yield again
+
+
+class Metrics:
+    def __init__(self, services: list[Service]) -> None:
+        self.registry = CollectorRegistry()
+        self.cancellations = Counter(
+            "order_listener_cancellations",
+            "Orders cancelled, by reason (counted as their events are published)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.published = Counter(
+            "order_listener_events_published",
+            "Status events acknowledged by the broker, by status",
+            ["status"],
+            registry=self.registry,
+        )
+        self.lag = Histogram(
+            "order_listener_expiry_lag_seconds",
+            "From an order's deadline to its cancellation in Redis",
+            buckets=LAG_BUCKETS,
+            registry=self.registry,
+        )
+        self.outbox_pending = Gauge(
+            "order_listener_outbox_pending", "Events waiting in the outbox streams", registry=self.registry
+        )
+        self.pending_orders = Gauge(
+            "order_listener_pending_orders",
+            "Orders waiting for payment (deadline index size)",
+            registry=self.registry,
+        )
+        self.registry.register(_ServiceCollector(services))
+
+    def cancelled(self, deadline_ms: int, cancelled_ms: int) -> None:
+        self.lag.observe(max(0.0, (cancelled_ms - deadline_ms) / 1000))
+
+    def event_published(self, status: str, reason: str) -> None:
+        self.published.labels(status).inc()
+        if status == "cancelled":
+            self.cancellations.labels(reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:9464)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def serve(
+    addr: str,
+    metrics: Metrics,
+    healthy: Callable[[], dict[str, bool]],
+    started: asyncio.Event | None = None,
+) -> None:
+    """Serve /metrics and /healthz until cancelled."""
+    host, port = parse_addr(addr)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request.decode("latin-1").split()
+            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+            if path == "/metrics":
+                status, body, ctype = "200 OK", metrics.render(), CONTENT_TYPE
+            elif path == "/healthz":
+                checks = healthy()
+                ok = all(checks.values())
+                status = "200 OK" if ok else "503 Service Unavailable"
+                body = json.dumps({"ok": ok, **checks}).encode()
+                ctype = "application/json"
+            else:
+                status, body, ctype = "404 Not Found", b"try /metrics or /healthz\n", "text/plain"
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, host, port)
+    log.info("metrics and health served", addr=f"{host}:{port}", paths=["/metrics", "/healthz"])
+    if started is not None:
+        started.set()
+    async with server:
+        await server.serve_forever()

@@ -1,0 +1,85 @@
+"""/metrics and /healthz of a running daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable
+
+from listener.api import OrderClient
+from listener.config import Settings, load_settings
+from listener.daemon import Daemon
+from listener.servers import ServerProcess, free_port
+from tests.conftest import Subscriber, wait_until
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+async def test_metrics_and_health(
+    settings: Settings,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    subscriber: Subscriber,
+    mqtt_server_proc: ServerProcess,
+) -> None:
+    port = free_port()
+    config = load_settings(**{**settings.model_dump(), "metrics_addr": f"127.0.0.1:{port}"})
+    daemon = await start_daemon(config)
+    await asyncio.wait_for(daemon.http_ready.wait(), 5)
+
+    status, body = await http_get(port, "/healthz")
+    assert status == 200 and json.loads(body) == {"ok": True, "redis": True, "mqtt": True, "ready": True}
+
+    async with OrderClient(settings) as client:
+        await client.create_many([(f"m-{i}", 0.2) for i in range(3)] + [("m-paid", 60), ("m-cust", 60)])
+        await client.pay("m-paid")
+        await client.cancel("m-cust")
+    await wait_until(lambda: len(subscriber.with_status("cancelled")) == 4, 10, "4 cancellations")
+
+    async def published_all() -> bool:
+        _, text = await http_get(port, "/metrics")
+        return 'order_listener_events_published_total{status="cancelled"} 4.0' in text
+
+    await wait_until(published_all, 10, "the counters")
+    _, text = await http_get(port, "/metrics")
+    assert metric(text, 'order_listener_cancellations_total{reason="timeout"}') == 3
+    assert metric(text, 'order_listener_cancellations_total{reason="customer"}') == 1
+    assert metric(text, 'order_listener_events_published_total{status="created"}') == 5
+    assert metric(text, 'order_listener_events_published_total{status="paid"}') == 1
+    assert metric(text, "order_listener_expiry_lag_seconds_count") == 3
+    assert metric(text, 'order_listener_expiry_lag_seconds_bucket{le="0.1"}') == 3
+    assert metric(text, 'order_listener_connected{service="redis"}') == 1
+    assert "order_listener_pending_orders" in text and "order_listener_outbox_pending" in text
+    assert "order_listener_reconnects_total" in text
+
+    assert (await http_get(port, "/nope"))[0] == 404
+
+    mqtt_server_proc.stop()
+
+    async def unhealthy() -> bool:
+        code, answer = await http_get(port, "/healthz")
+        return code == 503 and json.loads(answer)["mqtt"] is False
+
+    await wait_until(unhealthy, 20, "/healthz to answer 503 without the broker")
+    mqtt_server_proc.start()
+
+    async def healthy() -> bool:
+        return (await http_get(port, "/healthz"))[0] == 200
+
+    await wait_until(healthy, 20, "/healthz back to 200")
+    _, text = await http_get(port, "/metrics")
+    assert metric(text, 'order_listener_reconnects_total{service="mqtt"}') >= 1
