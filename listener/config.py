@@ -6,6 +6,7 @@ Nothing deeper than the command line reads ``os.environ``. Every setting is
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -50,6 +51,23 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(default=10.0, gt=0)
     resync_interval: float = Field(default=5.0, gt=0)
     metrics_addr: str = ""  # host:port for /metrics and /healthz; empty: off
+    # TLS (rediss://, mqtts://): CA bundle to trust (default: the system's),
+    # and a client certificate + key where the server asks for one.
+    redis_tls_ca: str = ""
+    redis_tls_cert: str = ""
+    redis_tls_key: str = ""
+    mqtt_tls_ca: str = ""
+    mqtt_tls_cert: str = ""
+    mqtt_tls_key: str = ""
+
+    @field_validator(
+        "redis_tls_ca", "redis_tls_cert", "redis_tls_key", "mqtt_tls_ca", "mqtt_tls_cert", "mqtt_tls_key"
+    )
+    @classmethod
+    def _readable_file(cls, value: str) -> str:
+        if value and not os.access(value, os.R_OK):
+            raise ValueError(f"cannot read {value!r}: give the path of a PEM file this user can read")
+        return value
 
     @field_validator("metrics_addr")
     @classmethod

@@ -51,13 +51,22 @@ def make_client(
         clean_session=None if v5 else not persistent,
         clean_start=_clean_start(v5, persistent),
         properties=_session_expiry() if (v5 and persistent) else None,
-        tls_context=ssl.create_default_context() if target.tls else None,
+        tls_context=tls_context(settings) if target.tls else None,
         timeout=timeout,
         keepalive=15,
         max_inflight_messages=1000,
     )
     client.pending_calls_threshold = 1_000_000  # our batches are bounded; no warning per call
     return client
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """Verify the broker against the configured CA (or the system's); present a
+    client certificate when one is configured."""
+    context = ssl.create_default_context(cafile=settings.mqtt_tls_ca or None)
+    if settings.mqtt_tls_cert:
+        context.load_cert_chain(settings.mqtt_tls_cert, settings.mqtt_tls_key or None)
+    return context
 
 
 def _clean_start(v5: bool, persistent: bool) -> mqtt_client.CleanStartOption:

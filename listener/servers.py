@@ -187,7 +187,9 @@ def mosquitto(workdir: Path, port: int | None = None, *, extra_conf: str = "") -
         "autosave_interval 1\n"
         "max_queued_messages 0\n"
         "max_inflight_messages 0\n"
-        "set_tcp_nodelay true\n" + extra_conf
+        "set_tcp_nodelay true\n" + ("user root\n" if os.geteuid() == 0 else "") + extra_conf
+        # as root, mosquitto would switch to user `mosquitto`, which cannot
+        # read or write our private work folder (persistence, certificates)
     )
     log = workdir / "mosquitto.log"
     return ServerProcess("mosquitto", [binary, "-c", str(conf)], port, workdir, log)

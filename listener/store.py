@@ -32,12 +32,21 @@ def connect_redis(settings: Settings, *, timeout: float = 5.0) -> Redis:
     """A client for the configured URL. Commands retry twice on a dropped connection;
     longer outages are the caller's (the daemon's loops back off and resume)."""
     target = redis_target(settings.redis_url)
+    tls: dict[str, Any] = {}
+    if target.tls:
+        tls = {
+            "ssl_cert_reqs": "required",
+            "ssl_ca_certs": settings.redis_tls_ca or None,
+            "ssl_certfile": settings.redis_tls_cert or None,
+            "ssl_keyfile": settings.redis_tls_key or None,
+        }
     return Redis.from_url(
         target.url,
         socket_connect_timeout=3.0,
         socket_timeout=timeout,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         health_check_interval=15,
+        **tls,
     )
 
 
