@@ -6,12 +6,15 @@ import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from listener.api import OrderClient
 from listener.config import Settings, load_settings
 from listener.daemon import Daemon
 from listener.servers import ServerProcess, free_port
 from tests.conftest import Subscriber, wait_until
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
@@ -83,3 +86,30 @@ async def test_metrics_and_health(
     await wait_until(healthy, 20, "/healthz back to 200")
     _, text = await http_get(port, "/metrics")
     assert metric(text, 'order_listener_reconnects_total{service="mqtt"}') >= 1
+
+
+async def test_dashboard_and_alerts_name_only_exported_metrics(
+    settings: Settings, start_daemon: Callable[..., Awaitable[Daemon]], subscriber: Subscriber
+) -> None:
+    port = free_port()
+    config = load_settings(**{**settings.model_dump(), "metrics_addr": f"127.0.0.1:{port}"})
+    daemon = await start_daemon(config)
+    await asyncio.wait_for(daemon.http_ready.wait(), 5)
+    async with OrderClient(settings) as client:  # so that labelled series exist
+        await client.create("dash-1", timeout=0.2)
+    await wait_until(lambda: len(subscriber.of("dash-1")) == 2, 10, "dash-1 cancelled")
+
+    async def counted() -> bool:
+        return "order_listener_cancellations_total{" in (await http_get(port, "/metrics"))[1]
+
+    await wait_until(counted, 10, "the cancellation counted")
+    exported = set(
+        re.findall(r"^(order_listener_[a-z_]+)", (await http_get(port, "/metrics"))[1], re.MULTILINE)
+    )
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    for name in ("grafana-dashboard.json", "prometheus-alerts.yml"):
+        text = (deploy / name).read_text()
+        named = set(re.findall(r"order_listener_[a-z_]+", text))
+        assert named, f"{name} names no metric"
+        assert named <= exported, f"{name} names metrics that are not exported: {named - exported}"
+    json.loads((DEPLOY / "grafana-dashboard.json").read_text())  # noqa: ASYNC240 - valid JSON
