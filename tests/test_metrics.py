@@ -106,10 +106,9 @@ async def test_dashboard_and_alerts_name_only_exported_metrics(
     exported = set(
         re.findall(r"^(order_listener_[a-z_]+)", (await http_get(port, "/metrics"))[1], re.MULTILINE)
     )
-    deploy = Path(__file__).resolve().parent.parent / "deploy"
     for name in ("grafana-dashboard.json", "prometheus-alerts.yml"):
-        text = (deploy / name).read_text()
+        text = (DEPLOY / name).read_text()  # noqa: ASYNC240 - small files
         named = set(re.findall(r"order_listener_[a-z_]+", text))
         assert named, f"{name} names no metric"
         assert named <= exported, f"{name} names metrics that are not exported: {named - exported}"
-    json.loads((DEPLOY / "grafana-dashboard.json").read_text())  # noqa: ASYNC240 - valid JSON
+    json.loads((DEPLOY / "grafana-dashboard.json").read_text())
