@@ -107,7 +107,7 @@ async def test_dashboard_and_alerts_name_only_exported_metrics(
         re.findall(r"^(order_listener_[a-z_]+)", (await http_get(port, "/metrics"))[1], re.MULTILINE)
     )
     for name in ("grafana-dashboard.json", "prometheus-alerts.yml"):
-        text = (DEPLOY / name).read_text()  # noqa: ASYNC240 - small files
+        text = (DEPLOY / name).read_text()
         named = set(re.findall(r"order_listener_[a-z_]+", text))
         assert named, f"{name} names no metric"
         assert named <= exported, f"{name} names metrics that are not exported: {named - exported}"
