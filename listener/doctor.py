@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiomqtt
+from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
 
 from listener.config import Settings, mqtt_target, redis_target
 from listener.daemon import check_notifications
+from listener.expiry import expired_channel
+from listener.keys import KeyLayout
 from listener.mqtt import default_client_id, make_client
+from listener.scripts import NAMES, source
 from listener.store import connect_redis
 
 Echo = Callable[[str], None]
@@ -54,6 +60,7 @@ async def _check_redis(settings: Settings, report: _Report) -> None:
             )
             return
         report.ok(f"redis: reachable at {target.shown} (version {info.get('redis_version', '?')})")
+        await _check_permissions(settings, redis, target.db, report)
         notifications = await check_notifications(redis)
         if notifications.ok:
             report.ok(f"redis: {notifications.message}")
@@ -81,6 +88,51 @@ async def _check_redis(settings: Settings, report: _Report) -> None:
             )
     finally:
         await redis.aclose()
+
+
+async def _check_permissions(settings: Settings, redis: Redis, db: int, report: _Report) -> None:
+    """Try, harmlessly, what the daemon does: load its scripts, read its keys,
+    subscribe to the expired events. A NOPERM names what the ACL lacks."""
+    layout = KeyLayout(settings.key_prefix)
+    probes: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        (f"SCRIPT LOAD ({name})", functools.partial(redis.script_load, source(name))) for name in NAMES
+    ]
+    probes += [
+        ("TIME", redis.time),
+        (f"ZCARD {layout.deadlines(0)}", lambda: redis.zcard(layout.deadlines(0))),
+        (f"XLEN {layout.outbox(0)}", lambda: redis.xlen(layout.outbox(0))),
+        (f"HGETALL {layout.order('check')}", lambda: redis.hgetall(layout.order("check"))),
+    ]
+    refused: list[str] = []
+    for what, probe in probes:
+        try:
+            await probe()
+        except NoPermissionError as exc:
+            refused.append(f"{what}: {exc}")
+    pubsub = redis.pubsub()
+    try:
+        await pubsub.subscribe(expired_channel(db), layout.wake_channel)
+        confirmed = 0
+        async with asyncio.timeout(3):
+            while confirmed < 2:  # a refusal arrives as the reply, not from subscribe()
+                message = await pubsub.get_message(timeout=1)
+                if message is not None and message["type"] == "subscribe":
+                    confirmed += 1
+        await pubsub.unsubscribe()
+    except NoPermissionError as exc:
+        refused.append(f"SUBSCRIBE {expired_channel(db)} {layout.wake_channel}: {exc}")
+    except TimeoutError:
+        refused.append(f"SUBSCRIBE {expired_channel(db)}: no confirmation from Redis within 3 s")
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+    if refused:
+        report.problem(
+            "redis: this user is not allowed what the daemon needs:\n        " + "\n        ".join(refused),
+            f"grant the commands, keys ~{settings.key_prefix}:* and channels of deploy/redis-users.acl "
+            "(user order-listener) to this user",
+        )
+    else:
+        report.ok(f"redis: allowed to run the scripts, read ~{settings.key_prefix}:* and subscribe")
 
 
 async def _check_mqtt(settings: Settings, report: _Report) -> None:

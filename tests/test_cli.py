@@ -197,3 +197,19 @@ async def test_timer_fires_through_the_cli(
     await wait_until(lambda: len(subscriber.of("t-1")) == 2, 10, "t-1 cancelled")
     shown = json.loads((await cli("show", "t-1", "--json")).out)
     assert shown["status"] == "cancelled" and shown["reason"] == "timeout" and shown["version"] == 2
+
+
+async def test_check_names_missing_acl_permissions(cli: Cli, settings: Settings, redis: Redis) -> None:
+    await redis.execute_command(
+        "ACL", "SETUSER", "limited", "on", ">limited-pw", "~*", "+ping", "+info", "+hello"
+    )
+    try:
+        url = settings.redis_url.replace("redis://", "redis://limited:limited-pw@")
+        result = await cli("check", env=env_for(settings, ORDER_LISTENER_REDIS_URL=url))
+    finally:
+        await redis.execute_command("ACL", "DELUSER", "limited")
+    assert result.code == 1
+    assert "not allowed what the daemon needs" in result.out
+    assert "SCRIPT LOAD (create)" in result.out and "SUBSCRIBE __keyevent@0__:expired" in result.out
+    assert "deploy/redis-users.acl" in result.out
+    assert "limited-pw" not in result.out + result.err
