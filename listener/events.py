@@ -3,7 +3,8 @@
 The Lua scripts append raw fields to the outbox streams (``o`` order id,
 ``s`` status, ``p`` previous, ``r`` reason, ``v`` version, ``t`` at (Unix ms),
 ``c`` id of the order's `created` entry (``<Unix ms>-<seq>``),
-``d`` deadline (Unix ms, `created` only)). The JSON is
+and in ``outbox:created`` only ``o`` and ``t`` the timeout (ms): the deadline
+is the entry id's millisecond plus the timeout). The JSON is
 built here at publish time, so it is the same on every redelivery.
 """
 
@@ -81,7 +82,7 @@ def from_created_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StatusEve
         version=1,
         at_ms=created_ms,
         created_ms=created_ms,
-        deadline_ms=int(fields[b"d"]),
+        deadline_ms=created_ms + int(fields[b"t"]),
     )
 
 

@@ -73,6 +73,8 @@ class LogisticsHandler:
         self.store = store
         self.topic_filter = topic_filter
         self.redis_service = redis_service
+        # handled: reached an order (applied, repeated, or refused by its status);
+        # dropped: not acted on (malformed, invalid id, ignored status, unknown order).
         self.handled = 0
         self.dropped = 0
 
@@ -98,14 +100,20 @@ class LogisticsHandler:
 
         # The broker has our PUBACK already: keep trying until Redis takes it.
         await supervise("logistics", self.redis_service, apply)
-        self.handled += 1
         outcome = result[0]
+        if outcome.outcome == "unknown":
+            self.dropped += 1
+            log.warning(
+                "logistics message for an unknown order dropped",
+                order_id=report.order_id,
+                parcel=report.status,
+            )
+            return
+        self.handled += 1
         fields = {"order_id": report.order_id, "parcel": report.status, "status": outcome.status}
         if outcome.outcome == "done":
             log.info("logistics applied", **fields, version=outcome.version)
         elif outcome.outcome == "already":
             log.debug("logistics repeated; nothing changed", **fields)
-        elif outcome.outcome == "unknown":
-            log.warning("logistics message for an unknown order dropped", **fields)
         else:
             log.warning("logistics message refused by the order's status", **fields)

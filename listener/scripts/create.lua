@@ -7,7 +7,6 @@
 -- order becomes the earliest of its part, so a sleeping daemon wakes for it.
 local index, created_box = KEYS[1], KEYS[2]
 local channel, part = ARGV[1], ARGV[2]
-local now = now_ms()
 local head = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
 local earliest = head[2] and tonumber(head[2])
 local new_min
@@ -20,9 +19,11 @@ for i = 1, (#ARGV - 2) / 2 do
     out[#out + 1] = 0
     out[#out + 1] = existing
   else
-    local deadline = now + timeout
-    local entry = redis.call('XADD', created_box, '*', 'o', id, 'd', deadline)
+    -- The entry id's millisecond is the creation time; the deadline is exactly
+    -- the timeout after it (the entry keeps the timeout, not the deadline).
+    local entry = redis.call('XADD', created_box, '*', 'o', id, 't', timeout)
     local created = tonumber(string.match(entry, '^(%d+)'))
+    local deadline = created + timeout
     redis.call('HSET', okey, 's', 'created', 'v', 1, 'r', 'created', 'c', entry,
                'u', created, 'd', deadline)
     redis.call('SET', timer, '1', 'PXAT', deadline)
