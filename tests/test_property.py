@@ -161,16 +161,25 @@ class OrderMachine(RuleBasedStateMachine):
         keys = [LAYOUT.order(oid), LAYOUT.timer(oid), LAYOUT.deadlines(part), LAYOUT.outbox(part)]
         args: list[Any] = [oid, RETENTION_MS] + ([reason_arg] if reason_arg else [])
         known = self.orders.get(oid)
-        due = False  # a long window never passes during the test
-        if operation is Operation.EXPIRE and known is not None and known.status is Status.CREATED:
-            due = known.short
-            if due:
-                self.wait_past(known.deadline)
+        # A short window is made to have passed before any operation on the
+        # order (a long one never passes during the test): then the timeout
+        # applies first, whatever is asked (lib.lua), and the operation meets
+        # a cancelled order.
+        due = known is not None and known.status is Status.CREATED and known.short
+        if due and known is not None:
+            self.wait_past(known.deadline)
         reply = self.scripts[name](keys=keys, args=args)
         entries = self.appended()
 
         if known is None:
             assert reply == ["unknown", "", 0, ""] and entries == []
+            return
+        if due:
+            self.cells.add((operation, known.status, known.reason))
+            self.advance(oid, known, (Status.CANCELLED,), Reason.TIMEOUT, entries)
+            late = decide(operation, Status.CANCELLED, Reason.TIMEOUT)
+            expected = "done" if operation is Operation.EXPIRE else str(late)
+            assert reply == [expected, "cancelled", known.version, "timeout"], (operation, reply)
             return
         outcome = decide(operation, known.status, known.reason)
         self.cells.add((operation, known.status, known.reason))
@@ -259,6 +268,8 @@ class OrderMachine(RuleBasedStateMachine):
         or not yet due is tried on every order: the script must agree and write
         nothing. So each state a run reaches has all its cells checked."""
         for oid, known in list(self.orders.items()):
+            if known.status is Status.CREATED and known.short:
+                continue  # its window may have closed: any operation would apply the timeout
             for operation in Operation:
                 outcome = decide(operation, known.status, known.reason)
                 if outcome is not Outcome.DONE or (operation is Operation.EXPIRE and not known.short):

@@ -6,6 +6,17 @@
 -- nothing changed). Publishes "<part> <deadline>" on the wake channel when an
 -- order becomes the earliest of its part, so a sleeping daemon wakes for it.
 local index, created_box = KEYS[1], KEYS[2]
+-- Check every argument before the first write: a script is not rolled back.
+if #ARGV < 4 or #ARGV % 2 ~= 0 or #KEYS ~= #ARGV then
+  return redis.error_reply('create: KEYS and ARGV do not match (see README, Redis key layout)')
+end
+for i = 1, (#ARGV - 2) / 2 do
+  local timeout = tonumber(ARGV[2 + 2 * i])
+  if not timeout or timeout ~= math.floor(timeout) or timeout < 100 or timeout > 2592000000 then
+    return redis.error_reply('create: timeout of ' .. ARGV[1 + 2 * i] ..
+      ' must be whole milliseconds from 100 to 2592000000; nothing was created')
+  end
+end
 local channel, part = ARGV[1], ARGV[2]
 local head = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
 local earliest = head[2] and tonumber(head[2])

@@ -32,9 +32,19 @@ end
 --   KEYS: order hash, timer key, deadline index of the part, outbox of the part
 --   ARGV: order id, retention ms of finished orders, [reason]
 -- spec: from (set of statuses), steps, reason, already(status, reason) -> bool,
---       due (optional: the deadline must have passed).
+--       due (the expiry itself: only once the deadline has passed).
 -- Returns {outcome, status, version, reason} with outcome one of
 --   done | already | refused | unknown | notdue.
+--
+-- The deadline is the truth: once it has passed (by the Redis clock) the
+-- payment window is closed, whether or not a daemon has swept the order yet.
+-- Any operation on such an order first applies the timeout, so a late payment
+-- is refused (the order is cancelled, reason timeout) and a late customer
+-- cancel is a repeat of an achieved result.
+--
+-- Writes that free memory (DEL, ZREM) come first: under maxmemory with
+-- noeviction Redis refuses a script's memory-using write only while the
+-- script has written nothing, so cancellations keep working when Redis is full.
 local function transition(spec)
   local okey, timer, index, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
   local id, retention = ARGV[1], tonumber(ARGV[2])
@@ -43,9 +53,21 @@ local function transition(spec)
   if not status then
     return {'unknown', '', 0, ''}
   end
-  if spec.from[status] then
-    local now = now_ms()
-    if spec.due and tonumber(cur[5]) > now then
+  if not version or not cur[4] or not tonumber(cur[5]) then
+    return redis.error_reply('order record ' .. okey .. ' is malformed; nothing changed')
+  end
+  local now = now_ms()
+  if status == 'created' and tonumber(cur[5]) <= now then
+    redis.call('DEL', timer)
+    redis.call('ZREM', index, id)
+    version = advance(okey, outbox, id, status, version, cur[4], {'cancelled'}, 'timeout', now,
+                      retention)
+    if spec.due then
+      return {'done', 'cancelled', version, 'timeout'}
+    end
+    status, reason = 'cancelled', 'timeout'
+  elseif spec.from[status] then
+    if spec.due then
       return {'notdue', status, version, reason}
     end
     if status == 'created' then

@@ -10,20 +10,23 @@ local now = now_ms()
 local due = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, limit)
 local cancelled = {}
 if #due > 0 then
+  -- Memory-freeing writes first (see lib.lua): cancellations go on when Redis is full.
   local timers = {}
   for i, id in ipairs(due) do
+    timers[i] = base .. 't:' .. id
+  end
+  redis.call('DEL', unpack(timers))
+  redis.call('ZREM', index, unpack(due))
+  for _, id in ipairs(due) do
     local okey = base .. 'o:' .. id
     local cur = redis.call('HMGET', okey, 's', 'v', 'c', 'd')
-    if cur[1] == 'created' then
+    if cur[1] == 'created' and tonumber(cur[2]) and cur[3] then
       advance(okey, outbox, id, 'created', tonumber(cur[2]), cur[3], {'cancelled'}, 'timeout',
               now, retention)
       cancelled[#cancelled + 1] = id
       cancelled[#cancelled + 1] = cur[4]
     end
-    timers[i] = base .. 't:' .. id
   end
-  redis.call('DEL', unpack(timers))
-  redis.call('ZREM', index, unpack(due))
 end
 local head = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
 local nxt = -1
