@@ -80,10 +80,15 @@ class OrderClient:
             yield
         except _UNAVAILABLE as exc:
             raise Unavailable(f"cannot reach Redis at {self._shown}: {exc}") from None
-        except redis.exceptions.ResponseError as exc:
-            if "NOPERM" in str(exc) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
-                raise Unavailable(f"Redis at {self._shown} refused us: {exc}") from None
-            raise
+        except redis.exceptions.OutOfMemoryError:
+            raise Unavailable(
+                f"Redis at {self._shown} is full (maxmemory reached, noeviction): nothing was written; "
+                "free memory or raise maxmemory"
+            ) from None
+        except redis.exceptions.ResponseError as exc:  # NOPERM, READONLY, BUSY, ...
+            raise Unavailable(f"Redis at {self._shown} refused the operation: {exc}") from None
+        except redis.exceptions.AuthenticationError as exc:
+            raise Unavailable(f"Redis at {self._shown} refused our credentials: {exc}") from None
 
     # -- create ------------------------------------------------------------
 

@@ -104,6 +104,16 @@ class Settings(BaseSettings):
             raise ValueError("must be a topic without wildcards (+, #), e.g. 'orders' or 'shop/orders'")
         return value
 
+    @field_validator("logistics_topic")
+    @classmethod
+    def _logistics_topic(cls, value: str) -> str:
+        levels = value.split("/")
+        if levels.count("+") != 1 or "#" in value or any(("+" in lv and lv != "+") for lv in levels):
+            raise ValueError(
+                "must have exactly one '+' level, where the order id is, e.g. 'logistics/+/status'"
+            )
+        return value
+
     @field_validator("key_prefix")
     @classmethod
     def _key_prefix(cls, value: str) -> str:

@@ -214,8 +214,7 @@ class Daemon:
         done, _ = await asyncio.wait({outbox_task}, timeout=self.settings.shutdown_timeout / 2)
         if not done:
             outbox_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await outbox_task
+            await asyncio.wait({outbox_task})  # not `await`: a cancel of ours must not be swallowed
             left = None
             with contextlib.suppress(Exception):
                 left = await self.outbox.backlog()

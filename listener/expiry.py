@@ -51,6 +51,7 @@ class ExpiryListener:
         self.store = store
         self.layout = layout
         self.channel = expired_channel(db)
+        self._wake_channel = layout.wake_channel.encode()
         self.scheduler = scheduler
         self.service = service
         self.subscribed = asyncio.Event()
@@ -74,11 +75,14 @@ class ExpiryListener:
             self.stop()
 
     async def _listen(self) -> None:
-        pubsub: PubSub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub: PubSub = self.redis.pubsub()
         try:
-            # Wake channel first, the expiry subscription last (the contract's order).
-            await pubsub.subscribe(self.layout.wake_channel)
-            await pubsub.subscribe(self.channel)
+            # Wake channel first, the expiry subscription last (the contract's
+            # order), each confirmed by Redis before we go on: subscribe() only
+            # sends, a refusal (ACL) would arrive later as the reply.
+            for channel in (self.layout.wake_channel, self.channel):
+                await pubsub.subscribe(channel)
+                await self._confirmed(pubsub)
             self.service.ok()
             if self.subscribed.is_set():
                 # A reconnect: events sent while we were away are gone; the index is not.
@@ -87,17 +91,30 @@ class ExpiryListener:
             log.info("subscribed to expired events", channel=self.channel)
             while not self._stopping.is_set():
                 message = await pubsub.get_message(timeout=0.5)
-                if message is None:
+                if message is None or message["type"] != "message":
                     continue
                 self._on_message(message["channel"], message["data"])
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
+    async def _confirmed(self, pubsub: PubSub, within: float = 10.0) -> None:
+        async with asyncio.timeout(within):
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                if message["type"] == "subscribe":
+                    return
+                if message["type"] == "message":  # of a channel subscribed just before
+                    self._on_message(message["channel"], message["data"])
+
     def _on_message(self, channel: bytes, data: bytes) -> None:
-        if channel.decode() == self.layout.wake_channel:
-            part, _, deadline = data.decode().partition(" ")
-            if part.isdigit() and deadline.isdigit():
+        if channel == self._wake_channel:
+            part, _, deadline = data.partition(b" ")
+            if part.isascii() and part.isdigit() and deadline.isascii() and deadline.isdigit():
                 self.scheduler.wake(int(part), int(deadline))
+            else:
+                log.warning("malformed wake message ignored", data=data[:100].decode(errors="replace"))
             return
         order_id = self.layout.parse_timer(data.decode(errors="replace"))
         self.received += 1

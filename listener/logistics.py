@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 
 import aiomqtt
+import redis.exceptions
 
 from listener import logs
 from listener.errors import BadInput
@@ -99,7 +100,12 @@ class LogisticsHandler:
             self.redis_service.ok()
 
         # The broker has our PUBACK already: keep trying until Redis takes it.
-        await supervise("logistics", self.redis_service, apply)
+        try:
+            await supervise("logistics", self.redis_service, apply)
+        except redis.exceptions.ResponseError as exc:  # e.g. a malformed order record
+            self.dropped += 1
+            log.error("logistics message could not be applied", order_id=report.order_id, error=str(exc))
+            return
         outcome = result[0]
         if outcome.outcome == "unknown":
             self.dropped += 1

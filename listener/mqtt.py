@@ -14,7 +14,7 @@ import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import aiomqtt
 from paho.mqtt import client as mqtt_client
@@ -35,13 +35,30 @@ def protocol_of(settings: Settings) -> aiomqtt.ProtocolVersion:
     return aiomqtt.ProtocolVersion.V5 if settings.mqtt_protocol == "5" else aiomqtt.ProtocolVersion.V311
 
 
+class CheckedClient(aiomqtt.Client):
+    """aiomqtt's client, keeping the broker's refusals: aiomqtt treats any
+    PUBACK as success, but an MQTT 5 PUBACK may say "not authorized" or
+    "quota exceeded", and then the event was not taken."""
+
+    refused: list[str]
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        if getattr(reason_code, "is_failure", False):
+            self.refused.append(str(reason_code))
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+
+class PublishRefused(aiomqtt.MqttError):
+    """The broker answered a publish with a failure reason code."""
+
+
 def make_client(
     settings: Settings, *, identifier: str | None = None, persistent: bool = False, timeout: float = 10.0
-) -> aiomqtt.Client:
+) -> CheckedClient:
     """An aiomqtt client for the configured URL (not yet connected)."""
     target = mqtt_target(settings.mqtt_url)
     v5 = settings.mqtt_protocol == "5"
-    client = aiomqtt.Client(
+    client = CheckedClient(
         target.host,
         target.port,
         username=target.username,
@@ -57,6 +74,7 @@ def make_client(
         max_inflight_messages=1000,
     )
     client.pending_calls_threshold = 1_000_000  # our batches are bounded; no warning per call
+    client.refused = []
     return client
 
 
@@ -73,6 +91,13 @@ def _clean_start(v5: bool, persistent: bool) -> mqtt_client.CleanStartOption:
     if not v5:
         return mqtt_client.MQTT_CLEAN_START_FIRST_ONLY  # the only value paho accepts for 3.1.1
     return False if persistent else True  # noqa: SIM211
+
+
+def _is_failure(code: object) -> bool:
+    """A SUBACK entry: a ReasonCode (MQTT 5) or the granted QoS, 128 = failure (3.1.1)."""
+    if isinstance(code, int):
+        return code >= 128
+    return bool(getattr(code, "is_failure", False))
 
 
 def _session_expiry() -> Properties:
@@ -139,7 +164,7 @@ def publish_properties(event: StatusEvent, v5: bool) -> Properties | None:
 
 @dataclass
 class Connection:
-    client: aiomqtt.Client
+    client: CheckedClient
     lost: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -163,7 +188,7 @@ class MqttLink:
         self._identifier = settings.mqtt_client_id or default_client_id("daemon")
         self._persistent = persistent
         self._current: Connection | None = None
-        self._ready = asyncio.Event()
+        self.connected = asyncio.Event()
         self.subscribed = asyncio.Event()
 
     async def run(self) -> None:
@@ -171,13 +196,24 @@ class MqttLink:
 
     async def _session(self) -> None:
         client = make_client(self.settings, identifier=self._identifier, persistent=self._persistent)
+        if self.handler is not None:
+            # PUBACK a message only once the handler has applied it to Redis,
+            # so the broker redelivers what a crash or an outage interrupted.
+            client._client.manual_ack_set(True)
         try:
             async with client:
                 for topic in self.subscriptions:
-                    await client.subscribe(topic, qos=1)
+                    granted = await client.subscribe(topic, qos=1)
+                    if any(_is_failure(code) for code in granted):
+                        log.error(
+                            "the broker refused the subscription; logistics messages will not arrive",
+                            topic=topic,
+                            reason=[str(code) for code in granted],
+                            fix="allow this user to subscribe to the topic (broker ACL)",
+                        )
                 connection = Connection(client)
                 self._current = connection
-                self._ready.set()
+                self.connected.set()
                 self.subscribed.set()
                 self.service.ok()
                 log.info(
@@ -189,16 +225,17 @@ class MqttLink:
                     async for message in client.messages:
                         if self.handler is not None:
                             await self.handler(message)
+                            client._client.ack(message.mid, message.qos)
                 finally:
                     connection.lost.set()
-                    self._ready.clear()
+                    self.connected.clear()
                     self._current = None
         finally:
-            self._ready.clear()
+            self.connected.clear()
 
     async def connection(self) -> Connection:
         while True:
-            await self._ready.wait()
+            await self.connected.wait()
             if self._current is not None:
                 return self._current
 
@@ -209,6 +246,7 @@ class MqttLink:
             return
         connection = await self.connection()
         client = connection.client
+        refused_before = len(client.refused)
         prefix = self.settings.topic_prefix
         sends = [
             client.publish(
@@ -232,6 +270,12 @@ class MqttLink:
                 await asyncio.gather(together, return_exceptions=True)
                 raise aiomqtt.MqttError("connection to the broker lost while publishing")
             together.result()
+            if len(client.refused) > refused_before:
+                reasons = sorted(set(client.refused[refused_before:]))
+                raise PublishRefused(
+                    f"the broker refused {len(client.refused) - refused_before} publish(es): "
+                    f"{', '.join(reasons)}"
+                )
         finally:
             lost.cancel()
             if not together.done():

@@ -17,11 +17,13 @@ With several daemons, a lane is published by the holder of its lease
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import aiomqtt
 from redis.asyncio import Redis
@@ -29,7 +31,7 @@ from redis.asyncio import Redis
 from listener import logs
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
 from listener.keys import PARTS, KeyLayout
-from listener.mqtt import MqttLink
+from listener.mqtt import MqttLink, PublishRefused
 from listener.scripts import Scripts
 from listener.supervise import Service, supervise
 
@@ -37,6 +39,7 @@ log = logs.get("listener.outbox")
 
 LEASE_MS = 6000
 RENEW_EVERY = 2.0
+LEASE_MARGIN = 1.0  # seconds: stop publishing a lane this long before the lease could lapse
 CREATED_CHUNK = 100
 BLOCK_MS = 1000
 
@@ -76,6 +79,7 @@ class Outbox:
         self.owner = owner or owner_id()
         self.on_published = on_published
         self.held = [asyncio.Event() for _ in range(PARTS)]
+        self.valid_until = [0.0] * PARTS  # monotonic time our lease surely lasts
         self.published = 0
         self.stopping = asyncio.Event()
         self._created_gate = asyncio.Semaphore(1)
@@ -98,9 +102,21 @@ class Outbox:
     async def _keep_leases(self) -> None:
         while True:
             await supervise("outbox-leases", self.redis_service, self._renew_once)
-            await asyncio.sleep(RENEW_EVERY)
+            if self.link.service.up:
+                await asyncio.sleep(RENEW_EVERY)
+            else:  # take the leases the moment the broker is there
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RENEW_EVERY):
+                        await self.link.connected.wait()
 
     async def _renew_once(self) -> None:
+        if not self.link.service.up:
+            # Without a broker we cannot publish: let the leases lapse so a
+            # daemon that has one takes the lanes over.
+            for event in self.held:
+                event.clear()
+            return
+        sent = time.monotonic()
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for part in range(PARTS):
@@ -116,9 +132,14 @@ class Outbox:
             if int(got):
                 if not self.held[part].is_set():
                     log.debug("lane lease taken", part=part, owner=self.owner)
+                self.valid_until[part] = sent + LEASE_MS / 1000 - LEASE_MARGIN
                 self.held[part].set()
             else:
                 self.held[part].clear()
+
+    def holds(self, part: int) -> bool:
+        """The lease is ours and certainly not expired in Redis yet."""
+        return self.held[part].is_set() and time.monotonic() < self.valid_until[part]
 
     async def _release_leases(self) -> None:
         try:
@@ -133,6 +154,9 @@ class Outbox:
 
     async def _lane(self, part: int) -> None:
         while not self.stopping.is_set():
+            if self.held[part].is_set() and not self.holds(part):
+                await asyncio.sleep(0.2)  # held but not renewed lately: wait for the renewal
+                continue
             if not self.held[part].is_set():
                 waiter = asyncio.ensure_future(self.held[part].wait())
                 stop = asyncio.ensure_future(self.stopping.wait())
@@ -149,7 +173,7 @@ class Outbox:
         hi_key = self.layout.outbox(part)
         lo_key = self.layout.outbox_created(part)
         hi_last, lo_last = b"0-0", b"0-0"
-        while self.held[part].is_set():
+        while self.holds(part):
             block = None if self.stopping.is_set() else BLOCK_MS
             reply = cast(
                 "list[tuple[bytes, list[Entry]]] | None",
@@ -159,25 +183,53 @@ class Outbox:
             streams = {_name(stream): entries for stream, entries in reply or []}
             hi = streams.get(hi_key, [])
             if hi:
-                await self._publish_hi(part, hi, lo_last)
+                if not await self._publish_hi(part, hi, lo_last):
+                    return
                 await self.redis.xdel(hi_key, *[entry_id for entry_id, _ in hi])
                 hi_last = hi[-1][0]
                 continue
             lo = streams.get(lo_key, [])[:CREATED_CHUNK]
             if lo:
+                events = await self._parse(lo_key, lo, created=True)
                 async with self._created_gate:
-                    await self._send([from_created_entry(i, f) for i, f in lo])
+                    if not await self._send(part, [event for _, event in events]):
+                        return
                 await self.redis.xdel(lo_key, *[entry_id for entry_id, _ in lo])
                 lo_last = lo[-1][0]
                 continue
             if self.stopping.is_set():
                 return
 
-    async def _publish_hi(self, part: int, hi: Sequence[Entry], lo_last: bytes) -> None:
+    async def _parse(
+        self, key: str, entries: Sequence[Entry], *, created: bool
+    ) -> list[tuple[bytes, StatusEvent]]:
+        """Events of well-formed entries; a malformed one (written by a broken
+        producer) is moved to `<key>:dead` and logged, so it cannot block its lane."""
+        good: list[tuple[bytes, StatusEvent]] = []
+        for entry_id, fields in entries:
+            try:
+                event = from_created_entry(entry_id, fields) if created else from_outbox_entry(fields)
+            except (KeyError, ValueError, UnicodeDecodeError) as exc:
+                dead = f"{key}:dead"
+                log.error(
+                    "malformed outbox entry moved aside",
+                    entry=entry_id.decode(),
+                    stream=dead,
+                    error=repr(exc),
+                )
+                kept: dict[Any, Any] = {b"id": entry_id, **fields}
+                await self.redis.xadd(dead, kept, maxlen=10_000, approximate=True)
+                await self.redis.xdel(key, entry_id)
+                continue
+            good.append((entry_id, event))
+        return good
+
+    async def _publish_hi(self, part: int, hi: Sequence[Entry], lo_last: bytes) -> bool:
         """Publish `hi` in order; an order whose `created` event may still wait
-        in outbox:created gets it published first (and deleted there)."""
+        in outbox:created gets it published first (and deleted there).
+        False if the lease was lost before the broker took everything."""
         lo_key = self.layout.outbox_created(part)
-        events = [from_outbox_entry(fields) for _, fields in hi]
+        events = [event for _, event in await self._parse(self.layout.outbox(part), hi, created=False)]
         suspects = list(
             dict.fromkeys(e.created_entry for e in events if _id_tuple(e.created_entry) > _id_tuple(lo_last))
         )
@@ -187,28 +239,51 @@ class Outbox:
                 for created in suspects:
                     pipe.xrange(lo_key, created, created)
                 found = cast("list[list[Entry]]", await pipe.execute())
-            waiting = {entries[0][0]: from_created_entry(*entries[0]) for entries in found if entries}
+            for entries in found:
+                if entries:
+                    # a malformed one is moved aside by the created lane in its turn
+                    with contextlib.suppress(KeyError, ValueError, UnicodeDecodeError):
+                        waiting[entries[0][0]] = from_created_entry(*entries[0])
         ordered: list[StatusEvent] = []
         for event in events:
             early = waiting.pop(event.created_entry, None)
             if early is not None:
                 ordered.append(early)
             ordered.append(event)
-        await self._send(ordered)
+        if not await self._send(part, ordered):
+            return False
         early_ids = [e.created_entry for e in events if e.created_entry in suspects]
         if early_ids:
             await self.redis.xdel(lo_key, *dict.fromkeys(early_ids))
+        return True
 
-    async def _send(self, events: Sequence[StatusEvent]) -> None:
-        """Publish until the broker acknowledged all; a broker outage is the
-        MQTT link's to report and repair, the lane only waits and resends."""
+    async def _send(self, part: int, events: Sequence[StatusEvent]) -> bool:
+        """Publish until the broker acknowledged all (True), or until the lane's
+        lease is no longer surely ours (False: the entries stay for the next
+        holder). A broker outage is the MQTT link's to report and repair; a
+        broker that refuses (ACL, quota) is logged once and retried with backoff."""
+        refusals = 0
         while True:
+            if not self.holds(part):
+                return False
             try:
                 await self.link.publish(events)
                 break
+            except PublishRefused as exc:
+                refusals += 1
+                if refusals == 1:
+                    log.error(
+                        "the broker refused events; retrying with backoff",
+                        part=part,
+                        error=str(exc),
+                        fix="allow this user to publish under the topic prefix",
+                    )
+                await asyncio.sleep(min(5.0, 0.1 * 2**refusals))
             except aiomqtt.MqttError as exc:
                 log.debug("publish failed; resending after reconnect", error=str(exc))
                 await asyncio.sleep(0.1)
+        if refusals:
+            log.info("the broker takes events again", part=part)
         self.published += len(events)
         for event in events:
             if self.on_published is not None:
@@ -216,6 +291,7 @@ class Outbox:
             log.debug(
                 "event published", order_id=event.order_id, event_id=event.event_id, status=event.status
             )
+        return True
 
     async def backlog(self) -> int:
         async with self.redis.pipeline(transaction=False) as pipe:

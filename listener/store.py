@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
-from redis.retry import Retry
 
 from listener.config import Settings, redis_target
 from listener.keys import PARTS, KeyLayout, part_of
@@ -29,8 +29,13 @@ PIPELINE_CALLS = 40  # script calls per round trip
 
 
 def connect_redis(settings: Settings, *, timeout: float = 5.0) -> Redis:
-    """A client for the configured URL. Commands retry twice on a dropped connection;
-    longer outages are the caller's (the daemon's loops back off and resume)."""
+    """A client for the configured URL.
+
+    No automatic retries: a pipeline retried after its reply was lost would run
+    `create` twice and report the caller's own new orders as taken. Idle
+    connections are checked before use (health_check_interval); outages are
+    the caller's: the daemon's loops back off and resume, the CLI says
+    Redis is unreachable (exit 1)."""
     target = redis_target(settings.redis_url)
     tls: dict[str, Any] = {}
     if target.tls:
@@ -44,8 +49,9 @@ def connect_redis(settings: Settings, *, timeout: float = 5.0) -> Redis:
         target.url,
         socket_connect_timeout=3.0,
         socket_timeout=timeout,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        retry=Retry(NoBackoff(), 0),
         health_check_interval=15,
+        driver_info=None,  # no CLIENT SETINFO at connect: one command fewer for the ACL to allow
         **tls,
     )
 

@@ -26,11 +26,16 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.TryAgainError,
+    redis.exceptions.OutOfMemoryError,  # maxmemory reached: back off until memory is freed
+    redis.exceptions.BusyLoadingError,
+    # refused by the ACL or the password: an operator can fix it while we wait
+    redis.exceptions.NoPermissionError,
+    redis.exceptions.AuthenticationError,
     aiomqtt.MqttError,
     OSError,
 )
 
-# A script error NOSCRIPT after a Redis restart is handled by redis-py itself.
+# NOSCRIPT after a Redis restart is handled where scripts are called (store.py).
 
 
 def describe(exc: BaseException) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
@@ -287,26 +288,31 @@ async def test_second_signal_exits_at_once_still_losing_nothing(
     subscriber: Subscriber,
     mqtt_server_proc: ServerProcess,
 ) -> None:
-    """With the broker gone, a graceful stop would wait for the outbox; a second
-    SIGTERM ends the daemon at once. The events stay in Redis and go out later."""
+    """With the broker frozen (connected but silent), a graceful stop waits for
+    the outbox; a second SIGTERM ends the daemon at once. The events stay in
+    Redis and go out later."""
     daemon = await spawn_daemon(ORDER_LISTENER_SHUTDOWN_TIMEOUT="30")
     await daemon.wait_ready()
     ids = [f"twice-{i:03d}" for i in range(100)]
-    mqtt_server_proc.stop()
-    async with OrderClient(settings) as client:
-        await client.create_many([(oid, 0.3) for oid in ids])
-    await asyncio.sleep(1.0)  # all cancelled in Redis, nothing published
-    daemon.terminate()
-    await asyncio.sleep(0.5)
-    started = time.monotonic()
-    daemon.terminate()
-    assert await daemon.wait(10) != 0
-    assert time.monotonic() - started < 3
-    mqtt_server_proc.start()
+    assert mqtt_server_proc.proc is not None
+    mqtt_server_proc.proc.send_signal(signal.SIGSTOP)
+    try:
+        async with OrderClient(settings) as client:
+            await client.create_many([(oid, 0.3) for oid in ids])
+        await asyncio.sleep(1.0)  # all cancelled in Redis; their publishes hang
+        daemon.terminate()
+        await asyncio.sleep(1.0)
+        assert daemon.proc.returncode is None, "the first signal must wait for the outbox"
+        started = time.monotonic()
+        daemon.terminate()
+        assert await daemon.wait(10) != 0
+        assert time.monotonic() - started < 3
+    finally:
+        mqtt_server_proc.proc.send_signal(signal.SIGCONT)
     again = await spawn_daemon()
     await again.wait_ready()
     await wait_until(
-        lambda: len({e["order_id"] for e in subscriber.with_status("cancelled")}) == 100, 20, "every event"
+        lambda: len({e["order_id"] for e in subscriber.with_status("cancelled")}) == 100, 30, "every event"
     )
     cancelled_once(subscriber, ids)
     assert_in_version_order(subscriber)

@@ -1,0 +1,108 @@
+"""Servers that say no: Redis out of memory, a broker ACL refusing publishes.
+The daemon survives, loses nothing, and says what is wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from listener.api import OrderClient
+from listener.config import Settings, load_settings
+from listener.daemon import Daemon
+from listener.errors import Unavailable
+from listener.mqtt import make_client
+from listener.servers import ServerProcess, mosquitto
+from tests.conftest import Subscriber, wait_until
+
+
+async def test_redis_out_of_memory_daemon_survives_and_cancels(
+    settings: Settings,
+    redis: Redis,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    subscriber: Subscriber,
+) -> None:
+    daemon = await start_daemon()
+    ids = [f"oom-{i}" for i in range(20)]
+    async with OrderClient(settings) as client:
+        await client.create_many([(oid, 1.0) for oid in ids])
+        await wait_until(lambda: len(subscriber.with_status("created")) == 20, 10, "created events")
+        used = int((await redis.info("memory"))["used_memory"])
+        await redis.config_set("maxmemory", str(used))  # full: noeviction refuses new data
+        try:
+            with pytest.raises(Unavailable, match=r"is full .maxmemory reached"):
+                await client.create("oom-new", timeout=60)
+            # the orders still fall due and are cancelled: the sweep frees memory before it writes
+            await wait_until(
+                lambda: len(subscriber.with_status("cancelled")) == 20, 15, "cancellations under maxmemory"
+            )
+        finally:
+            await redis.config_set("maxmemory", "0")
+    assert not any(task.done() for task in asyncio.all_tasks() if task.get_name() == "scheduler")
+    assert daemon.scheduler.cancelled + daemon.listener.cancelled == 20
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "daemon", "d-pw"], check=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(passwords), "shop", "s-pw"], check=True)
+    acl = tmp_path / "acl"
+    acl.write_text("user daemon\ntopic read logistics/#\n\nuser shop\ntopic read orders/#\n")
+    broker = mosquitto(
+        tmp_path / "broker", extra_conf=f"allow_anonymous false\npassword_file {passwords}\nacl_file {acl}\n"
+    )
+    broker.start()
+    yield broker, acl
+    broker.stop()
+
+
+async def test_broker_refusing_publishes_loses_nothing(
+    settings: Settings,
+    acl_broker: tuple[ServerProcess, Path],
+    start_daemon: Callable[..., Awaitable[Daemon]],
+) -> None:
+    broker, acl = acl_broker
+    config = load_settings(
+        **{**settings.model_dump(), "mqtt_url": f"mqtt://daemon:d-pw@127.0.0.1:{broker.port}"}
+    )
+    shop = load_settings(**{**settings.model_dump(), "mqtt_url": f"mqtt://shop:s-pw@127.0.0.1:{broker.port}"})
+    seen: list[dict[str, object]] = []
+    subscribed = asyncio.Event()
+
+    async def watch() -> None:
+        async with make_client(shop, identifier="acl-shop") as client:
+            await client.subscribe("orders/+/status", qos=1)
+            subscribed.set()
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                seen.append(json.loads(message.payload))
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.wait_for(subscribed.wait(), 10)
+    daemon = await start_daemon(config)
+    try:
+        async with OrderClient(settings) as client:
+            await client.create("acl-1", timeout=0.3)
+
+        async def kept() -> bool:
+            return await daemon.outbox.backlog() == 2  # created + cancelled, refused by the broker
+
+        await wait_until(kept, 10, "both events kept in the outbox")
+        assert seen == []
+        acl.write_text(
+            "user daemon\ntopic read logistics/#\ntopic write orders/#\n\nuser shop\ntopic read orders/#\n"
+        )
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGHUP)  # mosquitto reloads its ACL
+        await wait_until(lambda: len(seen) == 2, 20, "the events once the broker allows them")
+        assert [e["status"] for e in seen] == ["created", "cancelled"]
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
