@@ -316,3 +316,38 @@ async def test_second_signal_exits_at_once_still_losing_nothing(
     )
     cancelled_once(subscriber, ids)
     assert_in_version_order(subscriber)
+
+
+async def test_second_daemon_takes_over_a_killed_daemons_lanes(
+    settings: Settings,
+    redis: Redis,
+    spawn_daemon: Callable[..., Awaitable[DaemonProcess]],
+    subscriber: Subscriber,
+) -> None:
+    """Two daemons; the one holding the outbox leases is killed -9 while orders
+    fall due: the other takes its lanes over and every event still goes out."""
+    first = await spawn_daemon()
+    await first.wait_ready()
+    layout = KeyLayout(settings.key_prefix)
+
+    async def first_holds_all() -> bool:
+        holders = {await redis.get(layout.lease(part)) for part in range(16)}
+        return len(holders) == 1 and None not in holders
+
+    await wait_until(first_holds_all, 10, "the first daemon to hold every lane")
+    (owner,) = {await redis.get(layout.lease(part)) for part in range(16)}
+    second = await spawn_daemon()
+    await second.wait_ready()
+    ids = [f"take-{i:03d}" for i in range(200)]
+    async with OrderClient(settings) as client:
+        await client.create_many([(oid, 0.5 + 1.5 * i / len(ids)) for i, oid in enumerate(ids)])
+    await asyncio.sleep(0.8)
+    first.kill()
+    assert await first.wait() == -9
+    await wait_until(
+        lambda: len({e["order_id"] for e in subscriber.with_status("cancelled")}) == 200, 30, "every event"
+    )
+    holders = {await redis.get(layout.lease(part)) for part in range(16)}
+    assert owner not in holders, "the killed daemon's leases were taken over"
+    cancelled_once(subscriber, ids)
+    assert_in_version_order(subscriber)
