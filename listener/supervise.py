@@ -38,6 +38,9 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 # NOSCRIPT after a Redis restart is handled where scripts are called (store.py).
 
 
+STABLE_AFTER = 10.0  # seconds up before an outage counts as new (backoff starts over)
+
+
 def describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) < 300 else text[:300] + "..."
@@ -52,13 +55,14 @@ class Service:
         self.generation = 0  # rises each time the service comes (back) up
         self.reconnects = 0
         self._down_since: float | None = None
-        self.changed = asyncio.Event()
+        self.up_since = 0.0  # monotonic time it last came up
 
     def ok(self) -> None:
         if self.up:
             return
         self.up = True
         self.generation += 1
+        self.up_since = time.monotonic()
         if self._down_since is not None:
             self.reconnects += 1
             log.info(
@@ -67,7 +71,6 @@ class Service:
                 outage_s=round(time.monotonic() - self._down_since, 3),
             )
             self._down_since = None
-        self._notify()
 
     def failed(self, exc: BaseException, task: str) -> None:
         if self._down_since is None:
@@ -79,11 +82,6 @@ class Service:
                 error=describe(exc),
             )
         self.up = False
-        self._notify()
-
-    def _notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
 
 
 def _delays(cap: float) -> Iterator[float]:
@@ -108,8 +106,9 @@ async def supervise(
             await body()
             return
         except TRANSIENT as exc:
-            if service.generation != seen:  # it worked for a while: a new outage
-                delays = _delays(cap)
+            if service.generation != seen:
                 seen = service.generation
+                if time.monotonic() - service.up_since > STABLE_AFTER:  # it worked for a while: a new outage
+                    delays = _delays(cap)
             service.failed(exc, task)
             await asyncio.sleep(next(delays))
