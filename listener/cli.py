@@ -265,28 +265,23 @@ def _transition(name: str, order_id: str) -> None:
         typer.echo(f"{order_id}: already {change.status} (version {change.version}); nothing changed")
 
 
-@app.command()
-def pay(order_id: str) -> None:
-    """created -> paid: the payment arrived; the timer stops."""
-    _transition("pay", order_id)
+_TRANSITIONS = {
+    "pay": "created -> paid: the payment arrived; the timer stops.",
+    "cancel": "created -> cancelled (reason customer).",
+    "deliver": "paid -> delivered: shipping confirmed.",
+    "refund": "paid or delivered -> refunded -> cancelled (reason refund).",
+}
 
 
-@app.command()
-def cancel(order_id: str) -> None:
-    """created -> cancelled (reason customer)."""
-    _transition("cancel", order_id)
+def _transition_command(name: str) -> Callable[[str], None]:
+    def command(order_id: str) -> None:
+        _transition(name, order_id)
+
+    return command
 
 
-@app.command()
-def deliver(order_id: str) -> None:
-    """paid -> delivered: shipping confirmed."""
-    _transition("deliver", order_id)
-
-
-@app.command()
-def refund(order_id: str) -> None:
-    """paid or delivered -> refunded -> cancelled (reason refund)."""
-    _transition("refund", order_id)
+for _name, _help in _TRANSITIONS.items():
+    app.command(name=_name, help=_help)(_transition_command(_name))
 
 
 # -- show, check, watch ---------------------------------------------------------

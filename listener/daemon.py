@@ -15,6 +15,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+import redis.exceptions as redis_errors
 import sdnotify
 from redis.asyncio import Redis
 
@@ -28,7 +29,7 @@ from listener.mqtt import MqttLink
 from listener.outbox import Outbox
 from listener.scheduler import DeadlineScheduler
 from listener.store import Store, connect_redis
-from listener.supervise import TRANSIENT, Service
+from listener.supervise import TRANSIENT, Service, supervise
 
 log = logs.get("listener.daemon")
 
@@ -44,7 +45,7 @@ async def check_notifications(redis: Redis) -> NotificationCheck:
     """Are `expired` keyevent notifications on? Says exactly what to change if not."""
     try:
         reply = await redis.config_get("notify-keyspace-events")
-    except Exception as exc:  # ACL or a managed Redis without CONFIG
+    except redis_errors.ResponseError as exc:  # ACL or a managed Redis without CONFIG
         return NotificationCheck(
             False,
             None,
@@ -110,6 +111,7 @@ class Daemon:
             on_published=lambda event: self.metrics.event_published(event.status, event.reason),
         )
         self.ready = asyncio.Event()
+        self.listener_task: asyncio.Task[None] | None = None  # started once caught up
         self.http_ready = asyncio.Event()
         self._notifier = sdnotify.SystemdNotifier()
 
@@ -128,9 +130,9 @@ class Daemon:
                 sweep_task = group.create_task(self.scheduler.run(), name="scheduler")
                 start_task = group.create_task(self._start(group), name="readiness")
                 watchdog_task = group.create_task(self._watchdog(), name="watchdog")
-                gauges_task = group.create_task(self._sample_gauges(), name="gauges")
-                extra = [start_task, watchdog_task, gauges_task]
-                if self.settings.metrics_addr:
+                extra = [start_task, watchdog_task]
+                if self.settings.metrics_addr:  # gauges are sampled only for someone to read them
+                    extra.append(group.create_task(self._sample_gauges(), name="gauges"))
                     extra.append(
                         group.create_task(
                             serve(self.settings.metrics_addr, self.metrics, self.health, self.http_ready),
@@ -149,7 +151,7 @@ class Daemon:
         await self._warn_if_notifications_off()
         await self.link.subscribed.wait()
         await self.scheduler.caught_up.wait()
-        self._listener_task = group.create_task(self.listener.run(), name="expiry")
+        self.listener_task = group.create_task(self.listener.run(), name="expiry")
         await self.listener.subscribed.wait()
         self.ready.set()
         self._notifier.notify("READY=1")
@@ -180,12 +182,7 @@ class Daemon:
             return None
 
     async def _warn_if_notifications_off(self) -> None:
-        while True:
-            try:
-                result = await check_notifications(self.redis)
-                break
-            except Exception:
-                await asyncio.sleep(0.5)
+        result = await supervise("notifications-check", self.redis_service, lambda: check_notifications(self.redis))
         if result.ok:
             log.info("keyspace notifications checked", setting=result.current)
         else:
@@ -205,8 +202,7 @@ class Daemon:
         self._notifier.notify("STOPPING=1")
         self.listener.stop()
         self.scheduler.stop()
-        listener_task = getattr(self, "_listener_task", None)
-        pending = [t for t in (sweep_task, listener_task) if t is not None]
+        pending = [t for t in (sweep_task, self.listener_task) if t is not None]
         _, late = await asyncio.wait(pending, timeout=self.settings.shutdown_timeout / 2)
         for task in late:
             task.cancel()

@@ -16,6 +16,7 @@ earliest of its part, so the sleeping scheduler wakes for it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -143,7 +144,7 @@ class ExpiryListener:
             # scheduler's reply for the same orders land first.
             await asyncio.sleep(0.005)
             batch = []
-            for order_id in list(self._pending)[:BATCH]:
+            for order_id in list(itertools.islice(self._pending, BATCH)):
                 if order_id in self.scheduler.recent:  # its sweep result arrived after the event
                     self._pending.pop(order_id)
                     self.skipped += 1

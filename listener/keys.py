@@ -26,6 +26,7 @@ deadline (Unix ms).
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from dataclasses import dataclass
@@ -68,12 +69,13 @@ class KeyLayout:
     def wake_channel(self) -> str:
         return f"{self.prefix}:wake"
 
+    @functools.cached_property
     def timer_pattern(self) -> re.Pattern[str]:
         return re.compile(rf"^{re.escape(self.prefix)}:\{{(\d+)\}}:t:(.+)$")
 
     def parse_timer(self, key: str) -> str | None:
         """The order id of a timer key of this product, or None for any other key."""
-        match = self.timer_pattern().match(key)
+        match = self.timer_pattern.match(key)
         if match is None:
             return None
         part, order_id = int(match.group(1)), match.group(2)

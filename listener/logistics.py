@@ -93,20 +93,18 @@ class LogisticsHandler:
             self.dropped += 1
             log.info("logistics status ignored", order_id=report.order_id, status=report.status)
             return
-        result: list[TransitionResult] = []
-
-        async def apply() -> None:
-            result.append(await self.store.apply(operation, report.order_id))
+        # The broker gets our PUBACK only after this: keep trying until Redis takes it.
+        async def apply() -> TransitionResult:
+            result = await self.store.apply(operation, report.order_id)
             self.redis_service.ok()
+            return result
 
-        # The broker has our PUBACK already: keep trying until Redis takes it.
         try:
-            await supervise("logistics", self.redis_service, apply)
+            outcome = await supervise("logistics", self.redis_service, apply)
         except redis.exceptions.ResponseError as exc:  # e.g. a malformed order record
             self.dropped += 1
             log.error("logistics message could not be applied", order_id=report.order_id, error=str(exc))
             return
-        outcome = result[0]
         if outcome.outcome == "unknown":
             self.dropped += 1
             log.warning(

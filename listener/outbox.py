@@ -244,17 +244,17 @@ class Outbox:
                     # a malformed one is moved aside by the created lane in its turn
                     with contextlib.suppress(KeyError, ValueError, UnicodeDecodeError):
                         waiting[entries[0][0]] = from_created_entry(*entries[0])
+        early = list(waiting)
         ordered: list[StatusEvent] = []
         for event in events:
-            early = waiting.pop(event.created_entry, None)
-            if early is not None:
-                ordered.append(early)
+            first = waiting.pop(event.created_entry, None)
+            if first is not None:
+                ordered.append(first)
             ordered.append(event)
         if not await self._send(part, ordered):
             return False
-        early_ids = [e.created_entry for e in events if e.created_entry in suspects]
-        if early_ids:
-            await self.redis.xdel(lo_key, *dict.fromkeys(early_ids))
+        if early:
+            await self.redis.xdel(lo_key, *early)
         return True
 
     async def _send(self, part: int, events: Sequence[StatusEvent]) -> bool:

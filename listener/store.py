@@ -208,8 +208,7 @@ class Store:
         )
 
     async def apply(self, operation: Operation, order_id: str) -> TransitionResult:
-        script, keys, args = self._transition_call(operation, order_id)
-        reply = await script(keys=keys, args=args)
+        (reply,) = await self.run_scripts([self._transition_call(operation, order_id)])
         return self._result(order_id, reply)
 
     async def apply_many(self, operation: Operation, order_ids: Sequence[str]) -> list[TransitionResult]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
 
 import aiomqtt
 import backoff
@@ -37,6 +38,8 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 
 # NOSCRIPT after a Redis restart is handled where scripts are called (store.py).
 
+
+T = TypeVar("T")
 
 STABLE_AFTER = 10.0  # seconds up before an outage counts as new (backoff starts over)
 
@@ -94,17 +97,18 @@ def _delays(cap: float) -> Iterator[float]:
 async def supervise(
     task: str,
     service: Service,
-    body: Callable[[], Awaitable[None]],
+    body: Callable[[], Awaitable[T]],
     *,
     cap: float = 5.0,
-) -> None:
-    """Run `body` until it returns; after a transient failure wait and run it again."""
+) -> T:
+    """Run `body` until it returns (its result is ours); after a transient
+    failure wait and run it again. The body reports `service.ok()` itself once
+    it reached the service (a body may return without touching it)."""
     delays = _delays(cap)
     seen = service.generation
     while True:
         try:
-            await body()
-            return
+            result = await body()
         except TRANSIENT as exc:
             if service.generation != seen:
                 seen = service.generation
@@ -112,3 +116,5 @@ async def supervise(
                     delays = _delays(cap)
             service.failed(exc, task)
             await asyncio.sleep(next(delays))
+        else:
+            return result

@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from listener import logs
 from listener.config import Settings, load_settings
 from listener.daemon import Daemon
+from listener.mqtt import make_client
 from listener.servers import ServerProcess, mosquitto, redis_server
 
 CLI = str(Path(sys.executable).parent / "order-listener")
@@ -192,6 +193,9 @@ class Subscriber:
     def with_status(self, status: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["status"] == status]
 
+    def cancelled_ids(self) -> set[str]:
+        return {e["order_id"] for e in self.with_status("cancelled")}
+
     def unique(self) -> dict[str, dict[str, Any]]:
         return {e["event_id"]: e for e in self.events}
 
@@ -229,6 +233,42 @@ async def subscriber(settings: Settings, mqtt_server_proc: ServerProcess) -> Asy
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+@dataclass
+class Received:
+    at: float  # time.time() on receipt
+    event: dict[str, Any]
+
+
+@contextlib.asynccontextmanager
+async def watch_topic(settings: Settings, topic: str, identifier: str) -> AsyncIterator[list[Received]]:
+    """Collect the events on one topic (filter) while the block runs; subscribed
+    before the block starts. One order's topic alone shows what the daemon
+    publishes without queueing at the broker behind other orders' events."""
+    seen: list[Received] = []
+    subscribed = asyncio.Event()
+
+    async def collect() -> None:
+        async with make_client(settings, identifier=identifier) as client:
+            await client.subscribe(topic, qos=1)
+            subscribed.set()
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                seen.append(Received(time.time(), json.loads(message.payload)))
+
+    task = asyncio.create_task(collect())
+    try:
+        done, _ = await asyncio.wait(
+            {task, asyncio.ensure_future(subscribed.wait())}, timeout=10, return_when=asyncio.FIRST_COMPLETED
+        )
+        if task in done:
+            task.result()  # raises what went wrong
+        assert subscribed.is_set(), f"could not subscribe to {topic}"
+        yield seen
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import itertools
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -92,7 +92,7 @@ def id_in_part_of(order_id: str, stem: str = "mark") -> str:
             return candidate
 
 
-async def lane_barrier(client: OrderClient, subscriber: Subscriber, order_id: str) -> None:
+async def lane_barrier(client: OrderClient, subscriber: Subscriber, order_id: str) -> str:
     """Create and cancel a marker order in `order_id`'s lane and wait for its
     `cancelled` event. The lane publishes in append order, so anything appended
     for `order_id` before this call has reached the subscriber by then."""
@@ -100,3 +100,11 @@ async def lane_barrier(client: OrderClient, subscriber: Subscriber, order_id: st
     await client.create(marker, timeout=600)
     await client.cancel(marker)
     await wait_until(lambda: len(subscriber.of(marker)) >= 2, 10, f"marker {marker} through the lane")
+    return marker
+
+
+async def lanes_barrier(client: OrderClient, subscriber: Subscriber, order_ids: Iterable[str]) -> set[str]:
+    """`lane_barrier` for the lane of each of `order_ids`: whatever was appended
+    for them before has reached the subscriber. Returns the marker ids."""
+    firsts = {part_of(order_id): order_id for order_id in order_ids}
+    return {await lane_barrier(client, subscriber, order_id) for order_id in firsts.values()}

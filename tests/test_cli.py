@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from listener.config import Settings
 from listener.daemon import Daemon
 from listener.keys import KeyLayout, part_of
-from tests.conftest import CliResult, Subscriber, env_for, wait_until
+from tests.conftest import CLI, CliResult, Subscriber, env_for, wait_until
 
 Cli = Callable[..., Awaitable[CliResult]]
 
@@ -180,13 +180,18 @@ async def test_watch_prints_events(
     cli: Cli, settings: Settings, start_daemon: Callable[..., Awaitable[Daemon]], subscriber: Subscriber
 ) -> None:
     await start_daemon()
-    watcher = asyncio.create_task(cli("watch", "--count", "2", "--seconds", "20"))
-    await asyncio.sleep(1.0)  # let it subscribe
+    watcher = await asyncio.create_subprocess_exec(
+        CLI, "watch", "--count", "2", "--seconds", "20",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env_for(settings),
+    )  # fmt: skip
+    assert watcher.stderr is not None
+    said = await asyncio.wait_for(watcher.stderr.readline(), 20)  # printed once subscribed
+    assert said.startswith(b"watching "), said
     assert (await cli("create", "w-1", "--timeout", "60")).code == 0
     assert (await cli("pay", "w-1")).code == 0
-    result = await watcher
-    assert result.code == 0, result.err
-    assert "w-1  - -> created" in result.out and "w-1  created -> paid" in result.out
+    out, err = await asyncio.wait_for(watcher.communicate(), 30)
+    assert watcher.returncode == 0, err
+    assert b"w-1  - -> created" in out and b"w-1  created -> paid" in out
 
 
 async def test_timer_fires_through_the_cli(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import re
 import time
 from collections import Counter
@@ -17,8 +15,8 @@ from listener.api import OrderClient
 from listener.config import Settings
 from listener.daemon import Daemon
 from listener.keys import KeyLayout
-from listener.mqtt import make_client
-from tests.conftest import Subscriber, wait_until
+from tests.conftest import Subscriber, wait_until, watch_topic
+from tests.life import lane_barrier, lanes_barrier
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 CONTRACT_FIELDS = {"event_id", "order_id", "status", "previous", "reason", "at", "version"}
@@ -46,9 +44,10 @@ async def test_forty_orders_thirty_cancelled_once_ten_stay_paid(
 
         unpaid = set(ids) - set(paid)
         await wait_until(lambda: len(subscriber.with_status("cancelled")) >= 30, 15, "30 cancellations")
-        await asyncio.sleep(1.0)  # room for a wrong second cancellation to show up
+        # a wrong second cancellation would have reached the subscriber before these markers
+        markers = await lanes_barrier(client, subscriber, ids)
 
-        cancelled = subscriber.with_status("cancelled")
+        cancelled = [e for e in subscriber.with_status("cancelled") if e["order_id"] not in markers]
         per_order = Counter(e["order_id"] for e in cancelled)
         assert set(per_order) == unpaid
         assert all(n == 1 for n in per_order.values()), per_order
@@ -63,7 +62,8 @@ async def test_forty_orders_thirty_cancelled_once_ten_stay_paid(
         for oid in unpaid:
             assert (await client.get(oid)).status == "cancelled"
 
-    for event in subscriber.events:
+    ours = [e for e in subscriber.events if e["order_id"] not in markers]
+    for event in ours:
         assert set(event) >= CONTRACT_FIELDS, event
         assert ISO.match(event["at"])
         if event["status"] == "created":
@@ -71,7 +71,7 @@ async def test_forty_orders_thirty_cancelled_once_ten_stay_paid(
             assert unix_ms(event["deadline"]) == deadline[event["order_id"]]
         else:
             assert "deadline" not in event
-    assert len(subscriber.unique()) == len(subscriber.events) == 40 + 10 + 30
+    assert len({e["event_id"] for e in ours}) == len(ours) == 40 + 10 + 30
 
 
 async def test_event_ids_and_versions_per_order(
@@ -112,7 +112,9 @@ async def test_repeated_operations_publish_nothing_new(
         result = await daemon.store.apply(Operation.EXPIRE, "rep-2")
         assert result.outcome == "already"
         assert (await client.get("rep-2")).version == 2
-    await asyncio.sleep(0.5)
+        # anything the repeats had appended would reach the subscriber before these markers
+        await lane_barrier(client, subscriber, "rep-1")
+        await lane_barrier(client, subscriber, "rep-2")
     assert [e["status"] for e in subscriber.of("rep-1")] == ["created", "paid"]
     assert [e["status"] for e in subscriber.of("rep-2")] == ["created", "cancelled"]
 
@@ -130,8 +132,12 @@ async def test_unrelated_keys_expire_without_effect(
     await redis.set("other:{1}:t:x", "1", px=50)
     await redis.set(layout.timer("ghost"), "1", px=50)  # timer of an order that does not exist
     await wait_until(lambda: daemon.listener.ignored >= 3, 10, "three foreign keys seen expiring")
-    await asyncio.sleep(0.3)
-    assert subscriber.events == []
+    await wait_until(
+        lambda: daemon.listener.received >= 4 and not daemon.listener._pending, 10, "the ghost timer handled"
+    )
+    async with OrderClient(settings) as client:  # anything the ghost caused would arrive before this marker
+        marker = await lane_barrier(client, subscriber, "ghost")
+    assert {e["order_id"] for e in subscriber.events} == {marker}
     assert await redis.exists(layout.order("ghost")) == 0
     assert daemon.listener.cancelled == 0
 
@@ -182,31 +188,16 @@ async def test_bulk_created_backlog_does_not_delay_cancellation(
     order's topic alone sees what we publish without queueing at the broker
     behind the other orders' events."""
     daemon = await start_daemon()
-    seen: list[tuple[float, dict[str, object]]] = []
-
-    async def watch_urgent() -> None:
-        async with make_client(settings, identifier="urgent-watcher") as client:
-            await client.subscribe(f"{settings.topic_prefix}/urgent/status", qos=1)
-            subscribed.set()
-            async for message in client.messages:
-                assert isinstance(message.payload, bytes)
-                seen.append((time.time(), json.loads(message.payload)))
-
-    subscribed = asyncio.Event()
-    watcher = asyncio.create_task(watch_urgent())
-    await asyncio.wait_for(subscribed.wait(), 10)
-    try:
-        async with OrderClient(settings) as client:
-            await client.create_many([(f"bulk-{i}", 3600) for i in range(20_000)])
-            await client.create("urgent", timeout=0.3)
-            deadline = (await client.get("urgent")).deadline_ms
+    async with (
+        watch_topic(settings, f"{settings.topic_prefix}/urgent/status", "urgent-watcher") as seen,
+        OrderClient(settings) as client,
+    ):
+        await client.create_many([(f"bulk-{i}", 3600) for i in range(20_000)])
+        await client.create("urgent", timeout=0.3)
+        deadline = (await client.get("urgent")).deadline_ms
         await wait_until(lambda: len(seen) >= 2, 20, "urgent cancelled")
-        assert [event["status"] for _, event in seen] == ["created", "cancelled"]
-        lag_ms = seen[1][0] * 1000 - deadline
+        assert [r.event["status"] for r in seen] == ["created", "cancelled"]
+        lag_ms = seen[1].at * 1000 - deadline
         assert lag_ms < 500, f"the cancellation waited {lag_ms:.0f} ms behind the backlog"
         backlog = await daemon.outbox.backlog()
         assert backlog > 1000, "the backlog was gone already: the test proved nothing"
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ from listener.orders import Operation
 from listener.servers import ServerProcess
 from listener.store import Store
 from tests.conftest import DaemonProcess, Subscriber, wait_until
+from tests.life import lanes_barrier
 
 
 def assert_in_version_order(subscriber: Subscriber) -> None:
@@ -34,6 +36,14 @@ def assert_in_version_order(subscriber: Subscriber) -> None:
         versions[event["order_id"]].append(event["version"])
     for order_id, got in versions.items():
         assert got == list(range(1, len(got) + 1)), (order_id, got)
+
+
+async def every_order_cancelled_once_in_order(subscriber: Subscriber, ids: list[str], timeout: float) -> None:
+    """Wait until every order's `cancelled` event arrived, then: each cancelled
+    exactly once, and every order's events in version order."""
+    await wait_until(lambda: subscriber.cancelled_ids() >= set(ids), timeout, f"{len(ids)} orders cancelled")
+    cancelled_once(subscriber, ids)
+    assert_in_version_order(subscriber)
 
 
 async def final_statuses(settings: Settings, ids: list[str]) -> Counter[str]:
@@ -64,15 +74,9 @@ async def test_kill_9_while_orders_fall_due_then_restart(
     await asyncio.sleep(2.0)  # the rest fall due with no daemon at all
     second = await spawn_daemon()
     await second.wait_ready()
-    await wait_until(
-        lambda: len({e["order_id"] for e in subscriber.with_status("cancelled")}) == 300,
-        20,
-        "all 300 cancelled",
-    )
+    await every_order_cancelled_once_in_order(subscriber, ids, 20)
     assert await final_statuses(settings, ids) == Counter({"cancelled": 300})
-    cancelled_once(subscriber, ids)
     assert {e["order_id"] for e in subscriber.with_status("created")} == set(ids)
-    assert_in_version_order(subscriber)
 
 
 async def test_broker_down_while_orders_fall_due_nothing_lost(
@@ -90,9 +94,7 @@ async def test_broker_down_while_orders_fall_due_nothing_lost(
         await asyncio.sleep(4.0)  # every other order falls due with no broker
         assert await daemon.outbox.backlog() >= 200 + 199 + 1, "events must wait in Redis"
         mqtt_server_proc.start()
-    await wait_until(
-        lambda: len({e["order_id"] for e in subscriber.with_status("cancelled")}) == 199, 30, "every event"
-    )
+    await wait_until(lambda: len(subscriber.cancelled_ids()) == 199, 30, "every event")
     assert [e["status"] for e in subscriber.of(ids[-1]) if e["status"] != "created"][:1] == ["paid"]
     cancelled_once(subscriber, ids[:-1])
     assert_in_version_order(subscriber)
@@ -125,9 +127,7 @@ async def test_redis_restart_with_aof(
     assert not daemon.redis_service.up
     redis_server_proc.start()
     ids = before + after
-    await wait_until(
-        lambda: len({e["order_id"] for e in subscriber.with_status("cancelled")}) == 200, 20, "all cancelled"
-    )
+    await wait_until(lambda: len(subscriber.cancelled_ids()) == 200, 20, "all cancelled")
     assert await final_statuses(settings, ids) == Counter({"cancelled": 200})
     cancelled_once(subscriber, ids)
     assert daemon.redis_service.up and daemon.redis_service.reconnects >= 1
@@ -147,10 +147,12 @@ async def test_three_daemons_cancel_and_publish_each_once(
     async with OrderClient(settings) as client:
         await client.create_many([(oid, 1.0 + (i % 10) / 10) for i, oid in enumerate(ids)])
     await wait_until(lambda: len(subscriber.with_status("cancelled")) >= 1000, 20, "1000 cancellations")
-    await asyncio.sleep(1.0)
+    async with OrderClient(settings) as client:  # a second publication would arrive before these markers
+        markers = await lanes_barrier(client, subscriber, ids)
     assert await final_statuses(settings, ids) == Counter({"cancelled": 1000})
-    assert len(subscriber.events) == 2000, "every event published exactly once"
-    assert len(subscriber.unique()) == 2000
+    ours = [e for e in subscriber.events if e["order_id"] not in markers]
+    assert len(ours) == 2000, "every event published exactly once"
+    assert len({e["event_id"] for e in ours}) == 2000
     cancelled_once(subscriber, ids)
     assert sum(d.scheduler.cancelled + d.listener.cancelled for d in daemons) == 1000
 
@@ -176,7 +178,8 @@ async def test_pay_racing_expiry_exactly_one_winner(
         10,
         "every order settled",
     )
-    await asyncio.sleep(0.5)
+    async with OrderClient(settings) as client:  # a late second event would arrive before these markers
+        await lanes_barrier(client, subscriber, ids)
     statuses = await final_statuses(settings, ids)
     assert statuses["paid"] == len(paid) and statuses["cancelled"] == 300 - len(paid)
     for oid in ids:
@@ -204,11 +207,7 @@ async def test_sigterm_mid_wave_exits_0_nothing_lost(
     # nothing lost: whatever was not done is done by the next daemon
     again = await spawn_daemon()
     await again.wait_ready()
-    await wait_until(
-        lambda: len({e["order_id"] for e in subscriber.with_status("cancelled")}) == 2000, 20, "all cancelled"
-    )
-    cancelled_once(subscriber, ids)
-    assert_in_version_order(subscriber)
+    await every_order_cancelled_once_in_order(subscriber, ids, 20)
 
 
 async def test_logs_off_a_terminal_are_json_lines_with_order_ids(
@@ -228,9 +227,27 @@ async def test_logs_off_a_terminal_are_json_lines_with_order_ids(
     assert cancelled and cancelled[0]["order_id"] == "log-1" and cancelled[0]["level"] == "info"
 
 
+async def burst_handled(daemon: Daemon) -> None:
+    listener = daemon.listener
+
+    def handled() -> bool:
+        accounted = listener.cancelled + listener.dropped + listener.skipped + listener.ignored
+        return listener.received >= 45_000 and accounted == listener.received
+
+    await wait_until(
+        handled,
+        60,
+        lambda: (
+            f"every expired event handled: received {listener.received}, cancelled {listener.cancelled}, "
+            f"dropped {listener.dropped}, pending {len(listener._pending)}"
+        ),
+    )
+
+
 async def test_expired_event_burst_does_not_disconnect_the_listener(
     settings: Settings,
     redis: Redis,
+    redis_server_proc: ServerProcess,
     start_daemon: Callable[..., Awaitable[Daemon]],
 ) -> None:
     """50,000 timers expire together (their orders taken out of the deadline
@@ -244,34 +261,39 @@ async def test_expired_event_burst_does_not_disconnect_the_listener(
     await store.close()
     layout = KeyLayout(settings.key_prefix)
     daemon = await start_daemon()
-    # Their deadline passes now, and only the timers know: out of the index,
-    # deadline in the past, timers expiring on Redis' next active-expiry cycles.
-    now_ms = int(time.time() * 1000)
-    async with redis.pipeline(transaction=False) as pipe:
-        for oid in ids:
-            pipe.zrem(layout.deadlines(part_of(oid)), oid)
-            pipe.hset(layout.order(oid), "d", now_ms)
-            pipe.pexpire(layout.timer(oid), 1)
-        await pipe.execute()
+    # The fault: a pub/sub output buffer far smaller than the burst (50,000
+    # events are about 4 MB): a subscriber that does not keep reading is cut off.
+    (limits,) = (await redis.config_get("client-output-buffer-limit")).values()
+    await redis.config_set("client-output-buffer-limit", "pubsub 2mb 1mb 5")
     (listener_before,) = await redis.client_list(_type="pubsub")
-    listener = daemon.listener
+    # Proof that the fault bites: a subscriber that never reads (a small socket
+    # buffer, so the events pile up in Redis and not in the kernel) is cut off.
+    lazy = socket.socket()
+    lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    lazy.connect(("127.0.0.1", redis_server_proc.port))
+    lazy.sendall(b"SUBSCRIBE __keyevent@0__:expired\r\n")
 
-    def handled() -> bool:
-        return (
-            listener.received >= 45_000
-            and listener.cancelled + listener.dropped + listener.skipped + listener.ignored
-            == listener.received
-        )
+    async def both_subscribed() -> bool:
+        return len(await redis.client_list(_type="pubsub")) == 2
 
-    await wait_until(
-        handled,
-        60,
-        lambda: (
-            f"every expired event handled: received {listener.received}, cancelled {listener.cancelled}, "
-            f"dropped {listener.dropped}, pending {len(listener._pending)}"
-        ),
-    )
-    assert listener.cancelled >= 20_000
+    await wait_until(both_subscribed, 5, "the lazy subscriber")
+    try:
+        # Their deadline passes now, and only the timers know: out of the index,
+        # deadline in the past, timers expiring on Redis' next active-expiry cycles.
+        now_ms = int(time.time() * 1000)
+        async with redis.pipeline(transaction=False) as pipe:
+            for oid in ids:
+                pipe.zrem(layout.deadlines(part_of(oid)), oid)
+                pipe.hset(layout.order(oid), "d", now_ms)
+                pipe.pexpire(layout.timer(oid), 1)
+            await pipe.execute()
+        await burst_handled(daemon)
+        survivors = [c["id"] for c in await redis.client_list(_type="pubsub")]
+        assert survivors == [listener_before["id"]], "the limit must cut off a non-reader"
+    finally:
+        await redis.config_set("client-output-buffer-limit", limits)
+        lazy.close()
+    assert daemon.listener.cancelled >= 20_000
     assert daemon.redis_service.reconnects == 0
     (listener_after,) = await redis.client_list(_type="pubsub")
     assert listener_after["id"] == listener_before["id"], "the subscriber was disconnected"
@@ -311,11 +333,7 @@ async def test_second_signal_exits_at_once_still_losing_nothing(
         mqtt_server_proc.proc.send_signal(signal.SIGCONT)
     again = await spawn_daemon()
     await again.wait_ready()
-    await wait_until(
-        lambda: len({e["order_id"] for e in subscriber.with_status("cancelled")}) == 100, 30, "every event"
-    )
-    cancelled_once(subscriber, ids)
-    assert_in_version_order(subscriber)
+    await every_order_cancelled_once_in_order(subscriber, ids, 30)
 
 
 async def test_second_daemon_takes_over_a_killed_daemons_lanes(
@@ -344,10 +362,6 @@ async def test_second_daemon_takes_over_a_killed_daemons_lanes(
     await asyncio.sleep(0.8)
     first.kill()
     assert await first.wait() == -9
-    await wait_until(
-        lambda: len({e["order_id"] for e in subscriber.with_status("cancelled")}) == 200, 30, "every event"
-    )
+    await every_order_cancelled_once_in_order(subscriber, ids, 30)
     holders = {await redis.get(layout.lease(part)) for part in range(16)}
     assert owner not in holders, "the killed daemon's leases were taken over"
-    cancelled_once(subscriber, ids)
-    assert_in_version_order(subscriber)
