@@ -199,8 +199,11 @@ class ProcessSubscriber:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(SCRIPT),
-            "--subscriber-child", self.host, str(self.port),
+            sys.executable,
+            str(SCRIPT),
+            "--subscriber-child",
+            self.host,
+            str(self.port),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=1 << 28,
@@ -276,9 +279,24 @@ class MosquittoSubSubscriber:
             raise RuntimeError("no mosquitto_sub on PATH (apt-get install mosquitto-clients)")
         with self.path.open("wb") as out:
             self.proc = subprocess.Popen(
-                [binary, "-h", self.host, "-p", str(self.port), "-t", TOPIC, "-q", "1",
-                 "-V", "mqttv5", "-F", "%U %p"],
-                stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                [
+                    binary,
+                    "-h",
+                    self.host,
+                    "-p",
+                    str(self.port),
+                    "-t",
+                    TOPIC,
+                    "-q",
+                    "1",
+                    "-V",
+                    "mqttv5",
+                    "-F",
+                    "%U %p",
+                ],
+                stdout=out,
+                stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
             )
 
     def _read(self) -> None:
@@ -365,8 +383,9 @@ async def subscriber_child(host: str, port: int) -> None:
         command, _, argument = line.partition(" ")
         if command == "counts":
             c = receiver.counts()
-            reply = json.dumps({"created": c.created, "measured": c.measured,
-                                "cancelled": c.cancelled, "other": c.other})
+            reply = json.dumps(
+                {"created": c.created, "measured": c.measured, "cancelled": c.cancelled, "other": c.other}
+            )
         elif command == "has":
             reply = "1" if argument in receiver.cancelled else "0"
         elif command == "dump":
@@ -492,8 +511,7 @@ class CpuMeter:
         if elapsed <= 0:
             return
         self.usage = {
-            name: 100 * (cpu_seconds(pid) - self.before[name]) / elapsed
-            for name, pid in self.pids.items()
+            name: 100 * (cpu_seconds(pid) - self.before[name]) / elapsed for name, pid in self.pids.items()
         }
         machine = 100 * (machine_seconds()[0] - self.machine_before) / elapsed
         self.usage["others"] = max(0.0, machine - sum(self.usage.values()))
@@ -565,8 +583,11 @@ async def watch_backlog(redis: Redis, row: Row) -> None:
 async def command_calls(redis: Redis) -> dict[str, int]:
     """Calls of each Redis command so far (INFO commandstats)."""
     stats = await redis.info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(value["calls"])
-            for name, value in stats.items() if isinstance(value, dict)}
+    return {
+        name.removeprefix("cmdstat_"): int(value["calls"])
+        for name, value in stats.items()
+        if isinstance(value, dict)
+    }
 
 
 def summary(sorted_values: Sequence[float]) -> tuple[float, float, float]:
@@ -622,8 +643,9 @@ async def wait_ready(daemon: DaemonProcess, orders: OrderClient, sub: Subscriber
 
 async def load_pending(orders: OrderClient, count: int) -> None:
     for start in range(0, count, LOAD_CHUNK):
-        chunk = [(f"{PENDING_PREFIX}{i}", PENDING_TIMEOUT_MS)
-                 for i in range(start, min(count, start + LOAD_CHUNK))]
+        chunk = [
+            (f"{PENDING_PREFIX}{i}", PENDING_TIMEOUT_MS) for i in range(start, min(count, start + LOAD_CHUNK))
+        ]
         result = await orders.create_prepared(chunk)
         if result.existing:
             raise RuntimeError(f"{len(result.existing)} pending orders existed already")
@@ -749,9 +771,11 @@ async def scenario(bench: Bench, redis: Redis, pending: int, rate: float, index:
         meter.stop()
         row.cpu = meter.usage
         calls_after = await command_calls(redis)
-        row.commands = {name: calls - calls_before.get(name, 0)
-                        for name, calls in calls_after.items()
-                        if calls > calls_before.get(name, 0)}
+        row.commands = {
+            name: calls - calls_before.get(name, 0)
+            for name, calls in calls_after.items()
+            if calls > calls_before.get(name, 0)
+        }
         received = await sub.results()
         counts = await sub.counts()
 
@@ -807,25 +831,25 @@ def describe(row: Row) -> str:
         f"{row.max_backlog_created} created events",
     ]
     if row.cpu:
-        lines.append("  CPU while measuring (% of one core): " + ", ".join(
-            f"{name} {share:.0f}" for name, share in row.cpu.items()))
+        lines.append(
+            "  CPU while measuring (% of one core): "
+            + ", ".join(f"{name} {share:.0f}" for name, share in row.cpu.items())
+        )
     if row.commands:
         busiest = sorted(row.commands.items(), key=lambda item: -item[1])[:20]
-        lines.append("  Redis calls while measuring: " + ", ".join(
-            f"{name} {calls}" for name, calls in busiest))
+        lines.append(
+            "  Redis calls while measuring: " + ", ".join(f"{name} {calls}" for name, calls in busiest)
+        )
     if row.log_lines:
         lines.append(f"  daemon log: {row.log_lines} lines, most often {row.log_top}")
     if row.unexpected:
-        lines.append(f"  UNEXPECTED events (pending orders cancelled, other statuses): "
-                     f"{row.unexpected}")
+        lines.append(f"  UNEXPECTED events (pending orders cancelled, other statuses): {row.unexpected}")
     if row.note:
         lines.append(f"  {row.note}")
     return "\n".join(lines)
 
 
-async def run_all(
-    bench: Bench, pendings: Sequence[int], rates: Sequence[float], rows: list[Row]
-) -> None:
+async def run_all(bench: Bench, pendings: Sequence[int], rates: Sequence[float], rows: list[Row]) -> None:
     """Every scenario in turn; each finished row is appended to `rows` at once."""
     redis = Redis.from_url(bench.redis_url)
     try:
@@ -871,14 +895,20 @@ def print_setup(args: argparse.Namespace) -> None:
     print(f"  Python:     {platform.python_version()} ({sys.executable})")
     print(f"  Redis:      {command_output([redis_path, '--version'])} [{redis_kind}]")
     print(f"  mosquitto:  {command_output([mosquitto_path, '-h'])}")
-    print(f"  scenarios:  pending {args.pending} x rate {args.rate}/s, {args.duration:g} s each; "
-          f"order timeout {args.timeout:g} s; pending orders due in 1 h")
+    print(
+        f"  scenarios:  pending {args.pending} x rate {args.rate}/s, {args.duration:g} s each; "
+        f"order timeout {args.timeout:g} s; pending orders due in 1 h"
+    )
     busy = machine_busy()
-    print(f"  load:       {busy:.0f}% of one core busy before the start (load average "
-          f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])})"
-          + ("  <- other work on this machine skews the figures" if busy > 20 else ""))
-    print(f"  subscriber: {args.subscriber} (QoS 1, {TOPIC}); daemon log level "
-          f"{args.daemon_log_level}; redis.conf of the project, all on loopback")
+    print(
+        f"  load:       {busy:.0f}% of one core busy before the start (load average "
+        f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])})"
+        + ("  <- other work on this machine skews the figures" if busy > 20 else "")
+    )
+    print(
+        f"  subscriber: {args.subscriber} (QoS 1, {TOPIC}); daemon log level "
+        f"{args.daemon_log_level}; redis.conf of the project, all on loopback"
+    )
     print(flush=True)
 
 
@@ -886,14 +916,21 @@ def fmt(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.1f}"
 
 
-HEADERS = ["pending", "rate/s", "measured", "missing", "p50 ms", "p99 ms", "max ms",
-           "load s", "drain s"]
+HEADERS = ["pending", "rate/s", "measured", "missing", "p50 ms", "p99 ms", "max ms", "load s", "drain s"]
 
 
 def cells(row: Row) -> list[str]:
-    return [f"{row.pending:,}", f"{row.rate:g}", f"{row.measured:,}", f"{row.missing:,}",
-            fmt(row.p50_ms), fmt(row.p99_ms), fmt(row.max_ms),
-            f"{row.load_s:.1f}", f"{row.received_s:.1f}"]
+    return [
+        f"{row.pending:,}",
+        f"{row.rate:g}",
+        f"{row.measured:,}",
+        f"{row.missing:,}",
+        fmt(row.p50_ms),
+        fmt(row.p99_ms),
+        fmt(row.max_ms),
+        f"{row.load_s:.1f}",
+        f"{row.received_s:.1f}",
+    ]
 
 
 def print_tables(rows: Sequence[Row]) -> None:
@@ -905,8 +942,10 @@ def print_tables(rows: Sequence[Row]) -> None:
         print("  " + "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
         if n == 0:
             print("  " + "  ".join("-" * width for width in widths))
-    print("  (load s: creating the pending orders; drain s: until their `created` events "
-          "were published and received)")
+    print(
+        "  (load s: creating the pending orders; drain s: until their `created` events "
+        "were published and received)"
+    )
     print()
     print("Markdown:")
     print()
@@ -919,28 +958,62 @@ def print_tables(rows: Sequence[Row]) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Lag from each order's deadline to the receipt of its `cancelled` event.")
-    parser.add_argument("--pending", type=int, nargs="+", default=[0, 100_000], metavar="N",
-                        help="pending orders (due in 1 h) loaded first (default: 0 100000)")
-    parser.add_argument("--rate", type=float, nargs="+", default=[100, 2000], metavar="R",
-                        help="orders falling due per second (default: 100 2000)")
-    parser.add_argument("--duration", type=float, default=10.0, metavar="S",
-                        help="seconds of paced creates per scenario (default: 10)")
-    parser.add_argument("--timeout", type=float, default=2.0, metavar="S",
-                        help="timeout of the measured orders in seconds (default: 2)")
-    parser.add_argument("--grace", type=float, default=15.0, metavar="S",
-                        help="wait this long after the last deadline for late events (default: 15)")
+        description="Lag from each order's deadline to the receipt of its `cancelled` event."
+    )
     parser.add_argument(
-        "--subscriber", choices=["process", "inline", "mosquitto_sub"], default="process",
+        "--pending",
+        type=int,
+        nargs="+",
+        default=[0, 100_000],
+        metavar="N",
+        help="pending orders (due in 1 h) loaded first (default: 0 100000)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        nargs="+",
+        default=[100, 2000],
+        metavar="R",
+        help="orders falling due per second (default: 100 2000)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds of paced creates per scenario (default: 10)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="timeout of the measured orders in seconds (default: 2)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="wait this long after the last deadline for late events (default: 15)",
+    )
+    parser.add_argument(
+        "--subscriber",
+        choices=["process", "inline", "mosquitto_sub"],
+        default="process",
         help="aiomqtt subscriber in its own process (default) or in the bench's event loop, "
-             "or mosquitto_sub (C) as a cross-check")
-    parser.add_argument("--daemon-log-level", choices=["warning", "info"], default="warning",
-                        help="the daemon's log level (info logs every cancellation: "
-                             "shows what that costs)")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the temporary folder (server and daemon logs)")
-    parser.add_argument("--subscriber-child", nargs=2, metavar=("HOST", "PORT"),
-                        help=argparse.SUPPRESS)
+        "or mosquitto_sub (C) as a cross-check",
+    )
+    parser.add_argument(
+        "--daemon-log-level",
+        choices=["warning", "info"],
+        default="warning",
+        help="the daemon's log level (info logs every cancellation: shows what that costs)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary folder (server and daemon logs)"
+    )
+    parser.add_argument("--subscriber-child", nargs=2, metavar=("HOST", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.subscriber_child is None:
         if any(n < 0 for n in args.pending) or any(r <= 0 for r in args.rate):
@@ -985,8 +1058,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             daemon_log_level=args.daemon_log_level,
             server_pids={"redis": _pid(redis_proc), "mosquitto": _pid(broker)},
         )
-        print(f"servers: redis-server on port {redis_proc.port}, mosquitto on port "
-              f"{broker.port}, files in {workdir}", flush=True)
+        print(
+            f"servers: redis-server on port {redis_proc.port}, mosquitto on port "
+            f"{broker.port}, files in {workdir}",
+            flush=True,
+        )
         asyncio.run(run_all(bench, args.pending, args.rate, rows))
     finally:
         for server in reversed(servers):

@@ -92,7 +92,6 @@ def _configure_logs(config: Settings) -> None:
     logs.configure(config.log_level, config.log_format)
 
 
-
 def _settings_or_exit() -> Settings:
     try:
         return settings()

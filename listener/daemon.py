@@ -182,7 +182,9 @@ class Daemon:
             return None
 
     async def _warn_if_notifications_off(self) -> None:
-        result = await supervise("notifications-check", self.redis_service, lambda: check_notifications(self.redis))
+        result = await supervise(
+            "notifications-check", self.redis_service, lambda: check_notifications(self.redis)
+        )
         if result.ok:
             log.info("keyspace notifications checked", setting=result.current)
         else:

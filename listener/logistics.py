@@ -93,6 +93,7 @@ class LogisticsHandler:
             self.dropped += 1
             log.info("logistics status ignored", order_id=report.order_id, status=report.status)
             return
+
         # The broker gets our PUBACK only after this: keep trying until Redis takes it.
         async def apply() -> TransitionResult:
             result = await self.store.apply(operation, report.order_id)
