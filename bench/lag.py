@@ -738,7 +738,19 @@ def log_summary(log_path: Path) -> tuple[int, str]:
     return total, f"{shape!r} x {times}"
 
 
-async def scenario(bench: Bench, redis: Redis, pending: int, rate: float, index: int) -> Row:
+class MeasureHooks(Protocol):
+    """Called by scenario() around the measured part (bench/alternatives.py uses it)."""
+
+    async def before(self, redis: Redis, daemon_pid: int) -> None:
+        """After the pending orders are loaded and published, before the paced creates."""
+
+    async def after(self, redis: Redis) -> None:
+        """Once the last measured event arrived (or the grace time ended)."""
+
+
+async def scenario(
+    bench: Bench, redis: Redis, pending: int, rate: float, index: int, hooks: MeasureHooks | None = None
+) -> Row:
     row = Row(pending, rate)
     await redis.flushall()
     sub = bench.new_subscriber()
@@ -753,6 +765,8 @@ async def scenario(bench: Bench, redis: Redis, pending: int, rate: float, index:
         await load_pending(orders, pending)
         row.load_s = time.monotonic() - began
         await wait_drained(bench, redis, sub, daemon, pending + 1, row)  # + the probe
+        if hooks is not None:
+            await hooks.before(redis, daemon.proc.pid)
 
         pids = {"daemon": daemon.proc.pid, "subscriber": sub.pid(), "bench": os.getpid()}
         if pids["subscriber"] == pids["bench"]:
@@ -768,6 +782,8 @@ async def scenario(bench: Bench, redis: Redis, pending: int, rate: float, index:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        if hooks is not None:
+            await hooks.after(redis)
         meter.stop()
         row.cpu = meter.usage
         calls_after = await command_calls(redis)

@@ -13,6 +13,7 @@ Refused (the status forbids it; nothing changed), Unavailable (Redis down).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,9 +21,9 @@ from types import TracebackType
 from typing import Any
 
 import redis.exceptions
-from redis.asyncio import Redis
 
 from listener.config import Settings, load_settings, redis_target
+from listener.connection import RedisClient, open_redis
 from listener.errors import OrderExists, Refused, Unavailable, UnknownOrder
 from listener.orders import Operation, Order, parse_timeout, validate_order_id
 from listener.store import CreateResult, Store, TransitionResult
@@ -46,14 +47,20 @@ class BulkResult:
     existing: list[CreateResult]  # ids already taken: nothing changed for them
 
 
-_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+_UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+    redis.exceptions.RedisClusterException,  # no reachable node, slots not covered
+)
 
 
 class OrderClient:
-    def __init__(self, settings: Settings, *, redis: Redis | None = None) -> None:
+    def __init__(self, settings: Settings, *, redis: RedisClient | None = None) -> None:
         self.settings = settings
         self._shown = redis_target(settings.redis_url).shown
-        self.store = Store.from_settings(settings, redis)
+        self._store = Store.from_settings(settings, redis) if redis is not None else None
+        self._opening = asyncio.Lock()
 
     @classmethod
     def from_env(cls, **overrides: Any) -> OrderClient:
@@ -61,6 +68,7 @@ class OrderClient:
         return cls(load_settings(**overrides))
 
     async def __aenter__(self) -> OrderClient:
+        await self.opened()
         return self
 
     async def __aexit__(
@@ -72,7 +80,25 @@ class OrderClient:
         await self.close()
 
     async def close(self) -> None:
-        await self.store.close()
+        if self._store is not None:
+            await self._store.close()
+
+    async def opened(self) -> Store:
+        """The store, connected on first use: to one Redis, or to a Redis Cluster
+        when the configured node is part of one (asked once)."""
+        if self._store is None:
+            async with self._opening:
+                if self._store is None:
+                    async with self._reaching_redis():
+                        redis = await open_redis(self.settings)
+                    self._store = Store.from_settings(self.settings, redis)
+        return self._store
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("OrderClient is not open yet: use `async with OrderClient(...)`")
+        return self._store
 
     @contextlib.asynccontextmanager
     async def _reaching_redis(self) -> AsyncIterator[None]:
@@ -99,8 +125,9 @@ class OrderClient:
         """Create one order; raises OrderExists if the id is taken (nothing changes)."""
         validate_order_id(order_id)
         timeout_ms = self._timeout_ms(timeout)
+        store = await self.opened()
         async with self._reaching_redis():
-            (result,) = await self.store.create_many([(order_id, timeout_ms)])
+            (result,) = await store.create_many([(order_id, timeout_ms)])
         if not result.created:
             raise OrderExists(order_id, result.existing_status or "?")
         return result
@@ -117,8 +144,9 @@ class OrderClient:
 
     async def create_prepared(self, prepared: Sequence[tuple[str, int]]) -> BulkResult:
         """Like create_many for (id, timeout ms) pairs already validated."""
+        store = await self.opened()
         async with self._reaching_redis():
-            results = await self.store.create_many(prepared)
+            results = await store.create_many(prepared)
         return BulkResult(
             created=[r for r in results if r.created],
             existing=[r for r in results if not r.created],
@@ -128,8 +156,9 @@ class OrderClient:
 
     async def _apply(self, operation: Operation, order_id: str) -> Change:
         validate_order_id(order_id)
+        store = await self.opened()
         async with self._reaching_redis():
-            result: TransitionResult = await self.store.apply(operation, order_id)
+            result: TransitionResult = await store.apply(operation, order_id)
         if result.outcome == "unknown":
             raise UnknownOrder(order_id)
         if result.outcome in ("refused", "notdue"):
@@ -162,8 +191,9 @@ class OrderClient:
 
     async def get(self, order_id: str) -> Order:
         validate_order_id(order_id)
+        store = await self.opened()
         async with self._reaching_redis():
-            order = await self.store.get(order_id)
+            order = await store.get(order_id)
         if order is None:
             raise UnknownOrder(order_id)
         return order

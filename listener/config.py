@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     log_format: LogFormat = LogFormat.AUTO
     sweep_batch: int = Field(default=1000, ge=1, le=5000)
     publish_batch: int = Field(default=500, ge=1, le=10000)
+    mqtt_connections: int = Field(default=1, ge=1, le=16)  # the outbox lanes are spread over them
     shutdown_timeout: float = Field(default=10.0, gt=0)
     resync_interval: float = Field(default=5.0, gt=0)
     metrics_addr: str = ""  # host:port for /metrics and /healthz; empty: off

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import redis.exceptions as redis_errors
 import sdnotify
-from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from listener import logs
 from listener.config import Settings, mqtt_target, redis_target
+from listener.connection import RedisClient, connect_redis, is_cluster, open_cluster
 from listener.expiry import ExpiryListener
 from listener.keys import KeyLayout
 from listener.logistics import LogisticsHandler
@@ -28,8 +29,8 @@ from listener.metrics import Metrics, serve
 from listener.mqtt import MqttLink
 from listener.outbox import Outbox
 from listener.scheduler import DeadlineScheduler
-from listener.store import Store, connect_redis
-from listener.supervise import TRANSIENT, Service, supervise
+from listener.store import Store
+from listener.supervise import Service, is_transient, supervise
 
 log = logs.get("listener.daemon")
 
@@ -41,15 +42,34 @@ class NotificationCheck:
     message: str
 
 
-async def check_notifications(redis: Redis) -> NotificationCheck:
-    """Are `expired` keyevent notifications on? Says exactly what to change if not."""
+async def check_notifications(redis: RedisClient) -> NotificationCheck:
+    """Are `expired` keyevent notifications on? Says exactly what to change if not.
+    On a Redis Cluster every node is asked (the setting is not replicated, and a
+    replica that takes over must have it too)."""
+    if not isinstance(redis, RedisCluster):
+        return await _check_node(redis, None)
+    checks = [await _check_node(redis, node) for node in redis.get_nodes()]
+    bad = [check for check in checks if not check.ok]
+    if not bad:
+        settings = sorted({check.current or "" for check in checks})
+        return NotificationCheck(
+            True, ",".join(settings), f"keyspace notifications on, on all {len(checks)} cluster nodes"
+        )
+    return NotificationCheck(False, bad[0].current, "; ".join(check.message for check in bad))
+
+
+async def _check_node(redis: RedisClient, node: ClusterNode | None) -> NotificationCheck:
+    where = "" if node is None else f"on cluster node {node.name}: "
     try:
-        reply = await redis.config_get("notify-keyspace-events")
+        if node is None:
+            reply = await redis.config_get("notify-keyspace-events")
+        else:
+            reply = await redis.config_get("notify-keyspace-events", target_nodes=node)
     except redis_errors.ResponseError as exc:  # ACL or a managed Redis without CONFIG
         return NotificationCheck(
             False,
             None,
-            f"cannot read notify-keyspace-events ({exc}); make sure it contains 'E' and 'x' "
+            f"{where}cannot read notify-keyspace-events ({exc}); make sure it contains 'E' and 'x' "
             "(e.g. notify-keyspace-events Ex in redis.conf)",
         )
     current = str(reply.get("notify-keyspace-events", ""))
@@ -57,12 +77,12 @@ async def check_notifications(redis: Redis) -> NotificationCheck:
     has_events = "E" in flags
     has_expired = "x" in flags or "A" in flags
     if has_events and has_expired:
-        return NotificationCheck(True, current, f"keyspace notifications on ({current!r})")
+        return NotificationCheck(True, current, f"{where}keyspace notifications on ({current!r})")
     wanted = "".join(sorted(flags | {"E", "x"}, key=lambda c: (c not in "KE", c)))
     return NotificationCheck(
         False,
         current,
-        f"keyspace notifications for expired keys are off (notify-keyspace-events is "
+        f"{where}keyspace notifications for expired keys are off (notify-keyspace-events is "
         f"{current!r}). Fix: redis-cli CONFIG SET notify-keyspace-events {wanted} "
         f"and put 'notify-keyspace-events {wanted}' in redis.conf so it survives a restart "
         "(on Redis Cluster: on every node). Until then cancellations come from the "
@@ -71,13 +91,26 @@ async def check_notifications(redis: Redis) -> NotificationCheck:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, *, redis: Redis | None = None) -> None:
+    def __init__(self, settings: Settings, *, redis: RedisClient | None = None) -> None:
+        """With `redis` given, that client is used; else the daemon asks the
+        configured node at start whether it is part of a Redis Cluster."""
         self.settings = settings
-        self.redis = redis if redis is not None else connect_redis(settings)
+        self._detect = redis is None
         self.layout = KeyLayout(settings.key_prefix)
-        self.store = Store(self.redis, self.layout, settings.retention_ms)
         self.redis_service = Service("redis")
         self.mqtt_service = Service("mqtt")
+        self.metrics = Metrics([self.redis_service, self.mqtt_service])
+        self.ready = asyncio.Event()
+        self.listener_task: asyncio.Task[None] | None = None  # started once caught up
+        self.http_ready = asyncio.Event()
+        self._notifier = sdnotify.SystemdNotifier()
+        self._build(redis if redis is not None else connect_redis(settings))
+
+    def _build(self, redis: RedisClient) -> None:
+        """The parts that talk to Redis, on this client."""
+        settings = self.settings
+        self.redis = redis
+        self.store = Store(self.redis, self.layout, settings.retention_ms)
         self.logistics = LogisticsHandler(self.store, settings.logistics_topic, self.redis_service)
         self.link = MqttLink(
             settings,
@@ -85,7 +118,6 @@ class Daemon:
             subscriptions=[settings.logistics_topic],
             handler=self.logistics,
         )
-        self.metrics = Metrics([self.redis_service, self.mqtt_service])
         self.scheduler = DeadlineScheduler(
             self.store,
             self.redis_service,
@@ -100,20 +132,30 @@ class Daemon:
             redis_target(settings.redis_url).db,
             self.scheduler,
             self.redis_service,
+            settings,
         )
         self.outbox = Outbox(
             self.redis,
-            self.store.scripts,
+            self.store,
             self.layout,
             self.link,
             self.redis_service,
             batch=settings.publish_batch,
             on_published=lambda event: self.metrics.event_published(event.status, event.reason),
         )
-        self.ready = asyncio.Event()
-        self.listener_task: asyncio.Task[None] | None = None  # started once caught up
-        self.http_ready = asyncio.Event()
-        self._notifier = sdnotify.SystemdNotifier()
+
+    async def _use_cluster_if_there(self) -> None:
+        """A Redis Cluster behind the URL? Then rebuild on a cluster client
+        (nothing runs yet). Waits, with backoff, for Redis to answer."""
+        if not self._detect:
+            return
+        self._detect = False
+        if await supervise("redis-connect", self.redis_service, lambda: is_cluster(self.settings)):
+            await self.redis.aclose()
+            cluster = await supervise(
+                "redis-connect", self.redis_service, lambda: open_cluster(self.settings)
+            )
+            self._build(cluster)
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info(
@@ -124,6 +166,7 @@ class Daemon:
             topic_prefix=self.settings.topic_prefix,
         )
         try:
+            await self._use_cluster_if_there()
             async with asyncio.TaskGroup() as group:
                 mqtt_task = group.create_task(self.link.run(), name="mqtt")
                 outbox_task = group.create_task(self.outbox.run(), name="outbox")
@@ -171,8 +214,9 @@ class Daemon:
             try:
                 self.metrics.pending_orders.set(await self.store.pending_count())
                 self.metrics.outbox_pending.set(await self.outbox.backlog())
-            except TRANSIENT:
-                pass  # the tasks that need Redis report the outage
+            except Exception as exc:  # an outage: the tasks that need Redis report it
+                if not is_transient(exc):
+                    raise
             await asyncio.sleep(every)
 
     async def _pending_or_none(self) -> int | None:

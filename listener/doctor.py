@@ -8,16 +8,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import aiomqtt
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError
 
 from listener.config import Settings, mqtt_target, redis_target
+from listener.connection import RedisClient, open_redis
 from listener.daemon import check_notifications
 from listener.expiry import expired_channel
 from listener.keys import KeyLayout
 from listener.mqtt import default_client_id, make_client
 from listener.scripts import NAMES, source
-from listener.store import connect_redis
 
 Echo = Callable[[str], None]
 
@@ -48,18 +48,21 @@ async def run_checks(settings: Settings, echo: Echo) -> int:
 
 async def _check_redis(settings: Settings, report: _Report) -> None:
     target = redis_target(settings.redis_url)
-    redis = connect_redis(settings)
     try:
-        try:
-            info = await redis.info("server")
-        except Exception as exc:
-            report.problem(
-                f"redis: cannot reach {target.shown}: {exc}",
-                "start redis-server, or point ORDER_LISTENER_REDIS_URL at it "
-                "(redis://host:6379/0, rediss:// for TLS, user:password@ for ACL users)",
-            )
-            return
+        redis = await open_redis(settings)
+        info = await redis.info("server")
+    except Exception as exc:
+        report.problem(
+            f"redis: cannot reach {target.shown}: {exc}",
+            "start redis-server, or point ORDER_LISTENER_REDIS_URL at it "
+            "(redis://host:6379/0, rediss:// for TLS, user:password@ for ACL users)",
+        )
+        return
+    try:
         report.ok(f"redis: reachable at {target.shown} (version {info.get('redis_version', '?')})")
+        if isinstance(redis, RedisCluster):
+            primaries = sorted(node.name for node in redis.get_primaries())
+            report.ok(f"redis: a Redis Cluster; primaries {', '.join(primaries)}")
         await _check_permissions(settings, redis, target.db, report)
         notifications = await check_notifications(redis)
         if notifications.ok:
@@ -90,7 +93,7 @@ async def _check_redis(settings: Settings, report: _Report) -> None:
         await redis.aclose()
 
 
-async def _check_permissions(settings: Settings, redis: Redis, db: int, report: _Report) -> None:
+async def _check_permissions(settings: Settings, redis: RedisClient, db: int, report: _Report) -> None:
     """Try, harmlessly, what the daemon does: load its scripts, read its keys,
     subscribe to the expired events. A NOPERM names what the ACL lacks."""
     layout = KeyLayout(settings.key_prefix)

@@ -11,14 +11,21 @@ built here at publish time, so it is the same on every redelivery.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
+from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses (C)
 
 
 def iso_ms(unix_ms: int) -> str:
     """Unix milliseconds as ``2026-11-24T15:00:00.123Z``."""
-    moment = datetime.fromtimestamp(unix_ms / 1000, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{unix_ms % 1000:03d}Z"
+    return _iso_second(unix_ms // 1000) + f"{unix_ms % 1000:03d}Z"
+
+
+@lru_cache(maxsize=1024)
+def _iso_second(unix_s: int) -> str:
+    """Events come in bursts within a few seconds: the date part is mostly cached."""
+    return datetime.fromtimestamp(unix_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
 def event_id(order_id: str, created_ms: int, version: int) -> str:
@@ -42,9 +49,12 @@ class StatusEvent:
     deadline_ms: int | None = None
     created_entry: bytes = b""  # id of the `created` outbox entry (events after created)
 
-    @property
-    def event_id(self) -> str:
-        return event_id(self.order_id, self.created_ms, self.version)
+    # `<order_id>/<created ms>/<version>`, computed once: the payload and the
+    # MQTT 5 properties both carry it
+    event_id: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "event_id", event_id(self.order_id, self.created_ms, self.version))
 
     def topic(self, prefix: str) -> str:
         return f"{prefix}/{self.order_id}/status"
@@ -64,7 +74,15 @@ class StatusEvent:
         return body
 
     def payload(self) -> bytes:
-        return json.dumps(self.as_dict(), separators=(",", ":")).encode()
+        """The JSON of `as_dict()`, byte for byte what ``json.dumps(...,
+        separators=(",", ":"))`` gives, built directly (a third of the cost)."""
+        previous = "null" if self.previous is None else _json_str(self.previous)
+        deadline = "" if self.deadline_ms is None else f',"deadline":"{iso_ms(self.deadline_ms)}"'
+        return (
+            f'{{"event_id":{_json_str(self.event_id)},"order_id":{_json_str(self.order_id)},'
+            f'"status":{_json_str(self.status)},"previous":{previous},"reason":{_json_str(self.reason)},'
+            f'"at":"{iso_ms(self.at_ms)}","version":{int(self.version)}{deadline}}}'
+        ).encode()
 
 
 def _text(fields: dict[bytes, bytes], name: bytes) -> str:

@@ -11,27 +11,45 @@ every one of them anyway).
 
 The wake channel carries "<part> <deadline ms>" when an order becomes the
 earliest of its part, so the sleeping scheduler wakes for it.
+
+On a Redis Cluster each node announces only its own expiries, so the listener
+keeps one subscription per primary, follows the topology (a failover, a new
+primary) every `TOPOLOGY_EVERY` seconds and at once when a subscription
+fails, and asks the scheduler for a full sweep whenever a subscription was
+lost or a primary changed (events sent meanwhile are gone; the index is not).
+A PUBLISH on a cluster reaches every node, so each subscription also carries
+the wake channel (a wake heard twice is harmless).
+
+redis-py 8 has a cluster keyspace-notification helper, but it polls the nodes
+in turn (up to 100 ms each, so a wake could wait) and repairs lost
+subscriptions silently; here a lost subscription must trigger that sweep.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import itertools
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 
 from listener import logs
+from listener.config import Settings
+from listener.connection import NodeAddress, RedisClient, node_client
 from listener.keys import KeyLayout
 from listener.orders import Operation
 from listener.scheduler import DeadlineScheduler
 from listener.store import Store
-from listener.supervise import Service, supervise
+from listener.supervise import Service, is_transient, supervise
 
 log = logs.get("listener.expiry")
 
 MAX_PENDING = 20_000
 BATCH = 500
+TOPOLOGY_EVERY = 2.0  # seconds between looks at a cluster's primaries
 
 
 def expired_channel(db: int) -> str:
@@ -41,14 +59,16 @@ def expired_channel(db: int) -> str:
 class ExpiryListener:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         store: Store,
         layout: KeyLayout,
         db: int,
         scheduler: DeadlineScheduler,
         service: Service,
+        settings: Settings | None = None,
     ) -> None:
         self.redis = redis
+        self.settings = settings  # for a cluster: how to reach each primary
         self.store = store
         self.layout = layout
         self.channel = expired_channel(db)
@@ -63,20 +83,89 @@ class ExpiryListener:
         self.ignored = 0
         self.dropped = 0
         self.received = 0  # expired events seen, ours or not
+        self.received_from: collections.Counter[str] = collections.Counter()  # the same, per node
         self.skipped = 0
+        self._listening: set[str] = set()  # nodes whose subscription is confirmed now
+        self._ever_listened: set[str] = set()
+        self._expected: set[str] = set()  # nodes that must be listened to
+        self._topology_stale = asyncio.Event()
 
     def stop(self) -> None:
         self._stopping.set()
         self._have_work.set()
+        self._topology_stale.set()
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(supervise("expiry-worker", self.service, self._work), name="expiry-worker")
-            await supervise("expiry-listener", self.service, self._listen)
+            if isinstance(self.redis, RedisCluster):
+                await self._follow_cluster(self.redis)
+            else:
+                redis = self.redis
+                self._expected = {"redis"}
+                await supervise("expiry-listener", self.service, lambda: self._listen(redis, "redis"))
             self.stop()
 
-    async def _listen(self) -> None:
-        pubsub: PubSub = self.redis.pubsub()
+    async def _follow_cluster(self, cluster: RedisCluster) -> None:
+        """One subscription per primary, kept in step with the topology."""
+        if self.settings is None:
+            raise ValueError("a cluster listener needs the settings to reach each primary")
+        settings = self.settings
+        sessions: dict[str, asyncio.Task[None]] = {}
+        try:
+            while not self._stopping.is_set():
+                self._topology_stale.clear()
+                try:
+                    await cluster.nodes_manager.initialize()  # CLUSTER SLOTS, from a node that answers
+                except Exception as exc:  # no node reachable now: look again soon
+                    if not is_transient(exc):
+                        raise
+                nodes = {n.name: NodeAddress(n.host, int(n.port)) for n in cluster.get_primaries()}
+                if set(nodes) != self._expected:
+                    log.info("following the cluster's primaries", primaries=sorted(nodes))
+                    if self._expected - set(nodes):
+                        self.scheduler.resync()  # a primary went away: what did it not announce?
+                    self._expected = set(nodes)
+                for name in list(sessions):
+                    if name not in nodes:
+                        sessions.pop(name).cancel()
+                        self._listening.discard(name)
+                for name, node in nodes.items():
+                    if name not in sessions or sessions[name].done():
+                        sessions[name] = asyncio.create_task(
+                            self._node_session(settings, node), name=f"expiry-listener-{name}"
+                        )
+                self._update_subscribed()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(TOPOLOGY_EVERY):
+                        await self._topology_stale.wait()
+        finally:
+            for task in sessions.values():
+                task.cancel()
+            await asyncio.gather(*sessions.values(), return_exceptions=True)
+
+    async def _node_session(self, settings: Settings, node: NodeAddress) -> None:
+        client = node_client(settings, node)
+        try:
+
+            async def listen() -> None:
+                try:
+                    await self._listen(client, node.name)
+                except Exception as exc:
+                    if is_transient(exc):
+                        self._topology_stale.set()  # a failover? look at the topology now
+                    raise
+
+            await supervise(f"expiry-listener {node.name}", self.service, listen)
+        finally:
+            await client.aclose()
+
+    def _update_subscribed(self) -> None:
+        if self._expected and self._expected <= self._listening:
+            self.subscribed.set()
+
+    async def _listen(self, redis: Redis, node: str) -> None:
+        pubsub: PubSub = redis.pubsub()
         try:
             # Wake channel first, the expiry subscription last (the contract's
             # order), each confirmed by Redis before we go on: subscribe() only
@@ -85,17 +174,22 @@ class ExpiryListener:
                 await pubsub.subscribe(channel)
                 await self._confirmed(pubsub)
             self.service.ok()
-            if self.subscribed.is_set():
+            if node in self._ever_listened:
                 # A reconnect: events sent while we were away are gone; the index is not.
                 self.scheduler.resync()
-            self.subscribed.set()
-            log.info("subscribed to expired events", channel=self.channel)
+            self._ever_listened.add(node)
+            self._listening.add(node)
+            self._update_subscribed()
+            log.info("subscribed to expired events", channel=self.channel, node=node)
             while not self._stopping.is_set():
                 message = await pubsub.get_message(timeout=0.5)
                 if message is None or message["type"] != "message":
                     continue
+                if message["channel"] != self._wake_channel:
+                    self.received_from[node] += 1
                 self._on_message(message["channel"], message["data"])
         finally:
+            self._listening.discard(node)
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _confirmed(self, pubsub: PubSub, within: float = 10.0) -> None:

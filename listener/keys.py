@@ -1,8 +1,11 @@
 """The Redis key layout. Every key name of the product is built here and nowhere else.
 
-With the default prefix ``order`` and ``PARTS = 16``::
+With the default prefix ``order``, ``PARTS = 16`` and ``BUCKETS = 256``::
 
-    order:{P}:o:<id>          hash    the order record (fields below)
+    order:{P}:p:<B>           hash    pending orders of bucket B of part P: field <id>,
+                                      value "<created entry id>|<deadline ms>"
+    order:{P}:o:<id>          hash    the order record once it changed after `create`
+                                      (fields below)
     order:{P}:t:<id>          string  the timer: value "1", expires at the deadline
     order:{P}:deadlines       zset    member <id>, score deadline (Unix ms), pending orders only
     order:{P}:outbox          stream  status events after `created`, in version order per order
@@ -14,14 +17,26 @@ With the default prefix ``order`` and ``PARTS = 16``::
 
 ``P`` is the part of the order: ``crc32(order_id) % 16`` (zlib's CRC-32, the
 one of zip and PNG). The part is also the Redis Cluster hash tag, so an order's
-keys, its deadline-index part and its outbox lanes live in one slot and every
-transition is one script on one node.
+keys, its bucket, its deadline-index part and its outbox lanes live in one slot
+and every transition is one script on one node. ``B`` is the bucket:
+``(crc32(order_id) >> 4) % 256``, the CRC bits above the part's (lib.lua
+computes the same).
 
-Order record fields (short names keep the hash in a compact listpack):
-``s`` status, ``v`` version, ``r`` last reason, ``c`` the id of its ``created``
-outbox entry (``<Unix ms>-<seq>``: the creation time, and where to find the
-`created` event while it is unpublished), ``u`` updated (Unix ms), ``d``
-deadline (Unix ms).
+A pending order (``created``, never changed since) has no hash of its own:
+its record is the field ``<id>`` of its bucket, the value ``<c>|<d>`` (below),
+status ``created``, version 1, reason ``created``, updated at its creation
+time. A bucket is a small listpack hash (a few hundred fields), so a pending
+order costs about 60 bytes there instead of about 150 for a hash of its own.
+
+The first transition deletes the bucket field and writes the order's own hash
+``order:{P}:o:<id>`` with all six fields (short names keep it a compact
+listpack): ``s`` status, ``v`` version, ``r`` last reason, ``c`` the id of its
+``created`` outbox entry (``<Unix ms>-<seq>``: the creation time, and where to
+find the `created` event while it is unpublished), ``u`` updated (Unix ms),
+``d`` deadline (Unix ms). Records of earlier layouts are read and changed as
+they are: an own hash with all six fields from ``create`` on, or one with only
+``c`` and ``d`` (pending, like a bucket field). Fields of the own hash win
+over the bucket's value.
 """
 
 from __future__ import annotations
@@ -32,11 +47,18 @@ import zlib
 from dataclasses import dataclass
 
 PARTS = 16
+BUCKETS = 256  # pending-order buckets per part; a power of two (lib.lua has the same)
 
 
 def part_of(order_id: str) -> int:
     """The part (0..PARTS-1) an order belongs to."""
     return zlib.crc32(order_id.encode()) % PARTS
+
+
+def bucket_of(order_id: str) -> int:
+    """The bucket (0..BUCKETS-1) of a pending order within its part: the CRC-32
+    bits above those of the part."""
+    return (zlib.crc32(order_id.encode()) >> 4) % BUCKETS
 
 
 @dataclass(frozen=True)
@@ -48,7 +70,12 @@ class KeyLayout:
         return f"{self.prefix}:{{{part}}}:"
 
     def order(self, order_id: str) -> str:
+        """The order's own hash (once it changed after `create`)."""
         return f"{self.base(part_of(order_id))}o:{order_id}"
+
+    def bucket(self, order_id: str) -> str:
+        """The bucket hash holding the order while it is pending (field: the id)."""
+        return f"{self.base(part_of(order_id))}p:{bucket_of(order_id)}"
 
     def timer(self, order_id: str) -> str:
         return f"{self.base(part_of(order_id))}t:{order_id}"

@@ -26,13 +26,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import aiomqtt
-from redis.asyncio import Redis
 
 from listener import logs
+from listener.connection import RedisClient
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
 from listener.keys import PARTS, KeyLayout
 from listener.mqtt import MqttLink, PublishRefused
-from listener.scripts import Scripts
+from listener.store import Store
 from listener.supervise import Service, supervise
 
 log = logs.get("listener.outbox")
@@ -60,8 +60,8 @@ class Outbox:
 
     def __init__(
         self,
-        redis: Redis,
-        scripts: Scripts,
+        redis: RedisClient,
+        store: Store,
         layout: KeyLayout,
         link: MqttLink,
         redis_service: Service,
@@ -71,7 +71,7 @@ class Outbox:
         on_published: Callable[[StatusEvent], None] | None = None,
     ) -> None:
         self.redis = redis
-        self.scripts = scripts
+        self.store = store
         self.layout = layout
         self.link = link
         self.redis_service = redis_service
@@ -118,12 +118,12 @@ class Outbox:
             return
         sent = time.monotonic()
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for part in range(PARTS):
-                    await self.scripts.lease(
-                        keys=[self.layout.lease(part)], args=[self.owner, LEASE_MS], client=pipe
-                    )
-                replies = await pipe.execute()
+            replies = await self.store.run_scripts(
+                [
+                    (self.store.scripts.lease, [self.layout.lease(p)], [self.owner, LEASE_MS])
+                    for p in range(PARTS)
+                ]
+            )
         except BaseException:
             for event in self.held:  # without renewal we cannot be sure we hold them
                 event.clear()
@@ -143,10 +143,9 @@ class Outbox:
 
     async def _release_leases(self) -> None:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for part in range(PARTS):
-                    await self.scripts.release(keys=[self.layout.lease(part)], args=[self.owner], client=pipe)
-                await pipe.execute()
+            await self.store.run_scripts(
+                [(self.store.scripts.release, [self.layout.lease(p)], [self.owner]) for p in range(PARTS)]
+            )
         except Exception as exc:  # leases lapse by themselves within LEASE_MS
             log.debug("lease release failed", error=str(exc))
 
@@ -169,23 +168,28 @@ class Outbox:
             await supervise(f"outbox-lane-{part}", self.redis_service, lambda: self._drain(part))
 
     async def _drain(self, part: int) -> None:
-        """Publish the lane from its first unpublished entry while the lease is held."""
+        """Publish the lane from its first unpublished entry while the lease is held.
+
+        Entries the broker acknowledged are deleted in the same round trip as
+        the next read (a pipeline: XDEL, then XREAD), or before returning."""
         hi_key = self.layout.outbox(part)
         lo_key = self.layout.outbox_created(part)
         hi_last, lo_last = b"0-0", b"0-0"
+        acked: dict[str, list[bytes]] = {}  # published, PUBACKed, not yet deleted
         while self.holds(part):
             block = None if self.stopping.is_set() else BLOCK_MS
-            reply = cast(
-                "list[tuple[bytes, list[Entry]]] | None",
-                await self.redis.xread({hi_key: hi_last, lo_key: lo_last}, count=self.batch, block=block),
-            )
+            reply = await self._read(acked, {hi_key: hi_last, lo_key: lo_last}, block)
+            acked = {}
             self.redis_service.ok()
             streams = {_name(stream): entries for stream, entries in reply or []}
             hi = streams.get(hi_key, [])
             if hi:
-                if not await self._publish_hi(part, hi, lo_last):
+                early = await self._publish_hi(part, hi, lo_last)
+                if early is None:
                     return
-                await self.redis.xdel(hi_key, *[entry_id for entry_id, _ in hi])
+                acked[hi_key] = [entry_id for entry_id, _ in hi]
+                if early:
+                    acked[lo_key] = early
                 hi_last = hi[-1][0]
                 continue
             lo = streams.get(lo_key, [])[:CREATED_CHUNK]
@@ -194,11 +198,32 @@ class Outbox:
                 async with self._created_gate:
                     if not await self._send(part, [event for _, event in events]):
                         return
-                await self.redis.xdel(lo_key, *[entry_id for entry_id, _ in lo])
+                acked[lo_key] = [entry_id for entry_id, _ in lo]
                 lo_last = lo[-1][0]
                 continue
             if self.stopping.is_set():
                 return
+        if acked:  # the lease ends: what the broker has must not go out again
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key, ids in acked.items():
+                    pipe.xdel(key, *ids)
+                await pipe.execute()
+
+    async def _read(
+        self, acked: dict[str, list[bytes]], streams: dict[Any, Any], block: int | None
+    ) -> list[tuple[bytes, list[Entry]]] | None:
+        """XREAD the lane's streams; delete the `acked` entries first, in the same round trip."""
+        if not acked:
+            return cast(
+                "list[tuple[bytes, list[Entry]]] | None",
+                await self.redis.xread(streams, count=self.batch, block=block),
+            )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, ids in acked.items():
+                pipe.xdel(key, *ids)
+            pipe.xread(streams, count=self.batch, block=block)
+            replies = await pipe.execute()
+        return cast("list[tuple[bytes, list[Entry]]] | None", replies[-1])
 
     async def _parse(
         self, key: str, entries: Sequence[Entry], *, created: bool
@@ -224,10 +249,11 @@ class Outbox:
             good.append((entry_id, event))
         return good
 
-    async def _publish_hi(self, part: int, hi: Sequence[Entry], lo_last: bytes) -> bool:
+    async def _publish_hi(self, part: int, hi: Sequence[Entry], lo_last: bytes) -> list[bytes] | None:
         """Publish `hi` in order; an order whose `created` event may still wait
-        in outbox:created gets it published first (and deleted there).
-        False if the lease was lost before the broker took everything."""
+        in outbox:created gets it published first. Returns the ids of those
+        `created` entries (to delete there), or None if the lease was lost
+        before the broker took everything."""
         lo_key = self.layout.outbox_created(part)
         events = [event for _, event in await self._parse(self.layout.outbox(part), hi, created=False)]
         suspects = list(
@@ -252,10 +278,8 @@ class Outbox:
                 ordered.append(first)
             ordered.append(event)
         if not await self._send(part, ordered):
-            return False
-        if early:
-            await self.redis.xdel(lo_key, *early)
-        return True
+            return None
+        return early
 
     async def _send(self, part: int, events: Sequence[StatusEvent]) -> bool:
         """Publish until the broker acknowledged all (True), or until the lane's
@@ -267,7 +291,7 @@ class Outbox:
             if not self.holds(part):
                 return False
             try:
-                await self.link.publish(events)
+                await self.link.publish(events, part=part)
                 break
             except PublishRefused as exc:
                 refusals += 1
@@ -285,10 +309,12 @@ class Outbox:
         if refusals:
             log.info("the broker takes events again", part=part)
         self.published += len(events)
-        for event in events:
-            if self.on_published is not None:
+        if self.on_published is not None:
+            for event in events:
                 self.on_published(event)
-            log.debug(
+        lane_log = log.bind(part=part)  # bound once: its debug() is a no-op below debug level
+        for event in events:
+            lane_log.debug(
                 "event published", order_id=event.order_id, event_id=event.event_id, status=event.status
             )
         return True

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from listener import logs
 from listener.keys import PARTS
 from listener.store import Store, SweepResult
-from listener.supervise import Service, supervise
+from listener.supervise import Service, describe, is_transient, supervise
 
 log = logs.get("listener.scheduler")
 
@@ -50,6 +50,7 @@ class DeadlineScheduler:
         self.on_cancelled = on_cancelled
         # earliest deadline of each part, as time.monotonic() seconds; inf = none
         self._heads = [math.inf] * PARTS
+        self._failures = [0] * PARTS  # sweeps of the part failed in a row (its shard is away)
         self._offset: float | None = None  # redis ms / 1000 - monotonic
         self._wake = asyncio.Event()
         self._stopping = False
@@ -96,9 +97,7 @@ class DeadlineScheduler:
                 next_resync = now + self.resync_interval
             due = [part for part, head in enumerate(self._heads) if head <= now]
             if due:
-                results = await self.store.sweep(due, self.batch)
-                self.service.ok()
-                self._absorb(results)
+                await self._sweep_by_shard(due)
                 if not self.caught_up.is_set() and all(h > now for h in self._heads):
                     self.caught_up.set()
                     log.info("caught up with the deadline index")
@@ -108,6 +107,49 @@ class DeadlineScheduler:
             if sleep > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=sleep)
+
+    async def _sweep_by_shard(self, due: list[int]) -> None:
+        """Sweep the due parts, one round trip per shard (one on a single Redis),
+        all shards at once. A shard that fails (a failover under way) does not
+        hold up the others: its parts are retried with their own backoff. When
+        every shard fails, the failure is the session's (supervise backs off)."""
+        groups = self.store.by_shard(due)
+        replies = await asyncio.gather(
+            *(self.store.sweep(group, self.batch) for group in groups), return_exceptions=True
+        )
+        failed: list[tuple[list[int], BaseException]] = []
+        for group, reply in zip(groups, replies, strict=True):
+            if isinstance(reply, BaseException):
+                failed.append((group, reply))
+            else:
+                self._absorb(reply)
+                self._recovered(group)
+        for _, exc in failed:
+            if not is_transient(exc):
+                raise exc
+        if failed and len(failed) == len(groups):
+            raise failed[0][1]
+        self.service.ok()
+        for group, exc in failed:
+            self._retry_later(group, exc)
+
+    def _retry_later(self, parts: list[int], exc: BaseException) -> None:
+        if not any(self._failures[part] for part in parts):
+            log.warning(
+                "a shard is unavailable; its parts are retried with backoff, the others go on",
+                parts=parts,
+                error=describe(exc),
+            )
+        retry = time.monotonic()
+        for part in parts:
+            self._failures[part] += 1
+            self._heads[part] = retry + min(5.0, 0.05 * 2 ** self._failures[part])
+
+    def _recovered(self, parts: list[int]) -> None:
+        if any(self._failures[part] for part in parts):
+            log.info("the shard's parts are swept again", parts=parts)
+        for part in parts:
+            self._failures[part] = 0
 
     def _absorb(self, results: list[SweepResult]) -> None:
         received = time.monotonic()

@@ -13,6 +13,7 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 NAMES = (
@@ -51,6 +52,6 @@ class Scripts:
     release: AsyncScript
 
     @classmethod
-    def register(cls, redis: Redis) -> Scripts:
+    def register(cls, redis: Redis | RedisCluster) -> Scripts:
         loaded: dict[str, Any] = {name: redis.register_script(source(name)) for name in NAMES}
         return cls(**loaded)

@@ -11,13 +11,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisClusterException
 
-from listener.config import Settings, redis_target
+from listener.config import Settings
+from listener.connection import RedisClient, connect_redis
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.orders import Operation, Order, Reason, Status
 from listener.scripts import Scripts
@@ -26,34 +25,6 @@ ScriptCall = tuple[AsyncScript, list[str], list[Any]]
 
 CREATE_CHUNK = 500  # orders per create script call (one part each)
 PIPELINE_CALLS = 40  # script calls per round trip
-
-
-def connect_redis(settings: Settings, *, timeout: float = 5.0) -> Redis:
-    """A client for the configured URL.
-
-    No automatic retries: a pipeline retried after its reply was lost would run
-    `create` twice and report the caller's own new orders as taken. Idle
-    connections are checked before use (health_check_interval); outages are
-    the caller's: the daemon's loops back off and resume, the CLI says
-    Redis is unreachable (exit 1)."""
-    target = redis_target(settings.redis_url)
-    tls: dict[str, Any] = {}
-    if target.tls:
-        tls = {
-            "ssl_cert_reqs": "required",
-            "ssl_ca_certs": settings.redis_tls_ca or None,
-            "ssl_certfile": settings.redis_tls_cert or None,
-            "ssl_keyfile": settings.redis_tls_key or None,
-        }
-    return Redis.from_url(
-        target.url,
-        socket_connect_timeout=3.0,
-        socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=15,
-        driver_info=None,  # no CLIENT SETINFO at connect: one command fewer for the ACL to allow
-        **tls,
-    )
 
 
 @dataclass(frozen=True)
@@ -99,14 +70,14 @@ def _text(value: Any) -> str:
 
 
 class Store:
-    def __init__(self, redis: Redis, layout: KeyLayout, retention_ms: int) -> None:
+    def __init__(self, redis: RedisClient, layout: KeyLayout, retention_ms: int) -> None:
         self.redis = redis
         self.layout = layout
         self.retention_ms = retention_ms
         self.scripts = Scripts.register(redis)
 
     @classmethod
-    def from_settings(cls, settings: Settings, redis: Redis | None = None) -> Store:
+    def from_settings(cls, settings: Settings, redis: RedisClient | None = None) -> Store:
         client = redis if redis is not None else connect_redis(settings)
         return cls(client, KeyLayout(settings.key_prefix), settings.retention_ms)
 
@@ -140,7 +111,9 @@ class Store:
     async def _evalsha(self, calls: Sequence[ScriptCall]) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for script, keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                # execute_command: redis-py refuses pipe.evalsha on a cluster
+                # pipeline, but routes the raw command by its first key
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))
 
     # -- create ------------------------------------------------------------
@@ -222,6 +195,21 @@ class Store:
 
     # -- deadline index ------------------------------------------------------
 
+    def by_shard(self, parts: Iterable[int]) -> list[list[int]]:
+        """`parts` grouped by the Redis Cluster node that holds them (as the
+        client knows the topology now); one group on a single Redis."""
+        chosen = list(parts)
+        if not isinstance(self.redis, RedisCluster):
+            return [chosen]
+        groups: dict[str, list[int]] = defaultdict(list)
+        for part in chosen:
+            try:
+                node = self.redis.get_node_from_key(self.layout.deadlines(part))
+            except RedisClusterException:  # slot not covered right now
+                node = None
+            groups[node.name if node is not None else "?"].append(part)
+        return list(groups.values())
+
     async def sweep(self, parts: Iterable[int], limit: int) -> list[SweepResult]:
         """Cancel what is due in each part (up to `limit` each), in one round trip."""
         chosen = list(parts)
@@ -252,16 +240,32 @@ class Store:
     # -- reads ---------------------------------------------------------------
 
     async def get(self, order_id: str) -> Order | None:
-        raw = await self.redis.hgetall(self.layout.order(order_id))
-        if not raw:
-            return None
+        """The order as stored in any layout (keys.py): a pending order's bucket
+        field, its own hash, or an own hash of an earlier layout."""
+        # The bucket first: an order that leaves its bucket between the two
+        # reads (its first transition) is then found in its own hash.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.layout.bucket(order_id), [order_id])  # HMGET: both ACL users have it
+            pipe.hgetall(self.layout.order(order_id))
+            (packed,), raw = await pipe.execute()
         fields = {_text(k): _text(v) for k, v in raw.items()}
+        if "s" not in fields and packed is not None:
+            # pending: "<created entry id>|<deadline ms>"; own-hash fields win
+            created, deadline = _text(packed).split("|", 1)
+            fields.setdefault("c", created)
+            fields.setdefault("d", deadline)
+        if "c" not in fields:
+            return None
+        created_ms = int(fields["c"].split("-", 1)[0])
+        if "s" not in fields:
+            # never changed since create: status, version, reason and updated are implied
+            fields.update(s=Status.CREATED, v="1", r=Reason.CREATED, u=str(created_ms))
         return Order(
             order_id=order_id,
             status=Status(fields["s"]),
             version=int(fields["v"]),
             reason=Reason(fields["r"]),
-            created_ms=int(fields["c"].split("-", 1)[0]),
+            created_ms=created_ms,
             updated_ms=int(fields["u"]),
             deadline_ms=int(fields["d"]),
         )

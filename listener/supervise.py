@@ -29,6 +29,10 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     redis.exceptions.TryAgainError,
     redis.exceptions.OutOfMemoryError,  # maxmemory reached: back off until memory is freed
     redis.exceptions.BusyLoadingError,
+    # Redis Cluster: a failover or resharding under way (CLUSTERDOWN, slots not
+    # covered yet, no reachable node); the client finds the new topology
+    redis.exceptions.ClusterError,
+    redis.exceptions.RedisClusterException,
     # refused by the ACL or the password: an operator can fix it while we wait
     redis.exceptions.NoPermissionError,
     redis.exceptions.AuthenticationError,
@@ -36,7 +40,23 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+# Error replies that say the node changed role under us (a failover): a
+# blocked XREAD is answered "UNBLOCKED ... (master -> replica?)".
+TRANSIENT_REPLIES = ("UNBLOCKED", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "READONLY")
+
 # NOSCRIPT after a Redis restart is handled where scripts are called (store.py).
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Losing a server, or a server in the middle of a failover."""
+    if isinstance(exc, TRANSIENT):
+        return True
+    if not isinstance(exc, redis.exceptions.ResponseError):
+        return False
+    text = str(exc)
+    # in a pipeline: "Command # 2 (XREAD ...) of pipeline caused error: ('UNBLOCKED ...',)"
+    _, wrapped, reply = text.partition("of pipeline caused error: (")
+    return (reply.strip("'\"") if wrapped else text).startswith(TRANSIENT_REPLIES)
 
 
 T = TypeVar("T")
@@ -109,7 +129,9 @@ async def supervise(
     while True:
         try:
             result = await body()
-        except TRANSIENT as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             if service.generation != seen:
                 seen = service.generation
                 if time.monotonic() - service.up_since > STABLE_AFTER:  # it worked for a while: a new outage

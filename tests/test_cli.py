@@ -125,7 +125,7 @@ async def test_bulk_create_from_stdin(cli: Cli, redis: Redis) -> None:
     assert result.code == 0, result.err
     summary = json.loads(result.out)
     assert summary["created"] == 2000 and summary["refused"] == []
-    assert await redis.exists(KeyLayout().order("bulk-00042")) == 1
+    assert await redis.hexists(KeyLayout().bucket("bulk-00042"), "bulk-00042")  # pending: a bucket field
     assert await redis.zcard(KeyLayout().deadlines(part_of("bulk-00042"))) > 0
 
 

@@ -31,7 +31,9 @@ async def test_redis_out_of_memory_daemon_survives_and_cancels(
         await client.create_many([(oid, 1.0) for oid in ids])
         await wait_until(lambda: len(subscriber.with_status("created")) == 20, 10, "created events")
         used = int((await redis.info("memory"))["used_memory"])
-        await redis.config_set("maxmemory", str(used))  # full: noeviction refuses new data
+        # full, with a margin: the outbox frees the published `created` entries a
+        # little later, which must not make room again. noeviction refuses new data.
+        await redis.config_set("maxmemory", str(used - 1_000_000))
         try:
             with pytest.raises(Unavailable, match=r"is full .maxmemory reached"):
                 await client.create("oom-new", timeout=60)

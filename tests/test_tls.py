@@ -143,9 +143,14 @@ async def test_without_client_certificate_the_servers_refuse(
     tls_settings: Settings, tls_servers: tuple[Certs, ServerProcess, ServerProcess]
 ) -> None:
     plain = load_settings(**{**tls_settings.model_dump(), "redis_tls_cert": "", "redis_tls_key": ""})
-    async with OrderClient(plain) as client:
+    client = OrderClient(plain)
+    try:
         with pytest.raises(Unavailable, match="cannot reach Redis"):
             await client.create("no-cert", timeout=10)
+        with pytest.raises(Unavailable, match="cannot reach Redis"):  # opening alone (`async with`)
+            await client.opened()
+    finally:
+        await client.close()
 
 
 async def test_check_over_tls_never_prints_passwords(

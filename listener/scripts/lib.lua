@@ -7,6 +7,113 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Pending orders (status `created`, never changed since `create`) have no
+-- hash of their own: the record is the field <id> of a bucket hash of the
+-- part, `<prefix>:{P}:p:<B>`, with the value "<created entry id>|<deadline ms>"
+-- (hundreds of small listpack hashes per part instead of a key per order:
+-- about 90 bytes less per pending order). B = (crc32(id) >> 4) % BUCKETS, the
+-- bits of zlib's CRC-32 above those of the part (P = crc32(id) % 16).
+local BUCKETS = 256  -- a power of two; listener/keys.py has the same
+local crc_table  -- zlib's CRC-32 table, built on the first bucket_of() of a script run
+
+-- The bucket (0..BUCKETS-1) of an order id: (crc32(id) >> 4) % BUCKETS.
+-- Plain arithmetic on unsigned values where it can (each bit.* call costs).
+local function bucket_of(id)
+  if not crc_table then
+    crc_table = {
+      0x00000000, 0x77073096, 0xee0e612c, 0x990951ba, 0x076dc419, 0x706af48f, 0xe963a535, 0x9e6495a3,
+      0x0edb8832, 0x79dcb8a4, 0xe0d5e91e, 0x97d2d988, 0x09b64c2b, 0x7eb17cbd, 0xe7b82d07, 0x90bf1d91,
+      0x1db71064, 0x6ab020f2, 0xf3b97148, 0x84be41de, 0x1adad47d, 0x6ddde4eb, 0xf4d4b551, 0x83d385c7,
+      0x136c9856, 0x646ba8c0, 0xfd62f97a, 0x8a65c9ec, 0x14015c4f, 0x63066cd9, 0xfa0f3d63, 0x8d080df5,
+      0x3b6e20c8, 0x4c69105e, 0xd56041e4, 0xa2677172, 0x3c03e4d1, 0x4b04d447, 0xd20d85fd, 0xa50ab56b,
+      0x35b5a8fa, 0x42b2986c, 0xdbbbc9d6, 0xacbcf940, 0x32d86ce3, 0x45df5c75, 0xdcd60dcf, 0xabd13d59,
+      0x26d930ac, 0x51de003a, 0xc8d75180, 0xbfd06116, 0x21b4f4b5, 0x56b3c423, 0xcfba9599, 0xb8bda50f,
+      0x2802b89e, 0x5f058808, 0xc60cd9b2, 0xb10be924, 0x2f6f7c87, 0x58684c11, 0xc1611dab, 0xb6662d3d,
+      0x76dc4190, 0x01db7106, 0x98d220bc, 0xefd5102a, 0x71b18589, 0x06b6b51f, 0x9fbfe4a5, 0xe8b8d433,
+      0x7807c9a2, 0x0f00f934, 0x9609a88e, 0xe10e9818, 0x7f6a0dbb, 0x086d3d2d, 0x91646c97, 0xe6635c01,
+      0x6b6b51f4, 0x1c6c6162, 0x856530d8, 0xf262004e, 0x6c0695ed, 0x1b01a57b, 0x8208f4c1, 0xf50fc457,
+      0x65b0d9c6, 0x12b7e950, 0x8bbeb8ea, 0xfcb9887c, 0x62dd1ddf, 0x15da2d49, 0x8cd37cf3, 0xfbd44c65,
+      0x4db26158, 0x3ab551ce, 0xa3bc0074, 0xd4bb30e2, 0x4adfa541, 0x3dd895d7, 0xa4d1c46d, 0xd3d6f4fb,
+      0x4369e96a, 0x346ed9fc, 0xad678846, 0xda60b8d0, 0x44042d73, 0x33031de5, 0xaa0a4c5f, 0xdd0d7cc9,
+      0x5005713c, 0x270241aa, 0xbe0b1010, 0xc90c2086, 0x5768b525, 0x206f85b3, 0xb966d409, 0xce61e49f,
+      0x5edef90e, 0x29d9c998, 0xb0d09822, 0xc7d7a8b4, 0x59b33d17, 0x2eb40d81, 0xb7bd5c3b, 0xc0ba6cad,
+      0xedb88320, 0x9abfb3b6, 0x03b6e20c, 0x74b1d29a, 0xead54739, 0x9dd277af, 0x04db2615, 0x73dc1683,
+      0xe3630b12, 0x94643b84, 0x0d6d6a3e, 0x7a6a5aa8, 0xe40ecf0b, 0x9309ff9d, 0x0a00ae27, 0x7d079eb1,
+      0xf00f9344, 0x8708a3d2, 0x1e01f268, 0x6906c2fe, 0xf762575d, 0x806567cb, 0x196c3671, 0x6e6b06e7,
+      0xfed41b76, 0x89d32be0, 0x10da7a5a, 0x67dd4acc, 0xf9b9df6f, 0x8ebeeff9, 0x17b7be43, 0x60b08ed5,
+      0xd6d6a3e8, 0xa1d1937e, 0x38d8c2c4, 0x4fdff252, 0xd1bb67f1, 0xa6bc5767, 0x3fb506dd, 0x48b2364b,
+      0xd80d2bda, 0xaf0a1b4c, 0x36034af6, 0x41047a60, 0xdf60efc3, 0xa867df55, 0x316e8eef, 0x4669be79,
+      0xcb61b38c, 0xbc66831a, 0x256fd2a0, 0x5268e236, 0xcc0c7795, 0xbb0b4703, 0x220216b9, 0x5505262f,
+      0xc5ba3bbe, 0xb2bd0b28, 0x2bb45a92, 0x5cb36a04, 0xc2d7ffa7, 0xb5d0cf31, 0x2cd99e8b, 0x5bdeae1d,
+      0x9b64c2b0, 0xec63f226, 0x756aa39c, 0x026d930a, 0x9c0906a9, 0xeb0e363f, 0x72076785, 0x05005713,
+      0x95bf4a82, 0xe2b87a14, 0x7bb12bae, 0x0cb61b38, 0x92d28e9b, 0xe5d5be0d, 0x7cdcefb7, 0x0bdbdf21,
+      0x86d3d2d4, 0xf1d4e242, 0x68ddb3f8, 0x1fda836e, 0x81be16cd, 0xf6b9265b, 0x6fb077e1, 0x18b74777,
+      0x88085ae6, 0xff0f6a70, 0x66063bca, 0x11010b5c, 0x8f659eff, 0xf862ae69, 0x616bffd3, 0x166ccf45,
+      0xa00ae278, 0xd70dd2ee, 0x4e048354, 0x3903b3c2, 0xa7672661, 0xd06016f7, 0x4969474d, 0x3e6e77db,
+      0xaed16a4a, 0xd9d65adc, 0x40df0b66, 0x37d83bf0, 0xa9bcae53, 0xdebb9ec5, 0x47b2cf7f, 0x30b5ffe9,
+      0xbdbdf21c, 0xcabac28a, 0x53b39330, 0x24b4a3a6, 0xbad03605, 0xcdd70693, 0x54de5729, 0x23d967bf,
+      0xb3667a2e, 0xc4614ab8, 0x5d681b02, 0x2a6f2b94, 0xb40bbe37, 0xc30c8ea1, 0x5a05df1b, 0x2d02ef8d,
+    }
+  end
+  local crc_of, bxor = crc_table, bit.bxor
+  local crc = 4294967295
+  local bytes = {string.byte(id, 1, -1)}
+  for i = 1, #bytes do
+    -- (crc >> 8) xor table[(crc xor byte) & 255]; bit.bxor returns a signed int32
+    crc = bxor((crc - crc % 256) / 256, crc_of[bxor(crc, bytes[i]) % 256 + 1])
+    if crc < 0 then
+      crc = crc + 4294967296
+    end
+  end
+  crc = 4294967295 - crc
+  return (crc - crc % 16) / 16 % BUCKETS
+end
+
+-- The bucket key of an order from its own hash key `<prefix>:{P}:o:<id>`
+-- (same hash tag, so same Cluster slot); nil when okey is not that.
+local function bucket_key(okey, id)
+  local base_len = #okey - #id - 2
+  if base_len < 1 or string.sub(okey, base_len + 1) ~= 'o:' .. id then
+    return nil
+  end
+  return string.sub(okey, 1, base_len) .. 'p:' .. bucket_of(id)
+end
+
+-- The record of order `id`: its own hash okey (s, v, r, c, d), or while it is
+-- pending the field `id` of its bucket bkey ("<c>|<d>"). Own-hash fields win;
+-- the bucket gives c and d where the own hash has none. An own hash without s
+-- (only c and d: written by an earlier create) is pending too. Returns status,
+-- version, reason, c, d, and whether the bucket holds the order; nil when
+-- there is no record (neither an own hash with s or c nor a bucket field).
+local function read_record(okey, bkey, id)
+  local cur = redis.call('HMGET', okey, 's', 'v', 'r', 'c', 'd')
+  if cur[1] then
+    return cur[1], tonumber(cur[2]), cur[3], cur[4], cur[5], false
+  end
+  -- HMGET, not HGET: the daemon's ACL user has no HGET (deploy/redis-users.acl)
+  local packed = redis.call('HMGET', bkey, id)[1]
+  local c, d = cur[4], cur[5]
+  if packed then
+    local pc, pd = string.match(packed, '^([^|]+)|(%d+)$')
+    c, d = c or pc, d or pd
+  end
+  if not c and not packed then
+    return nil
+  end
+  -- (a malformed bucket value leaves c or d nil: the caller refuses it)
+  return 'created', 1, 'created', c, d, packed and true or false
+end
+
+-- Frees what only a pending order has: timer, index member, bucket field.
+-- Memory-freeing writes, so they come before the script's first HSET/XADD.
+local function unpend(timer, index, bkey, id, in_bucket)
+  redis.call('DEL', timer)
+  redis.call('ZREM', index, id)
+  if in_bucket then
+    redis.call('HDEL', bkey, id)
+  end
+end
+
 -- Appends one status event (any after `created`) to the part's outbox stream.
 local function emit(outbox, id, status, previous, reason, version, at, created)
   redis.call('XADD', outbox, '*', 'o', id, 's', status, 'p', previous, 'r', reason,
@@ -14,14 +121,18 @@ local function emit(outbox, id, status, previous, reason, version, at, created)
 end
 
 -- Moves an order through `steps`, one event and one version per step, and
--- remembers `reason`. A cancelled order keeps its record for `retention` ms.
-local function advance(okey, outbox, id, status, version, created, steps, reason, now, retention)
+-- remembers `reason`: writes the order's own hash with all six fields s, v,
+-- r, c, u, d (a pending order had only its bucket field, or an own hash with
+-- c and d). A cancelled order keeps its record for `retention` ms.
+local function advance(okey, outbox, id, status, version, created, deadline, steps, reason, now,
+                       retention)
   for _, nxt in ipairs(steps) do
     version = version + 1
     emit(outbox, id, nxt, status, reason, version, now, created)
     status = nxt
   end
-  redis.call('HSET', okey, 's', status, 'v', version, 'r', reason, 'u', now)
+  redis.call('HSET', okey, 's', status, 'v', version, 'r', reason, 'c', created, 'u', now,
+             'd', deadline)
   if status == 'cancelled' then
     redis.call('PEXPIRE', okey, retention)
   end
@@ -30,6 +141,8 @@ end
 
 -- The shape of every transition script:
 --   KEYS: order hash, timer key, deadline index of the part, outbox of the part
+--         (the script also uses the order's bucket hash, built from the order
+--         hash's name: same hash tag, same Cluster slot)
 --   ARGV: order id, retention ms of finished orders, [reason]
 -- spec: from (set of statuses), steps, reason, already(status, reason) -> bool,
 --       due (the expiry itself: only once the deadline has passed).
@@ -42,26 +155,28 @@ end
 -- is refused (the order is cancelled, reason timeout) and a late customer
 -- cancel is a repeat of an achieved result.
 --
--- Writes that free memory (DEL, ZREM) come first: under maxmemory with
+-- Writes that free memory (DEL, ZREM, HDEL) come first: under maxmemory with
 -- noeviction Redis refuses a script's memory-using write only while the
 -- script has written nothing, so cancellations keep working when Redis is full.
 local function transition(spec)
   local okey, timer, index, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
   local id, retention = ARGV[1], tonumber(ARGV[2])
-  local cur = redis.call('HMGET', okey, 's', 'v', 'r', 'c', 'd')
-  local status, version, reason = cur[1], tonumber(cur[2]), cur[3]
+  local bkey = bucket_key(okey, id)
+  if not bkey then
+    return redis.error_reply('KEYS[1] must be the order hash of ' .. id .. ' (see README, Redis key layout)')
+  end
+  local status, version, reason, created, deadline, in_bucket = read_record(okey, bkey, id)
   if not status then
     return {'unknown', '', 0, ''}
   end
-  if not version or not cur[4] or not tonumber(cur[5]) then
-    return redis.error_reply('order record ' .. okey .. ' is malformed; nothing changed')
+  if not version or not created or not tonumber(deadline) then
+    return redis.error_reply('order record of ' .. id .. ' is malformed; nothing changed')
   end
   local now = now_ms()
-  if status == 'created' and tonumber(cur[5]) <= now then
-    redis.call('DEL', timer)
-    redis.call('ZREM', index, id)
-    version = advance(okey, outbox, id, status, version, cur[4], {'cancelled'}, 'timeout', now,
-                      retention)
+  if status == 'created' and tonumber(deadline) <= now then
+    unpend(timer, index, bkey, id, in_bucket)
+    version = advance(okey, outbox, id, status, version, created, deadline, {'cancelled'}, 'timeout',
+                      now, retention)
     if spec.due then
       return {'done', 'cancelled', version, 'timeout'}
     end
@@ -71,11 +186,10 @@ local function transition(spec)
       return {'notdue', status, version, reason}
     end
     if status == 'created' then
-      redis.call('DEL', timer)
-      redis.call('ZREM', index, id)
+      unpend(timer, index, bkey, id, in_bucket)
     end
-    version = advance(okey, outbox, id, status, version, cur[4], spec.steps, spec.reason, now,
-                      retention)
+    version = advance(okey, outbox, id, status, version, created, deadline, spec.steps, spec.reason,
+                      now, retention)
     return {'done', spec.steps[#spec.steps], version, spec.reason}
   end
   if spec.already(status, reason) then

@@ -3,6 +3,8 @@
 -- is the truth: this runs at each deadline, on start and after reconnects.
 --   KEYS: deadline index of the part, outbox of the part
 --   ARGV: key base of the part ("<prefix>:{P}:"), batch limit, retention ms
+-- (the orders' own hashes, timers and buckets are built from the key base:
+-- all in the part's Cluster slot)
 -- Returns {now, next deadline or -1, {id1, deadline1, id2, deadline2, ...}}.
 local index, outbox = KEYS[1], KEYS[2]
 local base, limit, retention = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -17,14 +19,34 @@ if #due > 0 then
   end
   redis.call('DEL', unpack(timers))
   redis.call('ZREM', index, unpack(due))
-  for _, id in ipairs(due) do
+  -- Read every record, free the bucket fields (one HDEL per bucket), then write.
+  local records, bucket_keys, bucket_ids = {}, {}, {}
+  for i, id in ipairs(due) do
     local okey = base .. 'o:' .. id
-    local cur = redis.call('HMGET', okey, 's', 'v', 'c', 'd')
-    if cur[1] == 'created' and tonumber(cur[2]) and cur[3] then
-      advance(okey, outbox, id, 'created', tonumber(cur[2]), cur[3], {'cancelled'}, 'timeout',
-              now, retention)
+    local bkey = base .. 'p:' .. bucket_of(id)
+    local status, version, _, created, deadline, in_bucket = read_record(okey, bkey, id)
+    if in_bucket then
+      if not bucket_ids[bkey] then
+        bucket_keys[#bucket_keys + 1] = bkey
+        bucket_ids[bkey] = {}
+      end
+      local ids = bucket_ids[bkey]
+      ids[#ids + 1] = id
+    end
+    if status == 'created' and version and created and tonumber(deadline) then
+      records[i] = {okey, version, created, deadline}
+    end
+  end
+  for _, bkey in ipairs(bucket_keys) do
+    redis.call('HDEL', bkey, unpack(bucket_ids[bkey]))
+  end
+  for i, id in ipairs(due) do
+    local record = records[i]
+    if record then
+      advance(record[1], outbox, id, 'created', record[2], record[3], record[4], {'cancelled'},
+              'timeout', now, retention)
       cancelled[#cancelled + 1] = id
-      cancelled[#cancelled + 1] = cur[4]
+      cancelled[#cancelled + 1] = record[4]
     end
   end
 end

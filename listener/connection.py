@@ -1,0 +1,131 @@
+"""Connecting to Redis: one server or a Redis Cluster, told apart by asking the
+configured node (any one node of a cluster will do).
+
+Both kinds of client run the same commands and scripts: every order's keys,
+its part's deadline index and outbox share one hash tag, so each script runs
+on one node. What differs is pub/sub: keyspace notifications are local to the
+node that expires the key, so on a cluster the expiry listener subscribes on
+every primary (`primaries`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from listener import logs
+from listener.config import Settings, redis_target
+from listener.errors import ConfigError
+
+log = logs.get("listener.connection")
+
+RedisClient = Redis | RedisCluster
+
+
+def _options(settings: Settings, timeout: float) -> dict[str, Any]:
+    """Connection options shared by both clients.
+
+    No automatic retries: a pipeline retried after its reply was lost would run
+    `create` twice and report the caller's own new orders as taken. Idle
+    connections are checked before use (health_check_interval); outages are
+    the caller's: the daemon's loops back off and resume, the CLI says
+    Redis is unreachable (exit 1)."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 3.0,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 15,
+        "driver_info": None,  # no CLIENT SETINFO at connect: one command fewer for the ACL to allow
+    }
+    if redis_target(settings.redis_url).tls:
+        options |= {
+            "ssl_cert_reqs": "required",
+            "ssl_ca_certs": settings.redis_tls_ca or None,
+            "ssl_certfile": settings.redis_tls_cert or None,
+            "ssl_keyfile": settings.redis_tls_key or None,
+        }
+    return options
+
+
+def connect_redis(settings: Settings, *, timeout: float = 5.0) -> Redis:
+    """A client for the configured URL as one Redis server (not connected yet)."""
+    return Redis.from_url(redis_target(settings.redis_url).url, **_options(settings, timeout))
+
+
+def connect_cluster(settings: Settings, *, timeout: float = 5.0) -> RedisCluster:
+    """A cluster client that learns the cluster from the configured node."""
+    target = redis_target(settings.redis_url)
+    if target.db != 0:
+        raise ConfigError(
+            f"{target.shown} is a Redis Cluster node, and a cluster has only database 0: "
+            "use .../0 in ORDER_LISTENER_REDIS_URL"
+        )
+    # Redirections (MOVED, ASK) are followed whatever the retries; a command
+    # lost with its node fails to the caller, who backs off and goes on.
+    return RedisCluster.from_url(target.url, **_options(settings, timeout))
+
+
+@dataclass(frozen=True)
+class NodeAddress:
+    host: str
+    port: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+async def is_cluster(settings: Settings) -> bool:
+    """Does the configured node run in cluster mode? (INFO cluster)"""
+    probe = connect_redis(settings)
+    try:
+        info = await probe.info("cluster")
+    except redis_errors.ResponseError as exc:
+        if "not allowed in cluster mode" in str(exc):  # SELECT of a database other than 0
+            return True
+        if not isinstance(exc, redis_errors.NoPermissionError):
+            raise
+        log.warning(
+            "cannot ask Redis whether it is a cluster (INFO not allowed); assuming one server",
+            fix="grant +info to this user (deploy/redis-users.acl)",
+        )
+        return False
+    finally:
+        await probe.aclose()
+    return str(info.get("cluster_enabled", "0")) == "1"
+
+
+async def open_cluster(settings: Settings, *, timeout: float = 5.0) -> RedisCluster:
+    """A cluster client with the topology loaded from the configured node."""
+    cluster = connect_cluster(settings, timeout=timeout)
+    try:
+        await cluster.initialize()
+    except BaseException:
+        await cluster.aclose()
+        raise
+    log.info("connected to a Redis Cluster", primaries=[node.name for node in cluster.get_primaries()])
+    return cluster
+
+
+async def open_redis(settings: Settings, *, timeout: float = 5.0) -> RedisClient:
+    """The right client for the configured URL: a cluster client if the node
+    is part of a Redis Cluster, else a plain one. Raises what the connection
+    raises when Redis is unreachable."""
+    if await is_cluster(settings):
+        return await open_cluster(settings, timeout=timeout)
+    return connect_redis(settings, timeout=timeout)
+
+
+def node_client(settings: Settings, node: NodeAddress, *, timeout: float = 5.0) -> Redis:
+    """A plain client to one node of a cluster, with the configured credentials
+    and TLS (for its pub/sub connection)."""
+    target = redis_target(settings.redis_url)
+    client = Redis.from_url(target.url, **_options(settings, timeout))
+    client.connection_pool.connection_kwargs.update(host=node.host, port=node.port)
+    return client

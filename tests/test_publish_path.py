@@ -1,0 +1,214 @@
+"""The fast publish path: events encoded byte for byte as before, batches
+acknowledged by their PUBACKs over one or several connections, per-order
+order kept, the broker's Receive Maximum respected, a lost connection failing
+a waiting publish at once, and paho's plain `publish` as the fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import signal
+import socket
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from listener import mqtt
+from listener.config import Settings, load_settings
+from listener.events import StatusEvent, iso_ms
+from listener.mqtt import MqttLink, Publisher, encode_publish, property_bytes
+from listener.servers import ServerProcess, mosquitto
+from listener.supervise import Service
+from tests.conftest import Subscriber, wait_until
+
+SAMPLES = [
+    StatusEvent("A-1001", "cancelled", "created", "timeout", 2, 1795564749929, 1795564747000),
+    StatusEvent("B.2:x_y", "created", None, "created", 1, 1795564749000, 1795564749000, 1795564759001),
+    StatusEvent("x" * 128, "refunded", "delivered", "returned", 4, 1, 0),
+    StatusEvent('odd"\\é☃\n', "paid", "created", "paid", 2, 253402300799999, 946684800000),
+]
+
+
+def test_payload_is_what_json_dumps_gives() -> None:
+    for event in SAMPLES:
+        assert event.payload() == json.dumps(event.as_dict(), separators=(",", ":")).encode()
+
+
+def test_iso_ms_is_the_utc_time_to_the_millisecond() -> None:
+    rng = random.Random(7)
+    for unix_ms in [
+        0,
+        999,
+        1000,
+        1795564749929,
+        253402300799999,
+        *(rng.randrange(0, 4 * 10**12) for _ in range(2000)),
+    ]:
+        moment = datetime.fromtimestamp(unix_ms / 1000, tz=UTC)
+        assert iso_ms(unix_ms) == moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{unix_ms % 1000:03d}Z"
+
+
+def paho_packet(event: StatusEvent, v5: bool) -> bytes:
+    """The PUBLISH packet paho builds for the event, with properties built by paho."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5 if v5 else paho.MQTTv311)
+    built: list[bytes] = []
+
+    def capture(command: int, packet: bytes, mid: int, qos: int, info: Any = None) -> Any:
+        built.append(bytes(packet))
+        return paho.MQTT_ERR_SUCCESS
+
+    left, right = socket.socketpair()
+    try:
+        client._sock = left
+        client._packet_queue = capture  # type: ignore[method-assign]
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.ContentType = "application/json"
+            properties.UserProperty = ("event_id", event.event_id)
+            properties.UserProperty = ("status", event.status)
+        topic = f"orders/{event.order_id}/status".encode()
+        client._send_publish(4711, topic, event.payload(), 1, False, False, None, properties)
+    finally:
+        client._sock = None
+        left.close()
+        right.close()
+    assert len(built) == 1
+    return built[0]
+
+
+@pytest.mark.parametrize("v5", [True, False], ids=["v5", "v3.1.1"])
+def test_publish_packet_is_what_paho_builds(v5: bool) -> None:
+    for event in SAMPLES[:3]:
+        topic = f"orders/{event.order_id}/status".encode()
+        ours = encode_publish(topic, 4711, property_bytes(event) if v5 else None, event.payload())
+        assert ours == paho_packet(event, v5)
+
+
+def events_for(tag: str, orders: int, versions: int) -> list[StatusEvent]:
+    """Every order's events in version order, orders interleaved."""
+    return [
+        StatusEvent(f"{tag}-{n}", "paid", "created", "paid", version, 1795564749929 + version, 1795564740000)
+        for version in range(2, 2 + versions)
+        for n in range(orders)
+    ]
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[MqttLink]:
+    link = MqttLink(settings, Service("mqtt"))
+    task = asyncio.create_task(link.run())
+    try:
+        await asyncio.wait_for(link.connected.wait(), 10)
+        yield link
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def publish_lanes(link: MqttLink, events: Sequence[StatusEvent], lanes: int, batch: int) -> None:
+    """Like the outbox: a lane per part, each publishing its orders' events in batches."""
+    by_lane: list[list[StatusEvent]] = [[] for _ in range(lanes)]
+    for event in events:
+        by_lane[hash(event.order_id) % lanes].append(event)
+
+    async def lane(part: int) -> None:
+        mine = by_lane[part]
+        for start in range(0, len(mine), batch):
+            await link.publish(mine[start : start + batch], part=part)
+
+    await asyncio.gather(*(lane(part) for part in range(lanes)))
+
+
+@pytest.mark.parametrize(
+    ("protocol", "connections", "fast"),
+    [("5", 1, True), ("5", 3, True), ("3.1.1", 2, True), ("5", 2, False), ("3.1.1", 1, False)],
+)
+async def test_lanes_over_connections_arrive_complete_and_in_order(
+    settings: Settings,
+    subscriber: Subscriber,
+    monkeypatch: pytest.MonkeyPatch,
+    protocol: str,
+    connections: int,
+    fast: bool,
+) -> None:
+    if not fast:
+        monkeypatch.setattr(mqtt, "FAST_IO_AVAILABLE", False)
+    tag = f"pp{protocol.replace('.', '')}c{connections}{'f' if fast else 's'}"
+    config = load_settings(
+        **{**settings.model_dump(), "mqtt_protocol": protocol, "mqtt_connections": connections}
+    )
+    events = events_for(tag, orders=300, versions=3)
+    async with running(config) as link:
+        current = await link.connection()
+        assert len(current.publishers) == connections
+        assert all((p.client.fast is not None) == fast for p in current.publishers)
+        await publish_lanes(link, events, lanes=16, batch=37)
+    await wait_until(
+        lambda: len([e for e in subscriber.events if e["order_id"].startswith(f"{tag}-")]) == len(events),
+        15,
+        "every event at the subscriber",
+    )
+    for n in range(300):
+        assert [e["version"] for e in subscriber.of(f"{tag}-{n}")] == [2, 3, 4]
+
+
+@pytest.fixture
+def small_broker(workdir: Path) -> Any:
+    """A mosquitto of its own that tells MQTT 5 clients Receive Maximum 5."""
+    broker = mosquitto(workdir / f"rm-{random.randrange(10**9)}", extra_conf="max_inflight_messages 5\n")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+async def test_the_brokers_receive_maximum_bounds_what_is_in_flight(
+    settings: Settings, small_broker: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_settings(**{**settings.model_dump(), "mqtt_url": f"mqtt://127.0.0.1:{small_broker.port}"})
+    highest = 0
+    send = Publisher._send
+
+    async def counting(self: Publisher, events: Sequence[StatusEvent]) -> list[str]:
+        nonlocal highest
+        highest = max(highest, self.inflight + len(events))
+        return await send(self, events)
+
+    monkeypatch.setattr(Publisher, "_send", counting)
+    async with running(config) as link:
+        current = await link.connection()
+        assert current.publishers[0].client.receive_maximum == 5
+        assert current.publishers[0].window == 5
+        await publish_lanes(link, events_for("rm", orders=100, versions=2), lanes=8, batch=40)
+    assert 0 < highest <= 5
+
+
+async def test_a_lost_connection_fails_a_waiting_publish_at_once(settings: Settings, workdir: Path) -> None:
+    broker = mosquitto(workdir / f"lost-{random.randrange(10**9)}")
+    broker.start()
+    try:
+        config = load_settings(**{**settings.model_dump(), "mqtt_url": f"mqtt://127.0.0.1:{broker.port}"})
+        async with running(config) as link:
+            assert broker.proc is not None
+            broker.proc.send_signal(signal.SIGSTOP)  # takes the publish, never acknowledges it
+            waiting = asyncio.create_task(link.publish(events_for("lost", orders=5, versions=1), timeout=30))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+            broker.kill()
+            with pytest.raises(aiomqtt.MqttError):
+                await asyncio.wait_for(waiting, 5)  # not the 30 s timeout
+            broker.start()  # the link reconnects; publishing works again
+            await asyncio.wait_for(link.publish(events_for("back", orders=5, versions=1)), 20)
+    finally:
+        broker.stop()
