@@ -27,6 +27,7 @@ from listener.connection import RedisClient, open_redis
 from listener.errors import OrderExists, Refused, Unavailable, UnknownOrder
 from listener.orders import Operation, Order, parse_timeout, validate_order_id
 from listener.store import CreateResult, Store, TransitionResult
+from listener.supervise import is_transient
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ _UNAVAILABLE = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     OSError,
-    redis.exceptions.RedisClusterException,  # no reachable node, slots not covered
+    redis.exceptions.SlotNotCoveredError,  # a Redis Cluster in the middle of a failover
 )
 
 
@@ -115,6 +116,10 @@ class OrderClient:
             raise Unavailable(f"Redis at {self._shown} refused the operation: {exc}") from None
         except redis.exceptions.AuthenticationError as exc:
             raise Unavailable(f"Redis at {self._shown} refused our credentials: {exc}") from None
+        except redis.exceptions.RedisClusterException as exc:
+            if not is_transient(exc):  # cross-slot and the like: a bug, keep its traceback
+                raise
+            raise Unavailable(f"cannot reach the Redis Cluster at {self._shown}: {exc}") from None
 
     # -- create ------------------------------------------------------------
 

@@ -10,8 +10,10 @@ every primary (`primaries`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.exceptions as redis_errors
 from redis.asyncio import Redis
@@ -129,3 +131,33 @@ def node_client(settings: Settings, node: NodeAddress, *, timeout: float = 5.0) 
     client = Redis.from_url(target.url, **_options(settings, timeout))
     client.connection_pool.connection_kwargs.update(host=node.host, port=node.port)
     return client
+
+
+def configured_node(settings: Settings) -> NodeAddress:
+    """The node the URL names."""
+    parts = urlsplit(redis_target(settings.redis_url).url)
+    return NodeAddress(parts.hostname or "127.0.0.1", parts.port or 6379)
+
+
+async def cluster_primaries(settings: Settings, candidates: Sequence[NodeAddress]) -> list[NodeAddress]:
+    """The primaries as the first candidate that answers tells (CLUSTER SLOTS),
+    each asked on a short-lived connection of its own: refreshing the shared
+    cluster client instead would reconnect every connection it has."""
+    last: Exception | None = None
+    for node in dict.fromkeys(candidates):  # in order, each once
+        client = node_client(settings, node, timeout=2.0)
+        try:
+            reply = await client.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            last = exc
+            continue
+        finally:
+            await client.aclose()
+        found: dict[str, NodeAddress] = {}
+        for entry in reply:
+            host, port = entry[2][0], int(entry[2][1])
+            text = host.decode() if isinstance(host, bytes) else str(host)
+            address = NodeAddress(text or node.host, port)  # an empty host: the node we asked
+            found[address.name] = address
+        return sorted(found.values(), key=lambda address: address.name)
+    raise last if last is not None else redis_errors.ConnectionError("no cluster node to ask")

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import redis.exceptions as redis_errors
 import sdnotify
@@ -65,6 +67,12 @@ async def _check_node(redis: RedisClient, node: ClusterNode | None) -> Notificat
             reply = await redis.config_get("notify-keyspace-events")
         else:
             reply = await redis.config_get("notify-keyspace-events", target_nodes=node)
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        if node is None:
+            raise  # one Redis: an outage, retried by the caller
+        # one node of a cluster (a replica that died, an address we cannot
+        # reach): that node's problem, not a reason to wait
+        return NotificationCheck(False, None, f"{where}cannot reach the node to check it ({exc})")
     except redis_errors.ResponseError as exc:  # ACL or a managed Redis without CONFIG
         return NotificationCheck(
             False,
@@ -141,7 +149,7 @@ class Daemon:
             self.link,
             self.redis_service,
             batch=settings.publish_batch,
-            on_published=lambda event: self.metrics.event_published(event.status, event.reason),
+            on_published=self.metrics.events_published,
         )
 
     async def _use_cluster_if_there(self) -> None:
@@ -165,15 +173,17 @@ class Daemon:
             key_prefix=self.settings.key_prefix,
             topic_prefix=self.settings.topic_prefix,
         )
+        watchdog_task = asyncio.create_task(self._watchdog(), name="watchdog")  # from the start on
         try:
-            await self._use_cluster_if_there()
+            if not await self._until_stopped(self._use_cluster_if_there(), stop):
+                log.info("stopped before Redis answered")
+                return
             async with asyncio.TaskGroup() as group:
                 mqtt_task = group.create_task(self.link.run(), name="mqtt")
                 outbox_task = group.create_task(self.outbox.run(), name="outbox")
                 sweep_task = group.create_task(self.scheduler.run(), name="scheduler")
                 start_task = group.create_task(self._start(group), name="readiness")
-                watchdog_task = group.create_task(self._watchdog(), name="watchdog")
-                extra = [start_task, watchdog_task]
+                extra = [start_task]
                 if self.settings.metrics_addr:  # gauges are sampled only for someone to read them
                     extra.append(group.create_task(self._sample_gauges(), name="gauges"))
                     extra.append(
@@ -187,8 +197,27 @@ class Daemon:
                 for task in (*extra, mqtt_task):
                     task.cancel()
         finally:
+            watchdog_task.cancel()
+            await asyncio.gather(watchdog_task, return_exceptions=True)
             await self.redis.aclose()
         log.info("stopped", published=self.outbox.published, cancelled=self.scheduler.cancelled)
+
+    @staticmethod
+    async def _until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+        """Run `work` unless `stop` comes first (then cancel it): True if it finished."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            return False
+        task.result()  # its error, if any, is ours
+        return True
 
     async def _start(self, group: asyncio.TaskGroup) -> None:
         await self._warn_if_notifications_off()

@@ -38,7 +38,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from listener import logs
 from listener.config import Settings
-from listener.connection import NodeAddress, RedisClient, node_client
+from listener.connection import NodeAddress, RedisClient, cluster_primaries, configured_node, node_client
 from listener.keys import KeyLayout
 from listener.orders import Operation
 from listener.scheduler import DeadlineScheduler
@@ -115,12 +115,21 @@ class ExpiryListener:
         try:
             while not self._stopping.is_set():
                 self._topology_stale.clear()
+                known = [NodeAddress(n.host, int(n.port)) for n in cluster.get_primaries()]
                 try:
-                    await cluster.nodes_manager.initialize()  # CLUSTER SLOTS, from a node that answers
+                    primaries = await cluster_primaries(settings, [configured_node(settings), *known])
                 except Exception as exc:  # no node reachable now: look again soon
                     if not is_transient(exc):
                         raise
-                nodes = {n.name: NodeAddress(n.host, int(n.port)) for n in cluster.get_primaries()}
+                    primaries = known
+                if {n.name for n in primaries} != {n.name for n in known}:
+                    # the shared client learns the new topology (this reconnects its connections)
+                    try:
+                        await cluster.nodes_manager.initialize()
+                    except Exception as exc:  # its own commands will retry (and refresh) anyway
+                        if not is_transient(exc):
+                            raise
+                nodes = {node.name: node for node in primaries}
                 if set(nodes) != self._expected:
                     log.info("following the cluster's primaries", primaries=sorted(nodes))
                     if self._expected - set(nodes):
@@ -131,6 +140,11 @@ class ExpiryListener:
                         sessions.pop(name).cancel()
                         self._listening.discard(name)
                 for name, node in nodes.items():
+                    ended = sessions.get(name)
+                    if ended is not None and ended.done() and not ended.cancelled():
+                        failure = ended.exception()
+                        if failure is not None:  # not an outage (those are retried inside): a bug
+                            raise failure
                     if name not in sessions or sessions[name].done():
                         sessions[name] = asyncio.create_task(
                             self._node_session(settings, node), name=f"expiry-listener-{name}"

@@ -9,15 +9,17 @@ asyncio server in the daemon's loop, so /healthz reads the live state.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from listener import logs
+from listener.events import StatusEvent
 from listener.supervise import Service
 
 log = logs.get("listener.metrics")
@@ -78,10 +80,15 @@ class Metrics:
     def cancelled(self, deadline_ms: int, cancelled_ms: int) -> None:
         self.lag.observe(max(0.0, (cancelled_ms - deadline_ms) / 1000))
 
-    def event_published(self, status: str, reason: str) -> None:
-        self.published.labels(status).inc()
-        if status == "cancelled":
-            self.cancellations.labels(reason).inc()
+    def events_published(self, events: Sequence[StatusEvent]) -> None:
+        """Count a published batch: one `inc` per label, not per event."""
+        statuses = collections.Counter(event.status for event in events)
+        for status, count in statuses.items():
+            self.published.labels(status).inc(count)
+        if statuses["cancelled"]:
+            reasons = collections.Counter(event.reason for event in events if event.status == "cancelled")
+            for reason, count in reasons.items():
+                self.cancellations.labels(reason).inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

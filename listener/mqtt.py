@@ -398,6 +398,8 @@ class Publisher:
                     if self._lost:
                         raise aiomqtt.MqttError(self._lost)
                 refused += await self._send(chunk)
+                if refused:  # no later event may overtake a refused one (the batch is sent again)
+                    break
         if refused:
             reasons = sorted(set(refused))
             raise PublishRefused(f"the broker refused {len(refused)} publish(es): {', '.join(reasons)}")

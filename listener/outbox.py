@@ -68,7 +68,7 @@ class Outbox:
         *,
         batch: int = 500,
         owner: str | None = None,
-        on_published: Callable[[StatusEvent], None] | None = None,
+        on_published: Callable[[Sequence[StatusEvent]], None] | None = None,
     ) -> None:
         self.redis = redis
         self.store = store
@@ -176,38 +176,53 @@ class Outbox:
         lo_key = self.layout.outbox_created(part)
         hi_last, lo_last = b"0-0", b"0-0"
         acked: dict[str, list[bytes]] = {}  # published, PUBACKed, not yet deleted
-        while self.holds(part):
-            block = None if self.stopping.is_set() else BLOCK_MS
-            reply = await self._read(acked, {hi_key: hi_last, lo_key: lo_last}, block)
-            acked = {}
-            self.redis_service.ok()
-            streams = {_name(stream): entries for stream, entries in reply or []}
-            hi = streams.get(hi_key, [])
-            if hi:
-                early = await self._publish_hi(part, hi, lo_last)
-                if early is None:
-                    return
-                acked[hi_key] = [entry_id for entry_id, _ in hi]
-                if early:
-                    acked[lo_key] = early
-                hi_last = hi[-1][0]
-                continue
-            lo = streams.get(lo_key, [])[:CREATED_CHUNK]
-            if lo:
-                events = await self._parse(lo_key, lo, created=True)
-                async with self._created_gate:
-                    if not await self._send(part, [event for _, event in events]):
+        try:
+            while self.holds(part):
+                block = None if self.stopping.is_set() else BLOCK_MS
+                reply = await self._read(acked, {hi_key: hi_last, lo_key: lo_last}, block)
+                acked = {}
+                self.redis_service.ok()
+                streams = {_name(stream): entries for stream, entries in reply or []}
+                hi = streams.get(hi_key, [])
+                if hi:
+                    early = await self._publish_hi(part, hi, lo_last)
+                    if early is None:
                         return
-                acked[lo_key] = [entry_id for entry_id, _ in lo]
-                lo_last = lo[-1][0]
-                continue
-            if self.stopping.is_set():
-                return
-        if acked:  # the lease ends: what the broker has must not go out again
+                    acked[hi_key] = [entry_id for entry_id, _ in hi]
+                    if early:
+                        acked[lo_key] = early
+                    hi_last = hi[-1][0]
+                    continue
+                lo = streams.get(lo_key, [])[:CREATED_CHUNK]
+                if lo:
+                    events = await self._parse(lo_key, lo, created=True)
+                    async with self._created_gate:
+                        if not await self._send(part, [event for _, event in events]):
+                            return
+                    acked[lo_key] = [entry_id for entry_id, _ in lo]
+                    lo_last = lo[-1][0]
+                    continue
+                if self.stopping.is_set():
+                    return
+        finally:
+            if acked:  # the lease ends, or a stop cut us short: what the broker has must not go out again
+                await self._forget(acked)
+
+    async def _forget(self, acked: dict[str, list[bytes]]) -> None:
+        """XDEL entries the broker acknowledged, even while being cancelled (a
+        short, shielded round trip); if Redis is away they are sent again later."""
+
+        async def delete() -> None:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key, ids in acked.items():
                     pipe.xdel(key, *ids)
                 await pipe.execute()
+
+        try:
+            async with asyncio.timeout(2.0):
+                await asyncio.shield(delete())
+        except Exception as exc:  # at least once: a repeat is the worst case
+            log.debug("could not delete published entries; they may be sent again", error=str(exc))
 
     async def _read(
         self, acked: dict[str, list[bytes]], streams: dict[Any, Any], block: int | None
@@ -310,8 +325,7 @@ class Outbox:
             log.info("the broker takes events again", part=part)
         self.published += len(events)
         if self.on_published is not None:
-            for event in events:
-                self.on_published(event)
+            self.on_published(events)
         lane_log = log.bind(part=part)  # bound once: its debug() is a no-op below debug level
         for event in events:
             lane_log.debug(

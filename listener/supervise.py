@@ -29,10 +29,10 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     redis.exceptions.TryAgainError,
     redis.exceptions.OutOfMemoryError,  # maxmemory reached: back off until memory is freed
     redis.exceptions.BusyLoadingError,
-    # Redis Cluster: a failover or resharding under way (CLUSTERDOWN, slots not
-    # covered yet, no reachable node); the client finds the new topology
+    # Redis Cluster: a failover or resharding under way (CLUSTERDOWN,
+    # MASTERDOWN, slots not covered yet); the client finds the new topology
     redis.exceptions.ClusterError,
-    redis.exceptions.RedisClusterException,
+    redis.exceptions.SlotNotCoveredError,
     # refused by the ACL or the password: an operator can fix it while we wait
     redis.exceptions.NoPermissionError,
     redis.exceptions.AuthenticationError,
@@ -51,6 +51,10 @@ def is_transient(exc: BaseException) -> bool:
     """Losing a server, or a server in the middle of a failover."""
     if isinstance(exc, TRANSIENT):
         return True
+    if isinstance(exc, redis.exceptions.RedisClusterException):
+        # "Redis Cluster cannot be connected ...": no node reachable now. The
+        # class also covers misuse (cross-slot, no way to dispatch): bugs.
+        return "cannot be connected" in str(exc)
     if not isinstance(exc, redis.exceptions.ResponseError):
         return False
     text = str(exc)

@@ -183,7 +183,7 @@ async def test_daemon_started_after_deadlines_cancels_overdue(
 async def test_bulk_created_backlog_does_not_delay_cancellation(
     settings: Settings, start_daemon: Callable[..., Awaitable[Daemon]], redis: Redis
 ) -> None:
-    """20,000 `created` events waiting to go out; an order due meanwhile is
+    """60,000 `created` events waiting to go out; an order due meanwhile is
     still announced promptly, its `created` event first. A subscriber of that
     order's topic alone sees what we publish without queueing at the broker
     behind the other orders' events."""
@@ -192,7 +192,8 @@ async def test_bulk_created_backlog_does_not_delay_cancellation(
         watch_topic(settings, f"{settings.topic_prefix}/urgent/status", "urgent-watcher") as seen,
         OrderClient(settings) as client,
     ):
-        await client.create_many([(f"bulk-{i}", 3600) for i in range(20_000)])
+        # enough that the daemon (about 30,000 `created` events a second) is far from done
+        await client.create_many([(f"bulk-{i}", 3600) for i in range(60_000)])
         await client.create("urgent", timeout=0.3)
         deadline = (await client.get("urgent")).deadline_ms
         await wait_until(lambda: len(seen) >= 2, 20, "urgent cancelled")

@@ -19,7 +19,7 @@ from listener.config import Settings
 from listener.daemon import Daemon
 from listener.keys import KeyLayout, part_of
 from listener.orders import Operation
-from listener.servers import ServerProcess
+from listener.servers import ServerProcess, free_port
 from listener.store import Store
 from tests.conftest import DaemonProcess, Subscriber, wait_until
 from tests.life import lanes_barrier
@@ -208,6 +208,23 @@ async def test_sigterm_mid_wave_exits_0_nothing_lost(
     again = await spawn_daemon()
     await again.wait_ready()
     await every_order_cancelled_once_in_order(subscriber, ids, 20)
+
+
+async def test_sigterm_while_redis_never_answered_exits_0(
+    spawn_daemon: Callable[..., Awaitable[DaemonProcess]],
+) -> None:
+    """Started before Redis (at boot, say): the daemon waits for it with
+    backoff, and `systemctl stop` still stops it at once."""
+    closed = free_port()  # nothing listens there
+    daemon = await spawn_daemon(ORDER_LISTENER_REDIS_URL=f"redis://127.0.0.1:{closed}/0")
+
+    async def waiting() -> bool:
+        return "redis unavailable; retrying with backoff" in daemon.log.read_text()
+
+    await wait_until(waiting, 10, "the daemon to wait for Redis")
+    daemon.terminate()
+    assert await daemon.wait(10) == 0
+    assert "stopped before Redis answered" in daemon.log.read_text()
 
 
 async def test_logs_off_a_terminal_are_json_lines_with_order_ids(

@@ -11,6 +11,7 @@ import zlib
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from listener import OrderClient, OrderExists, Refused
 from listener.config import Settings
@@ -249,3 +250,16 @@ async def test_get_of_an_unknown_order_is_none(settings: Settings, redis: Redis)
         assert await store.get("nobody") is None
     finally:
         await store.close()
+
+
+async def test_create_refuses_an_order_given_the_wrong_part(settings: Settings, redis: Redis) -> None:
+    """A producer in another language that computes P wrong gets an error and
+    nothing is written (such an order would be unreachable by `show` and `pay`)."""
+    store = Store.from_settings(settings, redis)
+    layout = KeyLayout(settings.key_prefix)
+    right = part_of(ID20)
+    wrong = (right + 1) % PARTS
+    keys = [layout.deadlines(wrong), layout.outbox_created(wrong), layout.order(ID20), layout.timer(ID20)]
+    with pytest.raises(ResponseError, match=f"belongs to part {right}, not {wrong}"):
+        await store.run_scripts([(store.scripts.create, keys, [layout.wake_channel, wrong, ID20, 60_000])])
+    assert await redis.dbsize() == 0

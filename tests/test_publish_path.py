@@ -26,7 +26,7 @@ from paho.mqtt.properties import Properties
 from listener import mqtt
 from listener.config import Settings, load_settings
 from listener.events import StatusEvent, iso_ms
-from listener.mqtt import MqttLink, Publisher, encode_publish, property_bytes
+from listener.mqtt import MqttLink, Publisher, _length, encode_publish, property_bytes
 from listener.servers import ServerProcess, mosquitto
 from listener.supervise import Service
 from tests.conftest import Subscriber, wait_until
@@ -93,6 +93,19 @@ def test_publish_packet_is_what_paho_builds(v5: bool) -> None:
         topic = f"orders/{event.order_id}/status".encode()
         ours = encode_publish(topic, 4711, property_bytes(event) if v5 else None, event.payload())
         assert ours == paho_packet(event, v5)
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 16383, 16384, 2097151, 2097152, 268435455])
+def test_remaining_length_is_the_mqtt_variable_byte_integer(value: int) -> None:
+    """Every branch of `_length`, against the spec's algorithm (MQTT 5, 1.5.5)."""
+    expected = bytearray()
+    x = value
+    while True:
+        byte, x = x % 128, x // 128
+        expected.append(byte | 0x80 if x > 0 else byte)
+        if x == 0:
+            break
+    assert _length(value) == bytes(expected)
 
 
 def events_for(tag: str, orders: int, versions: int) -> list[StatusEvent]:

@@ -20,6 +20,9 @@ from listener.supervise import is_transient
         ),
         redis_errors.ResponseError("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is no"),
         redis_errors.SlotNotCoveredError("slot 42 is not covered by the cluster"),
+        redis_errors.RedisClusterException(
+            "Redis Cluster cannot be connected. Please provide at least one node"
+        ),
     ],
 )
 def test_failover_and_outage_replies_are_transient(exc: Exception) -> None:
@@ -34,6 +37,7 @@ def test_failover_and_outage_replies_are_transient(exc: Exception) -> None:
         redis_errors.ResponseError(
             "Command # 1 (EVALSHA ...) of pipeline caused error: ('ERR order record is malformed',)"
         ),
+        redis_errors.RedisClusterException("No way to dispatch this command to Redis Cluster"),
         ValueError("a bug"),
     ],
 )

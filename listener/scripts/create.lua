@@ -20,7 +20,12 @@ for i = 1, (#ARGV - 2) / 2 do
     return redis.error_reply('create: timeout of ' .. ARGV[1 + 2 * i] ..
       ' must be whole milliseconds from 100 to 2592000000; nothing was created')
   end
-  buckets[i] = bucket_key(KEYS[1 + 2 * i], ARGV[1 + 2 * i])
+  local crc = crc32(ARGV[1 + 2 * i])
+  if crc % 16 ~= tonumber(ARGV[2]) then
+    return redis.error_reply('create: order ' .. ARGV[1 + 2 * i] .. ' belongs to part ' .. crc % 16 ..
+      ', not ' .. ARGV[2] .. ' (crc32(id) % 16, see README, Redis key layout); nothing was created')
+  end
+  buckets[i] = bucket_key(KEYS[1 + 2 * i], ARGV[1 + 2 * i], crc)
   if not buckets[i] then
     return redis.error_reply('create: the order hash of ' .. ARGV[1 + 2 * i] ..
       ' must be <prefix>:{P}:o:<id> (see README, Redis key layout); nothing was created')

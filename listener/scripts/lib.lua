@@ -14,11 +14,11 @@ end
 -- about 90 bytes less per pending order). B = (crc32(id) >> 4) % BUCKETS, the
 -- bits of zlib's CRC-32 above those of the part (P = crc32(id) % 16).
 local BUCKETS = 256  -- a power of two; listener/keys.py has the same
-local crc_table  -- zlib's CRC-32 table, built on the first bucket_of() of a script run
+local crc_table  -- zlib's CRC-32 table, built on the first crc32() of a script run
 
--- The bucket (0..BUCKETS-1) of an order id: (crc32(id) >> 4) % BUCKETS.
+-- zlib's CRC-32 of an order id, as an unsigned number.
 -- Plain arithmetic on unsigned values where it can (each bit.* call costs).
-local function bucket_of(id)
+local function crc32(id)
   if not crc_table then
     crc_table = {
       0x00000000, 0x77073096, 0xee0e612c, 0x990951ba, 0x076dc419, 0x706af48f, 0xe963a535, 0x9e6495a3,
@@ -65,18 +65,24 @@ local function bucket_of(id)
       crc = crc + 4294967296
     end
   end
-  crc = 4294967295 - crc
+  return 4294967295 - crc
+end
+
+-- The bucket (0..BUCKETS-1) of an order id: (crc32(id) >> 4) % BUCKETS
+-- (`crc`: the id's CRC-32 when the caller has it already).
+local function bucket_of(id, crc)
+  crc = crc or crc32(id)
   return (crc - crc % 16) / 16 % BUCKETS
 end
 
 -- The bucket key of an order from its own hash key `<prefix>:{P}:o:<id>`
 -- (same hash tag, so same Cluster slot); nil when okey is not that.
-local function bucket_key(okey, id)
+local function bucket_key(okey, id, crc)
   local base_len = #okey - #id - 2
   if base_len < 1 or string.sub(okey, base_len + 1) ~= 'o:' .. id then
     return nil
   end
-  return string.sub(okey, 1, base_len) .. 'p:' .. bucket_of(id)
+  return string.sub(okey, 1, base_len) .. 'p:' .. bucket_of(id, crc)
 end
 
 -- The record of order `id`: its own hash okey (s, v, r, c, d), or while it is
