@@ -51,7 +51,10 @@ class DeadlineScheduler:
         # earliest deadline of each part, as time.monotonic() seconds; inf = none
         self._heads = [math.inf] * PARTS
         self._failures = [0] * PARTS  # sweeps of the part failed in a row (its shard is away)
-        self._offset: float | None = None  # redis ms / 1000 - monotonic
+        # per part: its node's clock (redis ms / 1000) minus monotonic; on a
+        # Redis Cluster each shard has its own clock, and a wake's deadline
+        # was computed on the clock of the part's node
+        self._offsets: list[float | None] = [None] * PARTS
         self._wake = asyncio.Event()
         self._stopping = False
         self.caught_up = asyncio.Event()
@@ -69,7 +72,7 @@ class DeadlineScheduler:
         """A new order became the earliest of `part` (from the wake channel)."""
         if not 0 <= part < PARTS:
             return
-        due = self._local(deadline_ms)
+        due = self._local(part, deadline_ms)
         if due < self._heads[part]:
             self._heads[part] = due
             self._wake.set()
@@ -79,10 +82,11 @@ class DeadlineScheduler:
         self._heads = [0.0] * PARTS
         self._wake.set()
 
-    def _local(self, redis_ms: int) -> float:
-        if self._offset is None:
+    def _local(self, part: int, redis_ms: int) -> float:
+        offset = self._offsets[part]
+        if offset is None:
             return 0.0  # clock unknown yet: look now
-        return redis_ms / 1000 - self._offset
+        return redis_ms / 1000 - offset
 
     async def run(self) -> None:
         await supervise("scheduler", self.service, self._session)
@@ -156,7 +160,7 @@ class DeadlineScheduler:
         for result in results:
             # The reply left Redis a little before we got it: the offset we
             # compute errs on the late side by at most the round trip.
-            self._offset = result.now_ms / 1000 - received
+            self._offsets[result.part] = result.now_ms / 1000 - received
             for order_id, deadline_ms in result.cancelled:
                 self.cancelled += 1
                 self.recent[order_id] = None
