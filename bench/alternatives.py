@@ -48,7 +48,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -652,8 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kind, url, argument = args.child
         run_child(kind, url, argument)
         return 0
-    for name in [k for k in os.environ if k.startswith("ORDER_LISTENER_")]:
-        del os.environ[name]
+    lag.clear_listener_env()
     node = bullmq_available() if "bullmq" in args.contenders else Node(False, "not selected")
     arq = arq_version() if "arq" in args.contenders else ""
     print_setup(

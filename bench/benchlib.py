@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lag import command_output, cpu_model, machine_busy, percentile
+from lag import DaemonProcess, command_output, cpu_model, machine_busy, percentile
 from redis.asyncio import Redis
 
+from listener.api import OrderClient
 from listener.servers import mosquitto_binary, redis_binary
 
 BENCH = Path(__file__).resolve().parent
@@ -335,3 +336,14 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print(flush=True)
+
+
+async def daemon_cancels_probe(orders: OrderClient, daemon: DaemonProcess, probe: str) -> None:
+    """The daemon is up once it cancelled a probe order with a 100 ms timeout."""
+    await orders.create(probe, timeout=0.1)
+    give_up = time.monotonic() + 60
+    while (await orders.get(probe)).status != "cancelled":
+        daemon.check_alive()
+        if time.monotonic() > give_up:
+            raise RuntimeError(f"the daemon did not cancel the probe in 60 s:\n{daemon.log_tail()}")
+        await asyncio.sleep(0.05)

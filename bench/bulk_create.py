@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lag
-from benchlib import print_setup, print_table, redis_config, rss_kb, used_memory
+from benchlib import daemon_cancels_probe, print_setup, print_table, redis_config, rss_kb, used_memory
 from redis.asyncio import Redis
 
 from listener.api import OrderClient
@@ -71,17 +71,6 @@ async def pending_count(redis: Redis) -> int:
         return sum(int(n) for n in await pipe.execute())
 
 
-async def wait_daemon_ready(orders: OrderClient, daemon: lag.DaemonProcess) -> None:
-    """The daemon is up once it cancelled a probe order with a 100 ms timeout."""
-    await orders.create(PROBE, timeout=0.1)
-    give_up = time.monotonic() + 60
-    while (await orders.get(PROBE)).status != "cancelled":
-        daemon.check_alive()
-        if time.monotonic() > give_up:
-            raise RuntimeError(f"the daemon did not cancel the probe in 60 s:\n{daemon.log_tail()}")
-        await asyncio.sleep(0.05)
-
-
 def cli_command() -> list[str]:
     return [lag.daemon_command()[0], "create", "-", "--json"]
 
@@ -103,7 +92,7 @@ async def one(
         async with OrderClient(settings) as orders:
             if broker is not None:
                 daemon = lag.spawn_daemon(redis_url, mqtt_url, workdir / f"daemon-{index}.log", "warning")
-                await wait_daemon_ready(orders, daemon)
+                await daemon_cancels_probe(orders, daemon, PROBE)
             ids = order_ids(count, "a" if how == "API" else "c")
             if how == "API":
                 began = time.perf_counter()
@@ -182,8 +171,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for name in [k for k in os.environ if k.startswith("ORDER_LISTENER_")]:
-        del os.environ[name]
+    lag.clear_listener_env()
     print_setup(
         "Setup",
         [

@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import contextlib
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -57,7 +56,7 @@ from redis.asyncio import Redis
 from listener.api import OrderClient
 from listener.config import load_settings
 from listener.keys import KeyLayout
-from listener.servers import ServerProcess, mosquitto, redis_server
+from listener.servers import ServerProcess
 
 CHUNK = 500  # orders per create call: small, so each timeout is computed just before its create
 SAMPLE = 0.02  # RSS sampling interval, s
@@ -264,8 +263,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for name in [k for k in os.environ if k.startswith("ORDER_LISTENER_")]:
-        del os.environ[name]
+    lag.clear_listener_env()
     print_setup(
         "Setup",
         [
@@ -276,11 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="order-listener-burst-"))
     servers: list[ServerProcess] = []
     try:
-        redis_proc = redis_server(workdir / "redis")
-        broker = mosquitto(workdir / "mosquitto")
-        for server in (redis_proc, broker):
-            servers.append(server)
-            server.start()
+        redis_proc, broker = lag.start_servers(workdir, servers)
         result = asyncio.run(run(args, redis_proc, broker, workdir))
     finally:
         for server in reversed(servers):

@@ -402,6 +402,23 @@ async def subscriber_child(host: str, port: int) -> None:
 # -- the daemon ------------------------------------------------------------------
 
 
+def clear_listener_env() -> None:
+    """Ignore ORDER_LISTENER_* of the environment: every bench sets its own."""
+    for name in [k for k in os.environ if k.startswith("ORDER_LISTENER_")]:
+        del os.environ[name]
+
+
+def start_servers(workdir: Path, started: list[ServerProcess]) -> tuple[ServerProcess, ServerProcess]:
+    """redis-server (the project's redis.conf) and mosquitto on free ports in
+    `workdir`; each is added to `started` once running (for the caller to stop)."""
+    redis_proc = redis_server(workdir / "redis")
+    broker = mosquitto(workdir / "mosquitto")
+    for server in (redis_proc, broker):
+        started.append(server)
+        server.start()
+    return redis_proc, broker
+
+
 def daemon_command() -> list[str]:
     beside = Path(sys.executable).parent / "order-listener"
     if beside.exists():
@@ -1050,18 +1067,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         host, port = args.subscriber_child
         asyncio.run(subscriber_child(host, int(port)))
         return 0
-    for name in [k for k in os.environ if k.startswith("ORDER_LISTENER_")]:
-        del os.environ[name]
+    clear_listener_env()
     print_setup(args)
     workdir = Path(tempfile.mkdtemp(prefix="order-listener-lag-"))
     servers: list[ServerProcess] = []
     rows: list[Row] = []
     try:
-        redis_proc = redis_server(workdir / "redis")
-        broker = mosquitto(workdir / "mosquitto")
-        for server in (redis_proc, broker):
-            servers.append(server)
-            server.start()
+        redis_proc, broker = start_servers(workdir, servers)
         bench = Bench(
             redis_url=f"redis://127.0.0.1:{redis_proc.port}/0",
             mqtt_host="127.0.0.1",

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import re
 import shutil
@@ -42,7 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lag
-from benchlib import BULLMQ_SCRIPT, bullmq_available, print_setup, print_table, redis_config, used_memory
+from benchlib import (
+    BULLMQ_SCRIPT,
+    bullmq_available,
+    daemon_cancels_probe,
+    print_setup,
+    print_table,
+    redis_config,
+    used_memory,
+)
 from redis.asyncio import Redis
 
 from listener.api import OrderClient
@@ -145,13 +152,7 @@ async def measure_orders(
         async with OrderClient(load_settings(redis_url=url, mqtt_url=mqtt_url)) as orders:
             if broker is not None:
                 daemon = lag.spawn_daemon(url, mqtt_url, workdir / "daemon.log", "warning")
-                await orders.create(PROBE, timeout=0.1)
-                give_up = time.monotonic() + 60
-                while (await orders.get(PROBE)).status != "cancelled":
-                    daemon.check_alive()
-                    if time.monotonic() > give_up:
-                        raise RuntimeError(f"the daemon did not start:\n{daemon.log_tail()}")
-                    await asyncio.sleep(0.05)
+                await daemon_cancels_probe(orders, daemon, PROBE)
                 await backlog_empty(redis, 30, daemon)
             before = await settle(redis)
             ids = ids_of(args.orders, "o")
@@ -291,8 +292,7 @@ async def run_all(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for name in [k for k in os.environ if k.startswith("ORDER_LISTENER_")]:
-        del os.environ[name]
+    lag.clear_listener_env()
     node = "" if args.no_bullmq else "skipped (--no-bullmq)"
     node_path = ""
     if not args.no_bullmq:

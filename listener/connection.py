@@ -5,7 +5,7 @@ Both kinds of client run the same commands and scripts: every order's keys,
 its part's deadline index and outbox share one hash tag, so each script runs
 on one node. What differs is pub/sub: keyspace notifications are local to the
 node that expires the key, so on a cluster the expiry listener subscribes on
-every primary (`primaries`).
+every primary (`cluster_primaries`, `node_client`).
 """
 
 from __future__ import annotations
@@ -127,8 +127,7 @@ async def open_redis(settings: Settings, *, timeout: float = 5.0) -> RedisClient
 def node_client(settings: Settings, node: NodeAddress, *, timeout: float = 5.0) -> Redis:
     """A plain client to one node of a cluster, with the configured credentials
     and TLS (for its pub/sub connection)."""
-    target = redis_target(settings.redis_url)
-    client = Redis.from_url(target.url, **_options(settings, timeout))
+    client = connect_redis(settings, timeout=timeout)
     client.connection_pool.connection_kwargs.update(host=node.host, port=node.port)
     return client
 

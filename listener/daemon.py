@@ -143,7 +143,6 @@ class Daemon:
             settings,
         )
         self.outbox = Outbox(
-            self.redis,
             self.store,
             self.layout,
             self.link,

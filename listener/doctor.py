@@ -48,10 +48,13 @@ async def run_checks(settings: Settings, echo: Echo) -> int:
 
 async def _check_redis(settings: Settings, report: _Report) -> None:
     target = redis_target(settings.redis_url)
+    redis: RedisClient | None = None
     try:
         redis = await open_redis(settings)
         info = await redis.info("server")
     except Exception as exc:
+        if redis is not None:
+            await redis.aclose()
         report.problem(
             f"redis: cannot reach {target.shown}: {exc}",
             "start redis-server, or point ORDER_LISTENER_REDIS_URL at it "

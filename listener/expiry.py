@@ -65,10 +65,10 @@ class ExpiryListener:
         db: int,
         scheduler: DeadlineScheduler,
         service: Service,
-        settings: Settings | None = None,
+        settings: Settings,
     ) -> None:
         self.redis = redis
-        self.settings = settings  # for a cluster: how to reach each primary
+        self.settings = settings  # on a cluster: how to reach each primary
         self.store = store
         self.layout = layout
         self.channel = expired_channel(db)
@@ -82,13 +82,17 @@ class ExpiryListener:
         self.cancelled = 0
         self.ignored = 0
         self.dropped = 0
-        self.received = 0  # expired events seen, ours or not
-        self.received_from: collections.Counter[str] = collections.Counter()  # the same, per node
+        self.received_from: collections.Counter[str] = collections.Counter()  # expired events, per node
         self.skipped = 0
         self._listening: set[str] = set()  # nodes whose subscription is confirmed now
         self._ever_listened: set[str] = set()
         self._expected: set[str] = set()  # nodes that must be listened to
         self._topology_stale = asyncio.Event()
+
+    @property
+    def received(self) -> int:
+        """Expired events seen, ours or not."""
+        return sum(self.received_from.values())
 
     def stop(self) -> None:
         self._stopping.set()
@@ -108,47 +112,17 @@ class ExpiryListener:
 
     async def _follow_cluster(self, cluster: RedisCluster) -> None:
         """One subscription per primary, kept in step with the topology."""
-        if self.settings is None:
-            raise ValueError("a cluster listener needs the settings to reach each primary")
-        settings = self.settings
         sessions: dict[str, asyncio.Task[None]] = {}
         try:
             while not self._stopping.is_set():
                 self._topology_stale.clear()
-                known = [NodeAddress(n.host, int(n.port)) for n in cluster.get_primaries()]
-                try:
-                    primaries = await cluster_primaries(settings, [configured_node(settings), *known])
-                except Exception as exc:  # no node reachable now: look again soon
-                    if not is_transient(exc):
-                        raise
-                    primaries = known
-                if {n.name for n in primaries} != {n.name for n in known}:
-                    # the shared client learns the new topology (this reconnects its connections)
-                    try:
-                        await cluster.nodes_manager.initialize()
-                    except Exception as exc:  # its own commands will retry (and refresh) anyway
-                        if not is_transient(exc):
-                            raise
-                nodes = {node.name: node for node in primaries}
+                nodes = await self._primaries(cluster)
                 if set(nodes) != self._expected:
                     log.info("following the cluster's primaries", primaries=sorted(nodes))
                     if self._expected - set(nodes):
                         self.scheduler.resync()  # a primary went away: what did it not announce?
                     self._expected = set(nodes)
-                for name in list(sessions):
-                    if name not in nodes:
-                        sessions.pop(name).cancel()
-                        self._listening.discard(name)
-                for name, node in nodes.items():
-                    ended = sessions.get(name)
-                    if ended is not None and ended.done() and not ended.cancelled():
-                        failure = ended.exception()
-                        if failure is not None:  # not an outage (those are retried inside): a bug
-                            raise failure
-                    if name not in sessions or sessions[name].done():
-                        sessions[name] = asyncio.create_task(
-                            self._node_session(settings, node), name=f"expiry-listener-{name}"
-                        )
+                self._reconcile(sessions, nodes)
                 self._update_subscribed()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(TOPOLOGY_EVERY):
@@ -158,8 +132,44 @@ class ExpiryListener:
                 task.cancel()
             await asyncio.gather(*sessions.values(), return_exceptions=True)
 
-    async def _node_session(self, settings: Settings, node: NodeAddress) -> None:
-        client = node_client(settings, node)
+    async def _primaries(self, cluster: RedisCluster) -> dict[str, NodeAddress]:
+        """The primaries now, asked on a side connection; the shared client
+        is refreshed only when they changed (a refresh reconnects all its
+        connections). While no node answers: the ones known."""
+        known = [NodeAddress(n.host, int(n.port)) for n in cluster.get_primaries()]
+        try:
+            primaries = await cluster_primaries(self.settings, [configured_node(self.settings), *known])
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            primaries = known
+        if {n.name for n in primaries} != {n.name for n in known}:
+            try:
+                await cluster.nodes_manager.initialize()
+            except Exception as exc:  # its own commands will retry (and refresh) anyway
+                if not is_transient(exc):
+                    raise
+        return {node.name: node for node in primaries}
+
+    def _reconcile(self, sessions: dict[str, asyncio.Task[None]], nodes: dict[str, NodeAddress]) -> None:
+        """A listening session per primary: end those of former primaries,
+        start missing ones. A session that ended with an error other than an
+        outage (those it retries itself) is a bug: raised here."""
+        for name in list(sessions):
+            if name not in nodes:
+                sessions.pop(name).cancel()
+                self._listening.discard(name)
+        for name, node in nodes.items():
+            task = sessions.get(name)
+            if task is not None and not task.done():
+                continue
+            failure = task.exception() if task is not None and not task.cancelled() else None
+            if failure is not None:
+                raise failure
+            sessions[name] = asyncio.create_task(self._node_session(node), name=f"expiry-listener-{name}")
+
+    async def _node_session(self, node: NodeAddress) -> None:
+        client = node_client(self.settings, node)
         try:
 
             async def listen() -> None:
@@ -186,7 +196,7 @@ class ExpiryListener:
             # sends, a refusal (ACL) would arrive later as the reply.
             for channel in (self.layout.wake_channel, self.channel):
                 await pubsub.subscribe(channel)
-                await self._confirmed(pubsub)
+                await self._confirmed(pubsub, node)
             self.service.ok()
             if node in self._ever_listened:
                 # A reconnect: events sent while we were away are gone; the index is not.
@@ -199,14 +209,12 @@ class ExpiryListener:
                 message = await pubsub.get_message(timeout=0.5)
                 if message is None or message["type"] != "message":
                     continue
-                if message["channel"] != self._wake_channel:
-                    self.received_from[node] += 1
-                self._on_message(message["channel"], message["data"])
+                self._on_message(node, message["channel"], message["data"])
         finally:
             self._listening.discard(node)
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def _confirmed(self, pubsub: PubSub, within: float = 10.0) -> None:
+    async def _confirmed(self, pubsub: PubSub, node: str, within: float = 10.0) -> None:
         async with asyncio.timeout(within):
             while True:
                 message = await pubsub.get_message(timeout=1.0)
@@ -215,9 +223,9 @@ class ExpiryListener:
                 if message["type"] == "subscribe":
                     return
                 if message["type"] == "message":  # of a channel subscribed just before
-                    self._on_message(message["channel"], message["data"])
+                    self._on_message(node, message["channel"], message["data"])
 
-    def _on_message(self, channel: bytes, data: bytes) -> None:
+    def _on_message(self, node: str, channel: bytes, data: bytes) -> None:
         if channel == self._wake_channel:
             part, _, deadline = data.partition(b" ")
             if part.isascii() and part.isdigit() and deadline.isascii() and deadline.isdigit():
@@ -225,8 +233,8 @@ class ExpiryListener:
             else:
                 log.warning("malformed wake message ignored", data=data[:100].decode(errors="replace"))
             return
+        self.received_from[node] += 1
         order_id = self.layout.parse_timer(data.decode(errors="replace"))
-        self.received += 1
         if order_id is None:
             self.ignored += 1
             return

@@ -516,44 +516,41 @@ class MqttLink:
             # PUBACK a message only once the handler has applied it to Redis,
             # so the broker redelivers what a crash or an outage interrupted.
             main._client.manual_ack_set(True)
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                for client in clients:
-                    await stack.enter_async_context(client)
-                for topic in self.subscriptions:
-                    granted = await main.subscribe(topic, qos=1)
-                    if any(_is_failure(code) for code in granted):
-                        log.error(
-                            "the broker refused the subscription; logistics messages will not arrive",
-                            topic=topic,
-                            reason=[str(code) for code in granted],
-                            fix="allow this user to subscribe to the topic (broker ACL)",
-                        )
-                prefix = self.settings.topic_prefix
-                connection = Connection([Publisher(c, self.v5, prefix, WINDOW) for c in clients])
-                self._current = connection
-                self.connected.set()
-                self.subscribed.set()
-                self.service.ok()
-                log.info(
-                    "mqtt connected",
-                    broker=mqtt_target(self.settings.mqtt_url).shown,
-                    subscriptions=self.subscriptions,
-                    connections=self.count,
-                )
-                reason = "connection closed"
-                try:
-                    await self._receive_until_lost(clients)
-                except BaseException as exc:  # also a stop (cancelled) or a failing handler
-                    reason = str(exc) or type(exc).__name__
-                    raise
-                finally:
-                    for publisher in connection.publishers:
-                        publisher.fail(f"connection to the broker lost while publishing ({reason})")
-                    self.connected.clear()
-                    self._current = None
-        finally:
-            self.connected.clear()
+        async with contextlib.AsyncExitStack() as stack:
+            for client in clients:
+                await stack.enter_async_context(client)
+            for topic in self.subscriptions:
+                granted = await main.subscribe(topic, qos=1)
+                if any(_is_failure(code) for code in granted):
+                    log.error(
+                        "the broker refused the subscription; logistics messages will not arrive",
+                        topic=topic,
+                        reason=[str(code) for code in granted],
+                        fix="allow this user to subscribe to the topic (broker ACL)",
+                    )
+            prefix = self.settings.topic_prefix
+            connection = Connection([Publisher(c, self.v5, prefix, WINDOW) for c in clients])
+            self._current = connection
+            self.connected.set()
+            self.subscribed.set()
+            self.service.ok()
+            log.info(
+                "mqtt connected",
+                broker=mqtt_target(self.settings.mqtt_url).shown,
+                subscriptions=self.subscriptions,
+                connections=self.count,
+            )
+            reason = "connection closed"
+            try:
+                await self._receive_until_lost(clients)
+            except BaseException as exc:  # also a stop (cancelled) or a failing handler
+                reason = str(exc) or type(exc).__name__
+                raise
+            finally:
+                for publisher in connection.publishers:
+                    publisher.fail(f"connection to the broker lost while publishing ({reason})")
+                self.connected.clear()
+                self._current = None
 
     async def _receive_until_lost(self, clients: list[CheckedClient]) -> None:
         """Hand incoming messages to the handler until a connection is lost

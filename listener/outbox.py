@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -28,7 +29,6 @@ from typing import Any, cast
 import aiomqtt
 
 from listener import logs
-from listener.connection import RedisClient
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
 from listener.keys import PARTS, KeyLayout
 from listener.mqtt import MqttLink, PublishRefused
@@ -60,7 +60,6 @@ class Outbox:
 
     def __init__(
         self,
-        redis: RedisClient,
         store: Store,
         layout: KeyLayout,
         link: MqttLink,
@@ -70,8 +69,8 @@ class Outbox:
         owner: str | None = None,
         on_published: Callable[[Sequence[StatusEvent]], None] | None = None,
     ) -> None:
-        self.redis = redis
         self.store = store
+        self.redis = store.redis
         self.layout = layout
         self.link = link
         self.redis_service = redis_service
@@ -214,8 +213,7 @@ class Outbox:
 
         async def delete() -> None:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for key, ids in acked.items():
-                    pipe.xdel(key, *ids)
+                _queue_deletes(pipe, acked)
                 await pipe.execute()
 
         try:
@@ -234,8 +232,7 @@ class Outbox:
                 await self.redis.xread(streams, count=self.batch, block=block),
             )
         async with self.redis.pipeline(transaction=False) as pipe:
-            for key, ids in acked.items():
-                pipe.xdel(key, *ids)
+            _queue_deletes(pipe, acked)
             pipe.xread(streams, count=self.batch, block=block)
             replies = await pipe.execute()
         return cast("list[tuple[bytes, list[Entry]]] | None", replies[-1])
@@ -326,11 +323,12 @@ class Outbox:
         self.published += len(events)
         if self.on_published is not None:
             self.on_published(events)
-        lane_log = log.bind(part=part)  # bound once: its debug() is a no-op below debug level
-        for event in events:
-            lane_log.debug(
-                "event published", order_id=event.order_id, event_id=event.event_id, status=event.status
-            )
+        lane_log = log.bind(part=part)
+        if lane_log.is_enabled_for(logging.DEBUG):  # a line per event only when asked for
+            for event in events:
+                lane_log.debug(
+                    "event published", order_id=event.order_id, event_id=event.event_id, status=event.status
+                )
         return True
 
     async def backlog(self) -> int:
@@ -340,6 +338,12 @@ class Outbox:
                 pipe.xlen(self.layout.outbox_created(part))
             lengths = await pipe.execute()
         return sum(int(n) for n in lengths)
+
+
+def _queue_deletes(pipe: Any, acked: dict[str, list[bytes]]) -> None:
+    """XDEL of the published entries, queued on a (plain or cluster) pipeline."""
+    for key, ids in acked.items():
+        pipe.xdel(key, *ids)
 
 
 def _name(stream: bytes | str) -> str:

@@ -20,12 +20,12 @@ import contextlib
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from listener import logs
 from listener.keys import PARTS
 from listener.store import Store, SweepResult
-from listener.supervise import Service, describe, is_transient, supervise
+from listener.supervise import Service, delays, describe, is_transient, supervise
 
 log = logs.get("listener.scheduler")
 
@@ -50,7 +50,7 @@ class DeadlineScheduler:
         self.on_cancelled = on_cancelled
         # earliest deadline of each part, as time.monotonic() seconds; inf = none
         self._heads = [math.inf] * PARTS
-        self._failures = [0] * PARTS  # sweeps of the part failed in a row (its shard is away)
+        self._retries: dict[int, Iterator[float]] = {}  # backoff of parts whose shard is away
         # per part: its node's clock (redis ms / 1000) minus monotonic; on a
         # Redis Cluster each shard has its own clock, and a wake's deadline
         # was computed on the clock of the part's node
@@ -138,22 +138,21 @@ class DeadlineScheduler:
             self._retry_later(group, exc)
 
     def _retry_later(self, parts: list[int], exc: BaseException) -> None:
-        if not any(self._failures[part] for part in parts):
+        if not any(part in self._retries for part in parts):
             log.warning(
                 "a shard is unavailable; its parts are retried with backoff, the others go on",
                 parts=parts,
                 error=describe(exc),
             )
-        retry = time.monotonic()
+        now = time.monotonic()
         for part in parts:
-            self._failures[part] += 1
-            self._heads[part] = retry + min(5.0, 0.05 * 2 ** self._failures[part])
+            self._heads[part] = now + next(self._retries.setdefault(part, delays(5.0)))
 
     def _recovered(self, parts: list[int]) -> None:
-        if any(self._failures[part] for part in parts):
+        if any(part in self._retries for part in parts):
             log.info("the shard's parts are swept again", parts=parts)
         for part in parts:
-            self._failures[part] = 0
+            self._retries.pop(part, None)
 
     def _absorb(self, results: list[SweepResult]) -> None:
         received = time.monotonic()

@@ -111,7 +111,8 @@ class Service:
         self.up = False
 
 
-def _delays(cap: float) -> Iterator[float]:
+def delays(cap: float) -> Iterator[float]:
+    """Capped exponential backoff with full jitter (seconds), from 50 ms."""
     expo = backoff.expo(base=2, factor=0.05, max_value=cap)
     next(expo)  # the generator's first value is a priming None
     for delay in expo:
@@ -128,7 +129,7 @@ async def supervise(
     """Run `body` until it returns (its result is ours); after a transient
     failure wait and run it again. The body reports `service.ok()` itself once
     it reached the service (a body may return without touching it)."""
-    delays = _delays(cap)
+    waits = delays(cap)
     seen = service.generation
     while True:
         try:
@@ -139,8 +140,8 @@ async def supervise(
             if service.generation != seen:
                 seen = service.generation
                 if time.monotonic() - service.up_since > STABLE_AFTER:  # it worked for a while: a new outage
-                    delays = _delays(cap)
+                    waits = delays(cap)
             service.failed(exc, task)
-            await asyncio.sleep(next(delays))
+            await asyncio.sleep(next(waits))
         else:
             return result

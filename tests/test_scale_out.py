@@ -30,6 +30,7 @@ from listener.daemon import Daemon
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.servers import RedisClusterProcs, ServerProcess, redis_cluster
 from tests.conftest import CLI, Subscriber, env_for, wait_until
+from tests.life import lanes_barrier
 
 WAVE = 600
 
@@ -139,8 +140,13 @@ async def primaries_of(settings: Settings, ids: list[str]) -> Counter[str]:
         await client.aclose()
 
 
+def cancelled_of(subscriber: Subscriber, ids: list[str]) -> list[dict[str, Any]]:
+    wanted = set(ids)
+    return [e for e in subscriber.with_status("cancelled") if e["order_id"] in wanted]
+
+
 def assert_cancelled_once(subscriber: Subscriber, ids: list[str]) -> None:
-    cancelled = [e for e in subscriber.with_status("cancelled") if e["order_id"] in set(ids)]
+    cancelled = cancelled_of(subscriber, ids)
     per_order = Counter(e["order_id"] for e in cancelled)
     assert set(per_order) == set(ids), f"{len(set(ids) - set(per_order))} never announced"
     twice = {order_id: n for order_id, n in per_order.items() if n > 1}
@@ -181,7 +187,7 @@ async def test_two_daemons_on_a_cluster_cancel_every_shards_orders_once(
         await wait_until(lambda: len(subscriber.with_status("cancelled")) >= WAVE, 30, "600 cancellations")
         for order_id in ids[:20]:
             assert (await client.get(order_id)).status == "cancelled"
-    await asyncio.sleep(1.5)  # a second announcement, if any, would come within a lane round
+        await lanes_barrier(client, subscriber, ids)  # a second announcement would have come before
     assert_cancelled_once(subscriber, ids)
     assert (
         first.scheduler.cancelled
@@ -217,8 +223,8 @@ async def test_a_primary_failover_during_a_wave_loses_nothing(
     victim_name, _ = placed.most_common(1)[0]
     victim = cluster.node(int(victim_name.rsplit(":", 1)[1]))
     replica_port = await _replica_of(cluster, victim.port)
-    await asyncio.sleep(2.0)  # the wave is under way
-    before = len(subscriber.with_status("cancelled"))
+    await wait_until(lambda: len(cancelled_of(subscriber, ids)) >= 60, 20, "the wave under way")
+    before = len(cancelled_of(subscriber, ids))
     if how == "failover":
         admin = Redis(port=replica_port)
         await admin.execute_command("CLUSTER", "FAILOVER")
@@ -235,7 +241,8 @@ async def test_a_primary_failover_during_a_wave_loses_nothing(
         40,
         lambda: f"600 cancellations, have {len(subscriber.cancelled_ids())}",
     )
-    await asyncio.sleep(1.5)
+    async with OrderClient(cluster_settings) as client:
+        await lanes_barrier(client, subscriber, ids)  # a second announcement would have come before
     assert 0 < before < WAVE  # the switch came during the wave
     if how == "failover":
         assert_cancelled_once(subscriber, ids)
@@ -245,7 +252,7 @@ async def test_a_primary_failover_during_a_wave_loses_nothing(
         # cancelled again on the new primary. It is announced with the same
         # event id and content (bar `at`), so consumers deduplicate it; it is
         # never lost and never cancelled two different ways.
-        cancelled = [e for e in subscriber.with_status("cancelled") if e["order_id"] in set(ids)]
+        cancelled = cancelled_of(subscriber, ids)
         assert {e["order_id"] for e in cancelled} == set(ids)
         by_order: dict[str, set[tuple[Any, ...]]] = {}
         for event in cancelled:
