@@ -131,12 +131,20 @@ async def supervise(
     it reached the service (a body may return without touching it)."""
     waits = delays(cap)
     seen = service.generation
+    retried_in = -1  # the generation in which we last retried at once
     while True:
         try:
             result = await body()
         except Exception as exc:
             if not is_transient(exc):
                 raise
+            if service.up and service.generation != retried_in:
+                # Others reach the service: most likely a pooled connection
+                # that went stale in an outage that has ended. Try again at
+                # once, without an outage warning or the old outage's backoff.
+                retried_in = service.generation
+                log.debug("retrying at once", service=service.name, task=task, error=describe(exc))
+                continue
             if service.generation != seen:
                 seen = service.generation
                 if time.monotonic() - service.up_since > STABLE_AFTER:  # it worked for a while: a new outage

@@ -1,11 +1,13 @@
-"""Which failures are outages to ride out (pure)."""
+"""Which failures are outages to ride out, and how they are retried."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import redis.exceptions as redis_errors
 
-from listener.supervise import is_transient
+from listener.supervise import Service, is_transient, supervise
 
 
 @pytest.mark.parametrize(
@@ -43,3 +45,46 @@ def test_failover_and_outage_replies_are_transient(exc: Exception) -> None:
 )
 def test_bugs_and_refusals_are_not(exc: Exception) -> None:
     assert not is_transient(exc)
+
+
+class Flaky:
+    """A body failing with the given errors in turn, then returning "done"."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "done"
+
+
+async def test_a_stale_connection_while_up_is_retried_at_once_without_an_outage() -> None:
+    service = Service("redis")
+    service.ok()  # others reach it
+    body = Flaky(redis_errors.ConnectionError("Connection closed by server."))
+    started = time.monotonic()
+    assert await supervise("lane", service, body) == "done"
+    assert body.calls == 2
+    assert time.monotonic() - started < 0.04  # no backoff sleep (the first would be up to 50 ms)
+    assert service.up and service.reconnects == 0
+
+
+async def test_a_second_failure_is_an_outage_with_backoff() -> None:
+    service = Service("redis")
+    service.ok()
+    body = Flaky(*[redis_errors.ConnectionError("Connection refused")] * 3)
+    assert await supervise("lane", service, body) == "done"
+    assert body.calls == 4  # one at once, then two after backoff
+    assert not service.up  # marked down; the body reports ok() itself once it works
+
+
+async def test_a_bug_is_raised_not_retried() -> None:
+    service = Service("redis")
+    service.ok()
+    body = Flaky(ValueError("a bug"))
+    with pytest.raises(ValueError, match="a bug"):
+        await supervise("lane", service, body)
+    assert body.calls == 1
