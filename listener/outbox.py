@@ -1,14 +1,21 @@
 """Outbox -> MQTT: every event the scripts appended goes out at least once,
 in version order per order; an entry is deleted only after the broker's PUBACK.
 
-One lane per part, all lanes concurrent. Each lane has two streams:
-``outbox`` (every transition after `created`) and ``outbox:created``. The
-second one can hold a bulk import's backlog; a lane publishes its ``outbox``
-first and ``outbox:created`` only when the first is empty, in small chunks
-through one gate shared by all lanes, so a cancellation waits behind at most
-one such chunk. Per-order order still holds: before an order's later event,
-the lane publishes that order's `created` event out of its turn if it is
-still unpublished (found by the id kept in the order record) and deletes it.
+One lane per part. Each lane has two streams: ``outbox`` (every transition
+after `created`) and ``outbox:created``. The second one can hold a bulk
+import's backlog; a lane publishes its ``outbox`` first and
+``outbox:created`` only when the first is empty, in chunks of at most
+CREATED_CHUNK over all lanes, so a cancellation waits behind at most one such
+chunk. Per-order order still holds: before an order's later event, the lane
+publishes that order's `created` event out of its turn if it is still
+unpublished (found by the id kept in the order record) and deletes it.
+
+On a single Redis one reader serves all lanes: one XREAD over every held
+lane's streams, one MQTT write for what they have, one round trip to delete
+what the broker acknowledged and read on. At a steady load most lanes hold an
+event or two at a time, and a round trip and a socket write per lane cost
+more than the events. On a Redis Cluster each lane has its own reader (its
+streams are a slot of their own).
 
 With several daemons, a lane is published by the holder of its lease
 (``<prefix>:{P}:lease``), so events of one order never race each other.
@@ -24,9 +31,11 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import aiomqtt
+from redis.asyncio.cluster import RedisCluster
 
 from listener import logs
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
@@ -87,10 +96,20 @@ class Outbox:
         """Run the leases and all lanes until `stop()` drained them."""
         async with asyncio.TaskGroup() as group:
             leases = group.create_task(self._keep_leases(), name="outbox-leases")
-            lanes = [group.create_task(self._lane(part), name=f"outbox-lane-{part}") for part in range(PARTS)]
-            await asyncio.gather(*lanes)
+            readers = [
+                group.create_task(self._reader(parts), name=_task_name(parts)) for parts in self._groups()
+            ]
+            await asyncio.gather(*readers)
             leases.cancel()
         await self._release_leases()
+
+    def _groups(self) -> list[list[int]]:
+        """Lanes read together, in one XREAD: all of them on a single Redis (one
+        round trip and one MQTT write serve every lane with something to send);
+        one each on a Redis Cluster, where every part is a slot of its own."""
+        if isinstance(self.redis, RedisCluster):
+            return [[part] for part in range(PARTS)]
+        return [list(range(PARTS))]
 
     def stop(self) -> None:
         """Lanes publish what is there now, then end."""
@@ -150,62 +169,137 @@ class Outbox:
 
     # -- lanes ---------------------------------------------------------------
 
-    async def _lane(self, part: int) -> None:
+    async def _reader(self, parts: list[int]) -> None:
+        task = _task_name(parts)
         while not self.stopping.is_set():
-            if self.held[part].is_set() and not self.holds(part):
+            if not any(self.held[part].is_set() for part in parts):
+                await self._until_held(parts)
+                continue
+            if not any(self.holds(part) for part in parts):
                 await asyncio.sleep(0.2)  # held but not renewed lately: wait for the renewal
                 continue
-            if not self.held[part].is_set():
-                waiter = asyncio.ensure_future(self.held[part].wait())
-                stop = asyncio.ensure_future(self.stopping.wait())
-                try:
-                    await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiter.cancel()
-                    stop.cancel()
-                continue
-            await supervise(f"outbox-lane-{part}", self.redis_service, lambda: self._drain(part))
+            await supervise(task, self.redis_service, lambda: self._drain(parts))
 
-    async def _drain(self, part: int) -> None:
-        """Publish the lane from its first unpublished entry while the lease is held.
-
-        Entries the broker acknowledged are deleted in the same round trip as
-        the next read (a pipeline: XDEL, then XREAD), or before returning."""
-        hi_key = self.layout.outbox(part)
-        lo_key = self.layout.outbox_created(part)
-        hi_last, lo_last = b"0-0", b"0-0"
-        acked: dict[str, list[bytes]] = {}  # published, PUBACKed, not yet deleted
+    async def _until_held(self, parts: list[int]) -> None:
+        waiters = [asyncio.ensure_future(self.held[part].wait()) for part in parts]
+        waiters.append(asyncio.ensure_future(self.stopping.wait()))
         try:
-            while self.holds(part):
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _drain(self, parts: list[int]) -> None:
+        """Publish the lanes of `parts` from their first unpublished entry, each
+        while its lease is held.
+
+        One XREAD reads every held lane; the events of all of them go to the
+        broker together, and what it acknowledged is deleted in the same round
+        trip as the next read (a pipeline: XDEL, then XREAD), or before returning."""
+        last: dict[str, bytes] = {}  # stream -> id of the last entry published
+        for part in parts:
+            last[self.layout.outbox(part)] = b"0-0"
+            last[self.layout.outbox_created(part)] = b"0-0"
+        acked: dict[str, list[bytes]] = {}  # published, PUBACKed, not yet deleted
+        turn = 0  # the lane whose `created` backlog goes first (round robin)
+        try:
+            while True:
+                mine = [part for part in parts if self.holds(part)]
+                if not mine:
+                    return
                 block = None if self.stopping.is_set() else BLOCK_MS
-                reply = await self._read(acked, {hi_key: hi_last, lo_key: lo_last}, block)
+                streams: dict[Any, Any] = {}
+                for part in mine:
+                    for key in (self.layout.outbox(part), self.layout.outbox_created(part)):
+                        streams[key] = last[key]
+                reply = await self._read(acked, streams, block)
                 acked = {}
                 self.redis_service.ok()
-                streams = {_name(stream): entries for stream, entries in reply or []}
-                hi = streams.get(hi_key, [])
-                if hi:
-                    early = await self._publish_hi(part, hi, lo_last)
-                    if early is None:
+                got = {_name(stream): entries for stream, entries in reply or []}
+                if not got:
+                    if self.stopping.is_set():
                         return
-                    acked[hi_key] = [entry_id for entry_id, _ in hi]
-                    if early:
-                        acked[lo_key] = early
-                    hi_last = hi[-1][0]
                     continue
-                lo = streams.get(lo_key, [])[:CREATED_CHUNK]
-                if lo:
-                    events = await self._parse(lo_key, lo, created=True)
-                    async with self._created_gate:
-                        if not await self._send(part, [event for _, event in events]):
-                            return
-                    acked[lo_key] = [entry_id for entry_id, _ in lo]
-                    lo_last = lo[-1][0]
-                    continue
-                if self.stopping.is_set():
-                    return
+                plan = await self._plan(mine, got, last, turn)
+                turn += 1
+                sent = await self._send(plan)
+                for part in sent:
+                    for key, ids in plan[part].acked.items():
+                        acked.setdefault(key, []).extend(ids)
+                    last.update(plan[part].last)
+                # a lane left out lost its lease: it is not read any more
         finally:
             if acked:  # the lease ends, or a stop cut us short: what the broker has must not go out again
                 await self._forget(acked)
+
+    async def _plan(
+        self, mine: list[int], got: dict[str, list[Entry]], last: dict[str, bytes], turn: int
+    ) -> dict[int, _Lane]:
+        """What each lane sends now: its transitions if it has any (an order's
+        `created` event still waiting goes out just before them), else a chunk
+        of its `created` backlog, at most CREATED_CHUNK over all lanes."""
+        plan: dict[int, _Lane] = {}
+        budget = CREATED_CHUNK
+        waiting = await self._waiting_created(mine, got, last)
+        for index in range(len(mine)):
+            part = mine[(turn + index) % len(mine)]
+            hi_key, lo_key = self.layout.outbox(part), self.layout.outbox_created(part)
+            hi = got.get(hi_key, [])
+            if hi:
+                events = [event for _, event in await self._parse(hi_key, hi, created=False)]
+                early = dict(waiting.get(part, {}))
+                ordered: list[StatusEvent] = []
+                for event in events:
+                    first = early.pop(event.created_entry, None)
+                    if first is not None:
+                        ordered.append(first)
+                    ordered.append(event)
+                lane = _Lane(ordered, {hi_key: [entry_id for entry_id, _ in hi]}, {hi_key: hi[-1][0]})
+                pulled = [entry for entry in waiting.get(part, {}) if entry not in early]
+                if pulled:
+                    lane.acked[lo_key] = pulled
+                plan[part] = lane
+                continue
+            lo = got.get(lo_key, [])[:budget]
+            if lo:
+                budget -= len(lo)
+                events = [event for _, event in await self._parse(lo_key, lo, created=True)]
+                plan[part] = _Lane(
+                    events, {lo_key: [entry_id for entry_id, _ in lo]}, {lo_key: lo[-1][0]}, created=True
+                )
+        return plan
+
+    async def _waiting_created(
+        self, mine: list[int], got: dict[str, list[Entry]], last: dict[str, bytes]
+    ) -> dict[int, dict[bytes, StatusEvent]]:
+        """Per lane, the `created` events, still unpublished, of orders with a
+        transition to publish now (found by the entry id kept in the order record);
+        one round trip for all lanes."""
+        lookups: list[tuple[int, bytes]] = []
+        for part in mine:
+            hi = got.get(self.layout.outbox(part))
+            if not hi:
+                continue
+            lo_last = _id_tuple(last[self.layout.outbox_created(part)])
+            suspects: dict[bytes, None] = {}
+            for _, fields in hi:
+                created = fields.get(b"c")
+                if created and _id_tuple(created) > lo_last:
+                    suspects[created] = None
+            lookups += [(part, created) for created in suspects]
+        waiting: dict[int, dict[bytes, StatusEvent]] = {}
+        if not lookups:
+            return waiting
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for part, created in lookups:
+                pipe.xrange(self.layout.outbox_created(part), created, created)
+            found = cast("list[list[Entry]]", await pipe.execute())
+        for (part, _), entries in zip(lookups, found, strict=True):
+            if entries:
+                # a malformed one is moved aside when its lane reads it in turn
+                with contextlib.suppress(KeyError, ValueError, UnicodeDecodeError):
+                    waiting.setdefault(part, {})[entries[0][0]] = from_created_entry(*entries[0])
+        return waiting
 
     async def _forget(self, acked: dict[str, list[bytes]]) -> None:
         """XDEL entries the broker acknowledged, even while being cancelled (a
@@ -261,75 +355,52 @@ class Outbox:
             good.append((entry_id, event))
         return good
 
-    async def _publish_hi(self, part: int, hi: Sequence[Entry], lo_last: bytes) -> list[bytes] | None:
-        """Publish `hi` in order; an order whose `created` event may still wait
-        in outbox:created gets it published first. Returns the ids of those
-        `created` entries (to delete there), or None if the lease was lost
-        before the broker took everything."""
-        lo_key = self.layout.outbox_created(part)
-        events = [event for _, event in await self._parse(self.layout.outbox(part), hi, created=False)]
-        suspects = list(
-            dict.fromkeys(e.created_entry for e in events if _id_tuple(e.created_entry) > _id_tuple(lo_last))
-        )
-        waiting: dict[bytes, StatusEvent] = {}
-        if suspects:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for created in suspects:
-                    pipe.xrange(lo_key, created, created)
-                found = cast("list[list[Entry]]", await pipe.execute())
-            for entries in found:
-                if entries:
-                    # a malformed one is moved aside by the created lane in its turn
-                    with contextlib.suppress(KeyError, ValueError, UnicodeDecodeError):
-                        waiting[entries[0][0]] = from_created_entry(*entries[0])
-        early = list(waiting)
-        ordered: list[StatusEvent] = []
-        for event in events:
-            first = waiting.pop(event.created_entry, None)
-            if first is not None:
-                ordered.append(first)
-            ordered.append(event)
-        if not await self._send(part, ordered):
-            return None
-        return early
-
-    async def _send(self, part: int, events: Sequence[StatusEvent]) -> bool:
-        """Publish until the broker acknowledged all (True), or until the lane's
-        lease is no longer surely ours (False: the entries stay for the next
-        holder). A broker outage is the MQTT link's to report and repair; a
-        broker that refuses (ACL, quota) is logged once and retried with backoff."""
+    async def _send(self, plan: dict[int, _Lane]) -> list[int]:
+        """Publish the planned events until the broker acknowledged them all,
+        and return the lanes published: those whose lease stayed surely ours
+        (a lane that lost it keeps its entries for the next holder). A broker
+        outage is the MQTT link's to report and repair; a broker that refuses
+        (ACL, quota) is logged once and retried with backoff."""
         refusals = 0
-        while True:
-            if not self.holds(part):
-                return False
-            try:
-                await self.link.publish(events, part=part)
-                break
-            except PublishRefused as exc:
-                refusals += 1
-                if refusals == 1:
-                    log.error(
-                        "the broker refused events; retrying with backoff",
-                        part=part,
-                        error=str(exc),
-                        fix="allow this user to publish under the topic prefix",
-                    )
-                await asyncio.sleep(min(5.0, 0.1 * 2**refusals))
-            except aiomqtt.MqttError as exc:
-                log.debug("publish failed; resending after reconnect", error=str(exc))
-                await asyncio.sleep(0.1)
+        gate = self._created_gate if any(lane.created for lane in plan.values()) else contextlib.nullcontext()
+        async with gate:
+            while True:
+                parts = [part for part in plan if self.holds(part)]
+                if not parts:
+                    return []
+                try:
+                    await self.link.publish_lanes({part: plan[part].events for part in parts})
+                    break
+                except PublishRefused as exc:
+                    refusals += 1
+                    if refusals == 1:
+                        log.error(
+                            "the broker refused events; retrying with backoff",
+                            parts=parts,
+                            error=str(exc),
+                            fix="allow this user to publish under the topic prefix",
+                        )
+                    await asyncio.sleep(min(5.0, 0.1 * 2**refusals))
+                except aiomqtt.MqttError as exc:
+                    log.debug("publish failed; resending after reconnect", error=str(exc))
+                    await asyncio.sleep(0.1)
         if refusals:
-            log.info("the broker takes events again", part=part)
-        self.published += len(events)
-        if self.on_published is not None:
-            self.on_published(events)
-        lane_log = log.bind(part=part)
-        if lane_log.is_enabled_for(logging.DEBUG):  # a line per event only when asked for
-            for event in events:
-                lane_log.debug(
-                    "event published", order_id=event.order_id, event_id=event.event_id, status=event.status
-                )
-        return True
+            log.info("the broker takes events again", parts=parts)
+        for part in parts:
+            events = plan[part].events
+            self.published += len(events)
+            if self.on_published is not None:
+                self.on_published(events)
+            if log.is_enabled_for(logging.DEBUG):  # a line per event only when asked for
+                for event in events:
+                    log.debug(
+                        "event published",
+                        part=part,
+                        order_id=event.order_id,
+                        event_id=event.event_id,
+                        status=event.status,
+                    )
+        return parts
 
     async def backlog(self) -> int:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -338,6 +409,21 @@ class Outbox:
                 pipe.xlen(self.layout.outbox_created(part))
             lengths = await pipe.execute()
         return sum(int(n) for n in lengths)
+
+
+@dataclass
+class _Lane:
+    """What one lane sends in a round: its events, the entries to delete
+    once the broker has them, and how far its streams are then read."""
+
+    events: list[StatusEvent]
+    acked: dict[str, list[bytes]]
+    last: dict[str, bytes]
+    created: bool = False  # a chunk of the `created` backlog (goes through the shared gate)
+
+
+def _task_name(parts: list[int]) -> str:
+    return f"outbox-lane-{parts[0]}" if len(parts) == 1 else "outbox-lanes"
 
 
 def _queue_deletes(pipe: Any, acked: dict[str, list[bytes]]) -> None:
