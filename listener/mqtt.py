@@ -217,6 +217,14 @@ class CheckedClient(aiomqtt.Client):
         if fast_io and FAST_IO_AVAILABLE:
             self.fast = FastPaho.adopt(self._client, self.batches, self._ack)
 
+    def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
+        # paho leaves Nagle's algorithm on: a small batch would wait for the
+        # TCP acknowledgement of the one before it (measured: a third of the
+        # lag at 2,000 events/s)
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super()._on_socket_open(client, userdata, sock)
+
     def _on_connect(
         self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None
     ) -> None:

@@ -208,14 +208,11 @@ class Outbox:
                 if not mine:
                     return
                 block = None if self.stopping.is_set() else BLOCK_MS
-                streams: dict[Any, Any] = {}
-                for part in mine:
-                    for key in (self.layout.outbox(part), self.layout.outbox_created(part)):
-                        streams[key] = last[key]
-                reply = await self._read(acked, streams, block)
+                hi = {key: last[key] for key in map(self.layout.outbox, mine)}
+                lo = {key: last[key] for key in map(self.layout.outbox_created, mine)}
+                got = await self._read(acked, hi, lo, block)
                 acked = {}
                 self.redis_service.ok()
-                got = {_name(stream): entries for stream, entries in reply or []}
                 if not got:
                     if self.stopping.is_set():
                         return
@@ -317,19 +314,23 @@ class Outbox:
             log.debug("could not delete published entries; they may be sent again", error=str(exc))
 
     async def _read(
-        self, acked: dict[str, list[bytes]], streams: dict[Any, Any], block: int | None
-    ) -> list[tuple[bytes, list[Entry]]] | None:
-        """XREAD the lane's streams; delete the `acked` entries first, in the same round trip."""
-        if not acked:
-            return cast(
-                "list[tuple[bytes, list[Entry]]] | None",
-                await self.redis.xread(streams, count=self.batch, block=block),
-            )
+        self, acked: dict[str, list[bytes]], hi: dict[Any, Any], lo: dict[Any, Any], block: int | None
+    ) -> dict[str, list[Entry]]:
+        """Entries after the given ids: up to `batch` of each transitions stream
+        (`hi`), a share of CREATED_CHUNK of each `created` stream (`lo`: a
+        backlog there is not read again and again in full while transitions go
+        first). One round trip, which first deletes the `acked` entries. When
+        there is nothing, one blocking XREAD of all of them, up to `block` ms."""
+        lo_count = max(1, CREATED_CHUNK // max(1, len(lo)))
         async with self.redis.pipeline(transaction=False) as pipe:
             _queue_deletes(pipe, acked)
-            pipe.xread(streams, count=self.batch, block=block)
+            pipe.xread(hi, count=self.batch)
+            pipe.xread(lo, count=lo_count)
             replies = await pipe.execute()
-        return cast("list[tuple[bytes, list[Entry]]] | None", replies[-1])
+        got = _by_stream(replies[-2]) | _by_stream(replies[-1])
+        if got or block is None:
+            return got
+        return _by_stream(await self.redis.xread({**hi, **lo}, count=self.batch, block=block))
 
     async def _parse(
         self, key: str, entries: Sequence[Entry], *, created: bool
@@ -430,6 +431,11 @@ def _queue_deletes(pipe: Any, acked: dict[str, list[bytes]]) -> None:
     """XDEL of the published entries, queued on a (plain or cluster) pipeline."""
     for key, ids in acked.items():
         pipe.xdel(key, *ids)
+
+
+def _by_stream(reply: Any) -> dict[str, list[Entry]]:
+    """An XREAD reply as stream name -> entries."""
+    return {_name(stream): entries for stream, entries in reply or []}
 
 
 def _name(stream: bytes | str) -> str:

@@ -16,13 +16,13 @@ every `resync_interval` seconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 from listener import logs
+from listener.alarm import Alarm
 from listener.keys import PARTS
 from listener.store import Store, SweepResult
 from listener.supervise import Service, delays, describe, is_transient, supervise
@@ -30,6 +30,7 @@ from listener.supervise import Service, delays, describe, is_transient, supervis
 log = logs.get("listener.scheduler")
 
 RECENT_MAX = 100_000
+CLOCK_STEP = 0.002  # seconds: a clock reading this far below the best one is a clock set back
 CancelledHook = Callable[[str, int, int], None]  # order id, deadline ms, cancelled-at ms
 
 
@@ -89,9 +90,13 @@ class DeadlineScheduler:
         return redis_ms / 1000 - offset
 
     async def run(self) -> None:
-        await supervise("scheduler", self.service, self._session)
+        alarm = Alarm(asyncio.get_running_loop(), self._wake.set)
+        try:
+            await supervise("scheduler", self.service, lambda: self._session(alarm))
+        finally:
+            alarm.close()
 
-    async def _session(self) -> None:
+    async def _session(self, alarm: Alarm) -> None:
         self.resync()  # catch-up on start and after every failure
         next_resync = time.monotonic()
         while not self._stopping:
@@ -107,10 +112,8 @@ class DeadlineScheduler:
                     log.info("caught up with the deadline index")
                 continue
             self._wake.clear()
-            sleep = min(min(self._heads), next_resync) - time.monotonic()
-            if sleep > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=sleep)
+            alarm.set(min(min(self._heads), next_resync))
+            await self._wake.wait()  # the alarm, a wake for an earlier deadline, or stop()
 
     async def _sweep_by_shard(self, due: list[int]) -> None:
         """Sweep the due parts, one round trip per shard (one on a single Redis),
@@ -157,9 +160,7 @@ class DeadlineScheduler:
     def _absorb(self, results: list[SweepResult]) -> None:
         received = time.monotonic()
         for result in results:
-            # The reply left Redis a little before we got it: the offset we
-            # compute errs on the late side by at most the round trip.
-            self._offsets[result.part] = result.now_ms / 1000 - received
+            self._learn_clock(result.part, result.now_us / 1e6 - received)
             for order_id, deadline_ms in result.cancelled:
                 self.cancelled += 1
                 self.recent[order_id] = None
@@ -181,4 +182,13 @@ class DeadlineScheduler:
             elif result.next_deadline_ms <= result.now_ms:
                 self._heads[result.part] = 0.0
             else:
-                self._heads[result.part] = received + (result.next_deadline_ms - result.now_ms) / 1000
+                self._heads[result.part] = self._local(result.part, result.next_deadline_ms)
+
+    def _learn_clock(self, part: int, sample: float) -> None:
+        """Take a reading of the part's node clock minus ours. A reply is read
+        a little after Redis wrote its clock into it (the way back, and the
+        event loop's delay), so each reading errs late, and the largest recent
+        one is the best. A reading far below it is a clock set back: take it."""
+        known = self._offsets[part]
+        if known is None or sample > known or sample < known - CLOCK_STEP:
+            self._offsets[part] = sample

@@ -50,6 +50,7 @@ class TransitionResult:
 class SweepResult:
     part: int
     now_ms: int
+    now_us: int  # the same Redis clock in microseconds (sleeps are timed from it)
     next_deadline_ms: int | None  # None: nothing pending in the part
     cancelled: list[tuple[str, int]]  # (order id, deadline ms)
 
@@ -224,10 +225,15 @@ class Store:
             ]
         )
         results = []
-        for part, (now, nxt, flat) in zip(chosen, replies, strict=True):
+        for part, (now, nxt, flat, micros) in zip(chosen, replies, strict=True):
             cancelled = [(_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
             nxt_ms = int(nxt)
-            results.append(SweepResult(part, int(now), None if nxt_ms < 0 else nxt_ms, cancelled))
+            now_ms = int(now)
+            results.append(
+                SweepResult(
+                    part, now_ms, now_ms * 1000 + int(micros), None if nxt_ms < 0 else nxt_ms, cancelled
+                )
+            )
         return results
 
     async def pending_count(self) -> int:

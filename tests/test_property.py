@@ -246,7 +246,7 @@ class OrderMachine(RuleBasedStateMachine):
             pending = [o.deadline for o in mine.values() if o.status is Status.CREATED and o.short]
             if pending:
                 self.wait_past(max(pending))
-        now, nxt, flat = self.scripts["sweep"](
+        now, nxt, flat, micros = self.scripts["sweep"](
             keys=[LAYOUT.deadlines(part), LAYOUT.outbox(part)], args=[LAYOUT.base(part), 1000, RETENTION_MS]
         )
         entries = self.appended()
@@ -260,6 +260,7 @@ class OrderMachine(RuleBasedStateMachine):
             assert int(entries[position][1]["t"]) == now
         left = [o.deadline for o in mine.values() if o.status is Status.CREATED]
         assert nxt == (min(left) if left else -1)
+        assert 0 <= micros < 1000  # the clock's microseconds past `now`
 
     # -- what changes nothing ------------------------------------------------
 

@@ -5,10 +5,12 @@
 --   ARGV: key base of the part ("<prefix>:{P}:"), batch limit, retention ms
 -- (the orders' own hashes, timers and buckets are built from the key base:
 -- all in the part's Cluster slot)
--- Returns {now, next deadline or -1, {id1, deadline1, id2, deadline2, ...}}.
+-- Returns {now, next deadline or -1, {id1, deadline1, id2, deadline2, ...},
+-- the microseconds of now past its millisecond} (ms but for the last).
 local index, outbox = KEYS[1], KEYS[2]
 local base, limit, retention = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local now = now_ms()
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, limit)
 local cancelled = {}
 if #due > 0 then
@@ -55,4 +57,4 @@ local nxt = -1
 if head[2] then
   nxt = tonumber(head[2])
 end
-return {now, nxt, cancelled}
+return {now, nxt, cancelled, tonumber(clock[2]) % 1000}
