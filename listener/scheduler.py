@@ -159,6 +159,7 @@ class DeadlineScheduler:
 
     def _absorb(self, results: list[SweepResult]) -> None:
         received = time.monotonic()
+        cancel_log = log.bind()  # the configured logger, resolved once per reply, not per order
         for result in results:
             self._learn_clock(result.part, result.now_us / 1e6 - received)
             for order_id, deadline_ms in result.cancelled:
@@ -166,7 +167,7 @@ class DeadlineScheduler:
                 self.recent[order_id] = None
                 if len(self.recent) > RECENT_MAX:
                     self.recent.popitem(last=False)
-                log.info(
+                cancel_log.info(
                     "order cancelled",
                     order_id=order_id,
                     reason="timeout",
