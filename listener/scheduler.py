@@ -30,7 +30,6 @@ from listener.supervise import Service, delays, describe, is_transient, supervis
 log = logs.get("listener.scheduler")
 
 RECENT_MAX = 100_000
-CLOCK_STEP = 0.002  # seconds: a clock reading this far below the best one is a clock set back
 CancelledHook = Callable[[str, int, int], None]  # order id, deadline ms, cancelled-at ms
 
 
@@ -161,7 +160,9 @@ class DeadlineScheduler:
         received = time.monotonic()
         cancel_log = log.bind()  # the configured logger, resolved once per reply, not per order
         for result in results:
-            self._learn_clock(result.part, result.now_us / 1e6 - received)
+            # The reply left Redis a little before we read it: the offset errs
+            # late by that much (a tenth of a millisecond when the loop is idle).
+            self._offsets[result.part] = result.now_us / 1e6 - received
             for order_id, deadline_ms in result.cancelled:
                 self.cancelled += 1
                 self.recent[order_id] = None
@@ -182,14 +183,5 @@ class DeadlineScheduler:
                 self._heads[result.part] = math.inf
             elif result.next_deadline_ms <= result.now_ms:
                 self._heads[result.part] = 0.0
-            else:
+            else:  # timed from the clock in this reply, to the microsecond
                 self._heads[result.part] = self._local(result.part, result.next_deadline_ms)
-
-    def _learn_clock(self, part: int, sample: float) -> None:
-        """Take a reading of the part's node clock minus ours. A reply is read
-        a little after Redis wrote its clock into it (the way back, and the
-        event loop's delay), so each reading errs late, and the largest recent
-        one is the best. A reading far below it is a clock set back: take it."""
-        known = self._offsets[part]
-        if known is None or sample > known or sample < known - CLOCK_STEP:
-            self._offsets[part] = sample

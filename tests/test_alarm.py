@@ -1,4 +1,4 @@
-"""The scheduler's alarm and its reading of the Redis clock (no servers)."""
+"""The scheduler's alarm and its timing from the Redis clock (no servers)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import time
 from unittest.mock import MagicMock
 
 from listener.alarm import Alarm
-from listener.scheduler import CLOCK_STEP, DeadlineScheduler
+from listener.scheduler import DeadlineScheduler
+from listener.store import SweepResult
 from listener.supervise import Service
 
 
@@ -42,15 +43,14 @@ async def test_a_closed_alarm_does_not_ring() -> None:
     assert rang == []
 
 
-def test_the_clock_offset_keeps_the_least_delayed_reading_and_follows_a_step_back() -> None:
+def test_a_sleep_is_timed_from_the_sweeps_microsecond_clock() -> None:
+    """A deadline 5 ms after the sweep's Redis clock is due 5 ms after the reply
+    was read, whatever millisecond fraction the clock was at."""
     scheduler = DeadlineScheduler(MagicMock(), Service("redis"))
-    scheduler._learn_clock(3, 100.000)
-    scheduler._learn_clock(3, 99.9995)  # read later after the fact: errs late, ignored
-    assert scheduler._offsets[3] == 100.000
-    scheduler._learn_clock(3, 100.0004)  # a quicker reading: better
-    assert scheduler._offsets[3] == 100.0004
-    scheduler._learn_clock(3, 100.0004 - CLOCK_STEP - 0.001)  # the clock was set back
-    assert scheduler._offsets[3] == 100.0004 - CLOCK_STEP - 0.001
+    now_ms, micros = 1_800_000_000_123, 900  # Redis at ...123.9 ms
+    before = time.monotonic()
+    scheduler._absorb([SweepResult(3, now_ms, now_ms * 1000 + micros, now_ms + 5, [])])
+    after = time.monotonic()
+    head = scheduler._heads[3]
+    assert before + 0.0041 <= head <= after + 0.0041  # 5 ms - 0.9 ms, not 5 ms
     assert scheduler._offsets[4] is None  # each part has its own node's clock
-    # a deadline converts on the part's clock: Redis ms -> our monotonic seconds
-    assert abs(scheduler._local(3, 200_000) - (200.0 - scheduler._offsets[3])) < 1e-9
