@@ -607,10 +607,6 @@ class MqttLink:
             if events:
                 batches.setdefault(part % len(publishers), []).extend(events)
         try:
-            if len(batches) == 1:
-                [(index, events)] = batches.items()
-                await publishers[index].publish(events, timeout)
-                return
             outcomes = await asyncio.gather(
                 *(publishers[index].publish(events, timeout) for index, events in batches.items()),
                 return_exceptions=True,

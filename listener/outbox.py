@@ -244,15 +244,16 @@ class Outbox:
             hi = got.get(hi_key, [])
             if hi:
                 events = [event for _, event in await self._parse(hi_key, hi, created=False)]
-                early = dict(waiting.get(part, {}))
+                early = waiting.get(part, {})
                 ordered: list[StatusEvent] = []
+                pulled: list[bytes] = []  # `created` entries sent out of turn, deleted with the rest
                 for event in events:
                     first = early.pop(event.created_entry, None)
                     if first is not None:
                         ordered.append(first)
+                        pulled.append(event.created_entry)
                     ordered.append(event)
                 lane = _Lane(ordered, {hi_key: [entry_id for entry_id, _ in hi]}, {hi_key: hi[-1][0]})
-                pulled = [entry for entry in waiting.get(part, {}) if entry not in early]
                 if pulled:
                     lane.acked[lo_key] = pulled
                 plan[part] = lane

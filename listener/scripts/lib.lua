@@ -2,9 +2,11 @@
 -- Times are Unix milliseconds from the Redis clock, so every daemon and
 -- producer agrees on "now" whatever their own clocks say.
 
+-- now in ms, and the microseconds past that ms (for callers that time sleeps)
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local micros = tonumber(t[2])
+  return tonumber(t[1]) * 1000 + math.floor(micros / 1000), micros % 1000
 end
 
 -- Pending orders (status `created`, never changed since `create`) have no

@@ -9,8 +9,7 @@
 -- the microseconds of now past its millisecond} (ms but for the last).
 local index, outbox = KEYS[1], KEYS[2]
 local base, limit, retention = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local now, micros = now_ms()
 local due = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, limit)
 local cancelled = {}
 if #due > 0 then
@@ -57,4 +56,4 @@ local nxt = -1
 if head[2] then
   nxt = tonumber(head[2])
 end
-return {now, nxt, cancelled, tonumber(clock[2]) % 1000}
+return {now, nxt, cancelled, micros}
