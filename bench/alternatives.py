@@ -12,7 +12,7 @@ contender, on a fresh redis-server with the project's redis.conf:
    items with far deadlines are created;
 2. idle cost: for `--idle` seconds (5) nothing is due; the Redis CPU used
    (INFO cpu, used_cpu_sys + used_cpu_user) and the consumer's CPU are read;
-3. for `--duration` seconds R items a second (a batch every 10 ms) are created,
+3. for `--duration` seconds R items a second (a batch every `--tick-ms` ms, 2 by default) are created,
    each due `--timeout` seconds (2) later; each item's lag is the consumer's
    time of handling minus its deadline (Unix ms on this machine's clock, which
    Redis shares). An item not handled `--grace` seconds after the last
@@ -83,7 +83,6 @@ POLL_INTERVAL = {"poll-1s": 1.0, "poll-100ms": 0.1}
 EXPIRED_CHANNEL = "__keyevent@0__:expired"
 ZSET_KEY = "due"
 FAR_MS = 3600 * 1000
-TICK = 0.010
 LOAD_CHUNK = 10_000
 ARQ_CHUNK = 1000
 ARQ_CONCURRENCY = 50  # enqueue_job calls at once
@@ -119,6 +118,8 @@ class Config:
     mosquitto_pid: int
     node: Node
     arq: str  # arq's version, or "" when it is not installed
+    tick_ms: float = lag.TICK_MS  # every producer's pacing
+    subscriber: str = "process"  # ours: who receives the `cancelled` events
 
 
 # -- the children (consumers), run as `alternatives.py --child KIND URL [ARG]` -----------------
@@ -218,8 +219,10 @@ def python_consumer(name: str, kind: str, url: str, argument: str = "") -> Consu
 AddBatch = Callable[[list[str], int], Awaitable[dict[str, float]]]
 
 
-async def paced(rate: float, duration: float, timeout_ms: int, add: AddBatch) -> dict[str, float]:
-    """R items a second for `duration` s, a batch per 10 ms tick; their deadlines (Unix ms)."""
+async def paced(
+    rate: float, duration: float, timeout_ms: int, add: AddBatch, tick_s: float
+) -> dict[str, float]:
+    """R items a second for `duration` s, a batch per tick; their deadlines (Unix ms)."""
     total = round(rate * duration)
     deadlines: dict[str, float] = {}
     done = 0
@@ -231,11 +234,11 @@ async def paced(rate: float, duration: float, timeout_ms: int, add: AddBatch) ->
             deadlines.update(await add([f"m-{i}" for i in range(done, want)], timeout_ms))
             done = want
         tick += 1
-        pause = start + tick * TICK - time.monotonic()
+        pause = start + tick * tick_s - time.monotonic()
         if pause > 0:
             await asyncio.sleep(pause)
         else:
-            tick = math.ceil((time.monotonic() - start) / TICK)
+            tick = math.ceil((time.monotonic() - start) / tick_s)
     return deadlines
 
 
@@ -361,7 +364,7 @@ async def run_python_contender(cfg: Config, kind: str, redis: Redis, url: str, r
 
         meter = LoadMeter(redis, consumer.pid, result)
         await meter.start()
-        deadlines = await paced(result.rate, cfg.duration, timeout_ms, add)
+        deadlines = await paced(result.rate, cfg.duration, timeout_ms, add, cfg.tick_ms / 1000)
         await wait_handled(cfg, consumer, deadlines)
         await meter.stop()
         result.lags = lags_of(deadlines, consumer.handled)
@@ -402,6 +405,8 @@ async def run_bullmq(cfg: Config, redis: Redis, port: int, result: Result) -> No
         f"{cfg.timeout:g}",
         "--pending",
         str(result.pending),
+        "--tick",
+        f"{cfg.tick_ms:g}",
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         limit=1 << 28,
@@ -464,9 +469,10 @@ async def run_ours(cfg: Config, redis: Redis, server: ServerProcess, index: int,
         duration=cfg.duration,
         timeout_s=cfg.timeout,
         grace=cfg.grace,
-        subscriber="process",
+        subscriber=cfg.subscriber,
         daemon_log_level="warning",
         server_pids={"redis": server.proc.pid, "mosquitto": cfg.mosquitto_pid},
+        tick_s=cfg.tick_ms / 1000,
     )
     row = await lag.scenario(bench, redis, result.pending, result.rate, index, OursHooks(cfg, result))
     result.load_s = row.load_s
@@ -605,6 +611,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--grace", type=float, default=10.0, metavar="S", help="wait after the last deadline (default 10)"
     )
     parser.add_argument("--idle", type=float, default=5.0, metavar="S", help="idle measurement (default 5)")
+    parser.add_argument(
+        "--tick-ms",
+        type=float,
+        default=lag.TICK_MS,
+        metavar="MS",
+        help=f"every producer's pacing: one add call every MS ms (default {lag.TICK_MS:g})",
+    )
+    parser.add_argument(
+        "--subscriber",
+        choices=["process", "mosquitto_sub"],
+        default="process",
+        help="ours: the MQTT subscriber that receives the `cancelled` events (aiomqtt in its own "
+        "process, default, or mosquitto_sub, the C client)",
+    )
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=CONTENDERS)
     parser.add_argument("--arq-max-jobs", type=int, default=50, help="arq worker max_jobs (default 50)")
     parser.add_argument(
@@ -662,12 +682,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "workload",
                 f"pending {args.pending} x rate {args.rate}/s, {args.duration:g} s of creates each, "
                 f"items due {args.timeout:g} s after creation, pending items due in 1 h; "
-                f"idle {args.idle:g} s; grace {args.grace:g} s",
+                f"idle {args.idle:g} s; grace {args.grace:g} s; an add call every {args.tick_ms:g} ms",
             ),
             ("servers", "a fresh redis-server (repo redis.conf) per contender; one mosquitto for the run"),
             (
                 "measures",
-                "ours: deadline -> `cancelled` received by an MQTT subscriber (includes the MQTT hop); "
+                f"ours: deadline -> `cancelled` received by an MQTT subscriber ({args.subscriber}; "
+                "includes the MQTT hop); "
                 "expired, pollers, arq, BullMQ: deadline -> their handler ran (no MQTT publish)",
             ),
             ("arq", f"{arq}, max_jobs {args.arq_max_jobs}, keep_result 0, poll_delay 0.5 s" if arq else "-"),
@@ -697,6 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             mosquitto_pid=broker.proc.pid,
             node=node,
             arq=arq,
+            tick_ms=args.tick_ms,
+            subscriber=args.subscriber,
         )
         asyncio.run(run_all(cfg, args, results))
     finally:

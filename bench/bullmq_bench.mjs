@@ -1,7 +1,7 @@
 // BullMQ delayed jobs, for bench/alternatives.py and bench/memory.py (not run by hand).
 //
 //   node bench/bullmq_bench.mjs worker  --port P [--concurrency C]
-//   node bench/bullmq_bench.mjs produce --port P --rate R --duration S --timeout S --pending N
+//   node bench/bullmq_bench.mjs produce --port P --rate R --duration S --timeout S --pending N [--tick MS]
 //   node bench/bullmq_bench.mjs fill    --port P --count N [--id-length L]
 //
 // bullmq and ioredis are loaded from bench/.node/node_modules (alternatives.py
@@ -12,7 +12,7 @@
 //          job's deadline (its timestamp + delay). Ends when its stdin closes.
 // produce: adds N pending delayed jobs (due in 1 h), prints {"loaded", "seconds"}, waits
 //          for a line on stdin (the caller measures the idle cost meanwhile), then adds R
-//          jobs a second for S seconds (a batch every 10 ms) due `timeout` s after their
+//          jobs a second for S seconds (a batch every MS ms, default 2) due `timeout` s after their
 //          creation, printing {"deadlines": {id: deadline ms}} per batch, then {"done": true}.
 // fill:    adds N delayed jobs (due in 1 h) with ids of L characters (default 20) and
 //          empty data, prints {"added", "seconds"}.
@@ -28,7 +28,6 @@ const { Queue, Worker } = require("bullmq");
 
 const QUEUE = "bench";
 const HOUR_MS = 3600 * 1000;
-const TICK_MS = 10;
 const CHUNK = 1000;
 
 function options(argv) {
@@ -107,6 +106,7 @@ async function produce(opts) {
   await new Promise((resolve) => input.once("line", resolve));
 
   const rate = Number(opts.rate);
+  const tickMs = Number(opts.tick ?? 2);
   const total = Math.round(rate * Number(opts.duration));
   const timeoutMs = Math.round(Number(opts.timeout) * 1000);
   const deadlines = {};
@@ -128,11 +128,11 @@ async function produce(opts) {
       done = want;
     }
     tick += 1;
-    const pause = start + tick * TICK_MS - nowMs();
+    const pause = start + tick * tickMs - nowMs();
     if (pause > 0) {
       await sleep(pause);
     } else {
-      tick = Math.ceil((nowMs() - start) / TICK_MS);
+      tick = Math.ceil((nowMs() - start) / tickMs);
     }
   }
   say({ done: true });

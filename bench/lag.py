@@ -13,7 +13,8 @@ second) the script:
 3. loads N pending orders with a deadline one hour away (bulk, pipelined, in
    chunks) and waits until their `created` events are published and received,
    so that backlog does not skew the measurement;
-4. for `--duration` seconds creates R orders a second (a batch every 10 ms)
+4. for `--duration` seconds creates R orders a second at an even pace (a
+   create call every `--tick-ms` ms, 2 by default: 4 orders a call at 2,000/s)
    with a timeout of `--timeout` seconds (2 by default) and records each one's
    deadline (Unix ms from the Redis clock: Redis runs on this machine, so its
    clock is `time.time()`'s);
@@ -75,7 +76,7 @@ PENDING_PREFIX = "pend-"
 PROBE_ID = "probe-ready"
 PENDING_TIMEOUT_MS = 3600 * 1000  # the pending orders must not fall due during a run
 LOAD_CHUNK = 50_000  # pending orders per create_prepared call (bounded memory)
-TICK = 0.010  # the producer's pacing interval
+TICK_MS = 2.0  # the producer's default pacing interval (--tick-ms)
 POLL = 0.1
 SCRIPT = Path(__file__).resolve()
 
@@ -634,6 +635,7 @@ class Bench:
     subscriber: str
     daemon_log_level: str
     server_pids: dict[str, int]
+    tick_s: float = TICK_MS / 1000
 
     @property
     def mqtt_url(self) -> str:
@@ -694,7 +696,10 @@ async def wait_drained(
 
 
 async def paced_creates(bench: Bench, orders: OrderClient, rate: float, row: Row) -> dict[str, int]:
-    """R orders a second for the duration, a batch per tick; their deadlines (Unix ms)."""
+    """R orders a second for the duration, a batch per tick (`bench.tick_s`); their
+    deadlines (Unix ms). The orders due by a tick are created in one call, so they
+    fall due together: a long tick makes clumps (20 orders in the same millisecond
+    at 2,000/s and 10 ms), which the median of a steady load would not have."""
     total = round(rate * bench.duration)
     timeout_ms = round(bench.timeout_s * 1000)
     deadlines: dict[str, int] = {}
@@ -714,11 +719,11 @@ async def paced_creates(bench: Bench, orders: OrderClient, rate: float, row: Row
                 deadlines[created.order_id] = created.deadline_ms
             done = want
         tick += 1
-        pause = start + tick * TICK - time.monotonic()
+        pause = start + tick * bench.tick_s - time.monotonic()
         if pause > 0:
             await asyncio.sleep(pause)
         else:  # behind: do not try to catch up ticks, only orders
-            tick = math.ceil((time.monotonic() - start) / TICK)
+            tick = math.ceil((time.monotonic() - start) / bench.tick_s)
     elapsed = time.monotonic() - start
     row.achieved_rate = total / elapsed if elapsed > 0 else math.nan
     row.slowest_create_ms = slowest * 1000
@@ -930,7 +935,8 @@ def print_setup(args: argparse.Namespace) -> None:
     print(f"  mosquitto:  {command_output([mosquitto_path, '-h'])}")
     print(
         f"  scenarios:  pending {args.pending} x rate {args.rate}/s, {args.duration:g} s each; "
-        f"order timeout {args.timeout:g} s; pending orders due in 1 h"
+        f"order timeout {args.timeout:g} s; pending orders due in 1 h; "
+        f"a create call every {args.tick_ms:g} ms"
     )
     busy = machine_busy()
     print(
@@ -1038,6 +1044,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "or mosquitto_sub (C) as a cross-check",
     )
     parser.add_argument(
+        "--tick-ms",
+        type=float,
+        default=TICK_MS,
+        metavar="MS",
+        help=f"the producer's pacing: one create call every MS ms (default: {TICK_MS:g}; "
+        "10 makes clumps of 20 orders due in the same ms at 2,000/s)",
+    )
+    parser.add_argument(
         "--daemon-log-level",
         choices=["warning", "info"],
         default="warning",
@@ -1053,6 +1067,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error("--pending must be >= 0 and --rate > 0")
         if args.duration <= 0 or not 0.1 <= args.timeout <= 3600:
             parser.error("--duration must be > 0 and --timeout 0.1 .. 3600")
+        if not 1 <= args.tick_ms <= 1000:
+            parser.error("--tick-ms must be 1 .. 1000")
     return args
 
 
@@ -1084,6 +1100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             grace=args.grace,
             subscriber=args.subscriber,
             daemon_log_level=args.daemon_log_level,
+            tick_s=args.tick_ms / 1000,
             server_pids={"redis": _pid(redis_proc), "mosquitto": _pid(broker)},
         )
         print(
