@@ -38,7 +38,13 @@ from redis.asyncio.cluster import RedisCluster
 
 from listener import logs
 from listener.config import Settings
-from listener.connection import NodeAddress, RedisClient, cluster_primaries, configured_node, node_client
+from listener.connection import (
+    NodeAddress,
+    RedisClient,
+    cluster_primaries,
+    configured_node,
+    subscription_client,
+)
 from listener.keys import KeyLayout
 from listener.orders import Operation
 from listener.scheduler import DeadlineScheduler
@@ -50,6 +56,7 @@ log = logs.get("listener.expiry")
 MAX_PENDING = 20_000
 BATCH = 500
 TOPOLOGY_EVERY = 2.0  # seconds between looks at a cluster's primaries
+PING_EVERY = 15.0  # seconds between PINGs on a subscription (a dead connection fails the send)
 
 
 def expired_channel(db: int) -> str:
@@ -105,9 +112,12 @@ class ExpiryListener:
             if isinstance(self.redis, RedisCluster):
                 await self._follow_cluster(self.redis)
             else:
-                redis = self.redis
                 self._expected = {"redis"}
-                await supervise("expiry-listener", self.service, lambda: self._listen(redis, "redis"))
+                client = subscription_client(self.settings)
+                try:
+                    await supervise("expiry-listener", self.service, lambda: self._listen(client, "redis"))
+                finally:
+                    await client.aclose()
             self.stop()
 
     async def _follow_cluster(self, cluster: RedisCluster) -> None:
@@ -169,7 +179,7 @@ class ExpiryListener:
             sessions[name] = asyncio.create_task(self._node_session(node), name=f"expiry-listener-{name}")
 
     async def _node_session(self, node: NodeAddress) -> None:
-        client = node_client(self.settings, node)
+        client = subscription_client(self.settings, node)
         try:
 
             async def listen() -> None:
@@ -205,14 +215,42 @@ class ExpiryListener:
             self._listening.add(node)
             self._update_subscribed()
             log.info("subscribed to expired events", channel=self.channel, node=node)
-            while not self._stopping.is_set():
-                message = await pubsub.get_message(timeout=0.5)
-                if message is None or message["type"] != "message":
-                    continue
-                self._on_message(node, message["channel"], message["data"])
+            await self._serve(pubsub, node)
         finally:
             self._listening.discard(node)
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _serve(self, pubsub: PubSub, node: str) -> None:
+        """Read the subscription until stop() or a failure (raised). The reads
+        block without a timeout of their own: a timeout armed per read costs
+        more than the read (a burst brings one event per order), so stop()
+        cancels the reader and a PING every PING_EVERY s finds a dead connection."""
+        tasks = [
+            asyncio.create_task(self._read(pubsub, node), name=f"expiry-read {node}"),
+            asyncio.create_task(self._keep_alive(pubsub), name=f"expiry-ping {node}"),
+            asyncio.create_task(self._stopping.wait(), name=f"expiry-stop {node}"),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in tasks:
+            if not task.cancelled() and (failure := task.exception()) is not None:
+                raise failure
+
+    async def _read(self, pubsub: PubSub, node: str) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is not None and message["type"] == "message":
+                self._on_message(node, message["channel"], message["data"])
+
+    @staticmethod
+    async def _keep_alive(pubsub: PubSub) -> None:
+        while True:
+            await asyncio.sleep(PING_EVERY)
+            await pubsub.ping()  # the reply is read (and skipped) by _read
 
     async def _confirmed(self, pubsub: PubSub, node: str, within: float = 10.0) -> None:
         async with asyncio.timeout(within):

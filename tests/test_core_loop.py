@@ -9,8 +9,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
+import pytest
 from redis.asyncio import Redis
 
+from listener import expiry
 from listener.api import OrderClient
 from listener.config import Settings
 from listener.daemon import Daemon
@@ -160,6 +162,35 @@ async def test_expired_event_alone_cancels(
     await wait_until(lambda: len(subscriber.of("via-event")) == 2, 15, "cancel via expired event")
     assert subscriber.of("via-event")[1]["reason"] == "timeout"
     assert daemon.listener.cancelled == 1
+
+
+async def test_subscription_pings_are_read_past(
+    settings: Settings,
+    redis: Redis,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    subscriber: Subscriber,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The listener reads without a timeout and PINGs its subscription now and
+    then (a dead connection fails the send): the replies are skipped, the
+    subscription stays and still cancels."""
+    monkeypatch.setattr(expiry, "PING_EVERY", 0.05)
+    daemon = await start_daemon()
+
+    async def pinged() -> bool:
+        (listener,) = await redis.client_list(_type="pubsub")
+        return bool(listener["cmd"] == "ping")
+
+    await wait_until(pinged, 10, "a PING on the subscription (its last command)")
+    layout = KeyLayout(settings.key_prefix)
+    async with OrderClient(settings) as client:
+        await client.create("after-pings", timeout=0.3)
+    from listener.keys import part_of
+
+    assert await redis.zrem(layout.deadlines(part_of("after-pings")), "after-pings") == 1
+    await wait_until(lambda: len(subscriber.of("after-pings")) == 2, 15, "cancel via expired event")
+    assert daemon.listener.cancelled == 1
+    assert daemon.redis_service.reconnects == 0
 
 
 async def test_daemon_started_after_deadlines_cancels_overdue(
