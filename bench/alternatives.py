@@ -22,8 +22,9 @@ contender, on a fresh redis-server with the project's redis.conf:
 The contenders:
 
   ours        the daemon (`order-listener run`) with bench/lag.py's machinery: deadline
-              -> `cancelled` event received by an MQTT subscriber (aiomqtt, its own
-              process) through mosquitto. It includes the MQTT hop; the others do not.
+              -> `cancelled` event received by an MQTT subscriber (mosquitto_sub, or with
+              --subscriber process an aiomqtt client) through mosquitto. It includes
+              the MQTT hop; the others do not.
   expired     plain keys `SET id 1 PXAT deadline`; a redis.asyncio subscriber on
               `__keyevent@0__:expired` records when each event arrives.
   poll-1s     one sorted set (score = deadline); a poller runs ZRANGEBYSCORE -inf now,
@@ -119,7 +120,7 @@ class Config:
     node: Node
     arq: str  # arq's version, or "" when it is not installed
     tick_ms: float = lag.TICK_MS  # every producer's pacing
-    subscriber: str = "process"  # ours: who receives the `cancelled` events
+    subscriber: str = "mosquitto_sub"  # ours: who receives the `cancelled` events
 
 
 # -- the children (consumers), run as `alternatives.py --child KIND URL [ARG]` -----------------
@@ -620,10 +621,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--subscriber",
-        choices=["process", "mosquitto_sub"],
-        default="process",
-        help="ours: the MQTT subscriber that receives the `cancelled` events (aiomqtt in its own "
-        "process, default, or mosquitto_sub, the C client)",
+        choices=["mosquitto_sub", "process"],
+        default="mosquitto_sub",
+        help="ours: the MQTT subscriber that receives the `cancelled` events (mosquitto_sub, the "
+        "C client, default, or aiomqtt in its own process)",
     )
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=CONTENDERS)
     parser.add_argument("--arq-max-jobs", type=int, default=50, help="arq worker max_jobs (default 50)")

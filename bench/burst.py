@@ -20,7 +20,9 @@ bench/lag.py's aiomqtt one). Then:
    last `cancelled` event received, the throughput, the missing count, the
    lag of each order from its own deadline (p50, p99, max), the daemon's RSS
    before, at its peak during the burst (VmHWM and the largest VmRSS sampled
-   every 20 ms) and 5 s after, and the CPU the daemon and Redis used.
+   every 20 ms) and 5 s after, when the last order was cancelled in Redis
+   (the latest `at` of the events: the rest is publishing), and the CPU the
+   daemon, Redis, mosquitto, the subscriber and the whole machine used.
 
 The issue's target: all cancelled and published within 3 s of that second.
 Nothing is asserted.
@@ -86,8 +88,13 @@ class Burst:
     hwm_kb: int = 0
     hwm_reset: bool = False
     rss_after_kb: int = 0
+    last_cancelled_s: float = math.nan  # the latest `at` (Redis clock at cancel), s after the second
     daemon_cpu_s: float = 0.0
     redis_cpu_s: float = 0.0
+    broker_cpu_s: float = 0.0
+    subscriber_cpu_s: float = 0.0
+    machine_cpu_s: float = 0.0  # every process on the machine, all cores
+    commands: list[tuple[str, int, float]] = field(default_factory=list)  # name, calls, Redis s
     daemon_exit: int | None = None
     log: str = ""
     notes: list[str] = field(default_factory=list)
@@ -116,6 +123,8 @@ async def run(
     log_path = workdir / "daemon.log"
     daemon = lag.spawn_daemon(redis_url, mqtt_url, log_path, "warning")
     pid = daemon.proc.pid
+    assert broker.proc is not None
+    broker_pid, sub_pid = broker.proc.pid, sub.pid()
     layout = KeyLayout()
     try:
         async with OrderClient(load_settings(redis_url=redis_url, mqtt_url=mqtt_url)) as orders:
@@ -160,6 +169,9 @@ async def run(
             sampler = asyncio.create_task(sample_rss(pid, peak))
             await asyncio.sleep(max(0.0, result.second - time.time()))
             cpu_daemon, cpu_redis = lag.cpu_seconds(pid), await redis_cpu(redis)
+            cpu_broker, cpu_sub = lag.cpu_seconds(broker_pid), lag.cpu_seconds(sub_pid)
+            cpu_machine = lag.machine_seconds()[0]
+            commands_before = await command_usage(redis)
             try:
                 while (await sub.counts()).measured < len(deadlines):
                     daemon.check_alive()
@@ -172,6 +184,10 @@ async def run(
                     await sampler
             result.daemon_cpu_s = lag.cpu_seconds(pid) - cpu_daemon
             result.redis_cpu_s = await redis_cpu(redis) - cpu_redis
+            result.broker_cpu_s = lag.cpu_seconds(broker_pid) - cpu_broker
+            result.subscriber_cpu_s = lag.cpu_seconds(sub_pid) - cpu_sub
+            result.machine_cpu_s = lag.machine_seconds()[0] - cpu_machine
+            result.commands = command_delta(commands_before, await command_usage(redis))
             result.rss_peak_sampled_kb = peak[0]
             result.hwm_kb = rss_kb(pid)[1]
             await asyncio.sleep(5)
@@ -186,6 +202,8 @@ async def run(
             if handled:
                 result.first_s = min(handled.values()) / 1000 - result.second
                 result.last_s = max(handled.values()) / 1000 - result.second
+                cancelled_at = [at_ms for order_id, (_, at_ms) in received.items() if order_id in deadlines]
+                result.last_cancelled_s = max(cancelled_at) / 1000 - result.second
     finally:
         result.daemon_exit = await lag.stop_daemon(daemon)
         await sub.stop()
@@ -193,6 +211,29 @@ async def run(
     lines, top = lag.log_summary(log_path)
     result.log = f"{lines} lines" + (f", most often {top}" if lines else "")
     return result
+
+
+async def command_usage(redis: Redis) -> dict[str, tuple[int, int]]:
+    """Calls and microseconds of each Redis command so far (INFO commandstats)."""
+    stats = await redis.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): (int(value["calls"]), int(value["usec"]))
+        for name, value in stats.items()
+        if isinstance(value, dict)
+    }
+
+
+def command_delta(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+) -> list[tuple[str, int, float]]:
+    """(command, calls, seconds) run between the two, most time first. A script's
+    time is counted under evalsha and again under each command it runs."""
+    rows = []
+    for name, (calls, usec) in after.items():
+        calls0, usec0 = before.get(name, (0, 0))
+        if calls > calls0:
+            rows.append((name, calls - calls0, (usec - usec0) / 1e6))
+    return sorted(rows, key=lambda row: -row[2])
 
 
 def mb(kb: int) -> str:
@@ -234,14 +275,22 @@ def report(result: Burst, subscriber: str) -> None:
         ],
         ["daemon largest sampled RSS during MB", mb(result.rss_peak_sampled_kb)],
         ["daemon RSS 5 s after MB", mb(result.rss_after_kb)],
+        ["last cancelled in Redis (its `at`), s after the second's start", fmt(result.last_cancelled_s, 2)],
         ["daemon CPU s during the burst", f"{result.daemon_cpu_s:.2f}"],
         ["Redis CPU s during the burst", f"{result.redis_cpu_s:.2f}"],
+        ["mosquitto CPU s during the burst", f"{result.broker_cpu_s:.2f}"],
+        ["subscriber CPU s during the burst", f"{result.subscriber_cpu_s:.2f}"],
+        ["whole machine CPU s during the burst (all cores)", f"{result.machine_cpu_s:.2f}"],
     ]
     print_table(
         f"Burst: {result.orders:,} orders due in the same second (subscriber {subscriber})",
         headers,
         rows,
         "target (issue): all cancelled and published within 3 s of that second",
+    )
+    print(
+        "Redis commands during the burst (a script's time includes its commands'): "
+        + ", ".join(f"{name} {calls:,} calls {secs:.2f} s" for name, calls, secs in result.commands[:8])
     )
     print(f"daemon exit status {result.daemon_exit}; its log: {result.log}")
 

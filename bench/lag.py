@@ -6,8 +6,9 @@ For each number of pending orders N and each rate R (orders falling due per
 second) the script:
 
 1. flushes Redis and starts the daemon (`order-listener run`, a separate
-   process) and a fresh MQTT subscriber (QoS 1 on `orders/+/status`, a
-   separate process by default);
+   process) and a fresh MQTT subscriber (QoS 1 on `orders/+/status`:
+   mosquitto_sub, the C client, by default; `--subscriber process` takes an
+   aiomqtt client in a process of its own, whose Python cost adds to the lag);
 2. waits until the daemon cancelled and published a probe order (so it is
    up end to end);
 3. loads N pending orders with a deadline one hour away (bulk, pipelined, in
@@ -256,8 +257,8 @@ class ProcessSubscriber:
 
 class MosquittoSubSubscriber:
     """mosquitto_sub (C, from the mosquitto clients) writing `<unix time ns> <payload>`
-    lines to a file that this process reads as it grows: a cross-check that shows
-    how much of the lag is the Python subscriber's own."""
+    lines to a file that this process reads as it grows: the default subscriber,
+    which adds the least of its own to the lag."""
 
     PROBE_TOPIC = "orders/bench-probe/status"
 
@@ -1038,10 +1039,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--subscriber",
-        choices=["process", "inline", "mosquitto_sub"],
-        default="process",
-        help="aiomqtt subscriber in its own process (default) or in the bench's event loop, "
-        "or mosquitto_sub (C) as a cross-check",
+        choices=["mosquitto_sub", "process", "inline"],
+        default="mosquitto_sub",
+        help="mosquitto_sub, the C client (default), or an aiomqtt subscriber in its own process "
+        "or in the bench's event loop (these add their own Python cost to the lag)",
     )
     parser.add_argument(
         "--tick-ms",

@@ -144,14 +144,19 @@ async def test_unrelated_keys_expire_without_effect(
     assert daemon.listener.cancelled == 0
 
 
+@pytest.mark.parametrize("read_buffered", [True, False], ids=["buffered-reads", "get_message-only"])
 async def test_expired_event_alone_cancels(
     settings: Settings,
     redis: Redis,
     start_daemon: Callable[..., Awaitable[Daemon]],
     subscriber: Subscriber,
+    monkeypatch: pytest.MonkeyPatch,
+    read_buffered: bool,
 ) -> None:
     """The keyspace fast path works by itself: with the order taken out of the
-    deadline index, only Redis' expired event can cancel it."""
+    deadline index, only Redis' expired event can cancel it; also where the
+    listener cannot take messages from redis-py's parser buffer."""
+    monkeypatch.setattr(expiry, "READ_BUFFERED", read_buffered)
     daemon = await start_daemon()
     layout = KeyLayout(settings.key_prefix)
     async with OrderClient(settings) as client:
