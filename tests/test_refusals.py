@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from listener.daemon import Daemon
 from listener.errors import Unavailable
 from listener.servers import ServerProcess, mosquitto
 from tests.conftest import Subscriber, wait_until, watch_topic
+from tests.test_deploy import PASSWORDS, REDIS_ACL, acl_with_passwords, redis_version
 
 
 async def test_redis_out_of_memory_daemon_survives_and_cancels(
@@ -91,3 +93,44 @@ async def test_broker_refusing_publishes_loses_nothing(
         broker.proc.send_signal(signal.SIGHUP)  # mosquitto reloads its ACL
         await wait_until(lambda: len(seen) == 2, 20, "the events once the broker allows them")
         assert [r.event["status"] for r in seen] == ["created", "cancelled"]
+
+
+async def test_daemon_user_without_xtrim_deletes_published_entries_with_xdel(
+    settings: Settings,
+    redis: Redis,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    subscriber: Subscriber,
+) -> None:
+    """The daemon's Redis user as deploy/redis-users.acl had it before the
+    outbox trimmed its streams (no +xtrim): Redis refuses XTRIM, the daemon
+    says so and deletes what it published with XDEL; nothing is lost or sent twice."""
+    shipped = acl_with_passwords(REDIS_ACL.read_text(), redis_version())
+    (rules,) = [line for line in shipped.splitlines() if line.startswith("user order-listener ")]
+    assert " +xtrim " in rules, "the shipped ACL grants XTRIM"
+    await redis.execute_command("ACL", "SETUSER", *rules.replace(" +xtrim ", " ").split()[1:])
+    await redis.acl_log_reset()
+    try:
+        config = load_settings(
+            **{
+                **settings.model_dump(),
+                "redis_url": settings.redis_url.replace(
+                    "redis://", f"redis://order-listener:{PASSWORDS['order-listener']}@"
+                ),
+            }
+        )
+        daemon = await start_daemon(config)
+        async with OrderClient(settings) as client:
+            await client.create_many([(f"no-xtrim-{i}", 0.3) for i in range(20)])
+            await wait_until(lambda: len(subscriber.with_status("cancelled")) == 20, 15, "the cancellations")
+
+            async def deleted() -> bool:
+                return await daemon.outbox.backlog() == 0
+
+            await wait_until(deleted, 10, "the published entries deleted")
+        assert daemon.outbox.trim is False
+        assert any(entry["object"] == "xtrim" for entry in await redis.acl_log())
+        sent = Counter((event["order_id"], event["status"]) for event in subscriber.events)
+        expected = {(f"no-xtrim-{i}", status): 1 for i in range(20) for status in ("created", "cancelled")}
+        assert sent == expected, "each event exactly once"
+    finally:
+        await redis.execute_command("ACL", "DELUSER", "order-listener")
