@@ -94,8 +94,13 @@ class Outbox:
         self._created_gate = asyncio.Semaphore(1)
         # Delete what was read in order with XTRIM MINID (a few hundredths of a
         # microsecond an entry) instead of XDEL (about 2.6 us); False once Redis
-        # refused XTRIM (an ACL from before it was needed).
-        self.trim = True
+        # refused XTRIM (an ACL from before it was needed). Not on a Redis
+        # Cluster: its client follows a failover within a session, and a new
+        # primary that lost writes and whose clock lags could give new entries
+        # ids below a trim point still to be sent; XDEL by id cannot touch them.
+        # (On a single Redis a lost connection ends the session, whose last
+        # deletes go by id: see _forget.)
+        self.trim = not isinstance(self.redis, RedisCluster)
 
     async def run(self) -> None:
         """Run the leases and all lanes until `stop()` drained them."""
@@ -310,10 +315,13 @@ class Outbox:
 
     async def _forget(self, acked: _Published) -> None:
         """Delete entries the broker acknowledged, even while being cancelled (a
-        short, shielded round trip); if Redis is away they are sent again later."""
+        short, shielded round trip); if Redis is away they are sent again later.
+        By id (XDEL), not XTRIM: this runs when a session ends, maybe on a
+        failure, and after a failover a new primary whose writes and clock lag
+        could give new entries ids below the trim point; XDEL cannot touch them."""
 
         async def delete() -> None:
-            await self._with_deletes(acked, lambda pipe: None)
+            await self._with_deletes(acked, lambda pipe: None, trim=False)
 
         try:
             async with asyncio.timeout(2.0):
@@ -341,19 +349,25 @@ class Outbox:
             return got
         return _by_stream(await self.redis.xread({**hi, **lo}, count=self.batch, block=block))
 
-    async def _with_deletes(self, acked: _Published, then: Callable[[Any], None]) -> list[Any]:
+    async def _with_deletes(
+        self, acked: _Published, then: Callable[[Any], None], *, trim: bool = True
+    ) -> list[Any]:
         """One pipeline: the deletes of `acked`, then what `then` queues; its replies.
-        If Redis refuses XTRIM (NOPERM: the daemon's ACL predates it), say so once
-        and delete with XDEL from then on."""
+        If Redis refuses the XTRIM command (NOPERM: the daemon's ACL predates it),
+        say so once and delete with XDEL from then on."""
         while True:
+            trimming = trim and self.trim  # what this attempt sends (other lanes may change self.trim)
             async with self.redis.pipeline(transaction=False) as pipe:
-                acked.queue_deletes(pipe, trim=self.trim)
+                acked.queue_deletes(pipe, trim=trimming)
                 then(pipe)
                 try:
                     return await pipe.execute()
                 except NoPermissionError as exc:
-                    if not self.trim or "xtrim" not in str(exc).lower():
+                    # not a refused key: "... no permissions to run the 'xtrim' command"
+                    if not trimming or "'xtrim' command" not in str(exc).lower():
                         raise
+            if not self.trim:
+                continue  # another lane found it out first and said so
             self.trim = False
             log.warning(
                 "Redis refused XTRIM: published entries are deleted with XDEL, which costs "

@@ -162,6 +162,7 @@ async def test_two_daemons_on_a_cluster_cancel_every_shards_orders_once(
     first = await start_cluster_daemon()
     second = await start_cluster_daemon()
     assert isinstance(first.redis, RedisCluster)
+    assert not first.outbox.trim, "on a cluster published entries are deleted by id (XDEL), never trimmed"
     primaries = {node.name for node in first.redis.get_primaries()}
     assert len(primaries) == 3
     # each daemon hears expired events from every primary: plain TTL keys on every shard
