@@ -171,7 +171,7 @@ async def run(
             cpu_daemon, cpu_redis = lag.cpu_seconds(pid), await redis_cpu(redis)
             cpu_broker, cpu_sub = lag.cpu_seconds(broker_pid), lag.cpu_seconds(sub_pid)
             cpu_machine = lag.machine_seconds()[0]
-            commands_before = await command_usage(redis)
+            commands_before = await lag.command_usage(redis)
             try:
                 while (await sub.counts()).measured < len(deadlines):
                     daemon.check_alive()
@@ -187,14 +187,15 @@ async def run(
             result.broker_cpu_s = lag.cpu_seconds(broker_pid) - cpu_broker
             result.subscriber_cpu_s = lag.cpu_seconds(sub_pid) - cpu_sub
             result.machine_cpu_s = lag.machine_seconds()[0] - cpu_machine
-            result.commands = command_delta(commands_before, await command_usage(redis))
+            result.commands = command_delta(commands_before, await lag.command_usage(redis))
             result.rss_peak_sampled_kb = peak[0]
             result.hwm_kb = rss_kb(pid)[1]
             await asyncio.sleep(5)
             result.rss_after_kb = rss_kb(pid)[0]
 
             received = await sub.results()
-            handled = {order_id: at * 1000 for order_id, (at, _) in received.items() if order_id in deadlines}
+            ours = {order_id: times for order_id, times in received.items() if order_id in deadlines}
+            handled = {order_id: at * 1000 for order_id, (at, _) in ours.items()}
             lags = lags_of(deadlines, handled)
             result.received = lags.measured
             result.missing = lags.missing
@@ -202,8 +203,7 @@ async def run(
             if handled:
                 result.first_s = min(handled.values()) / 1000 - result.second
                 result.last_s = max(handled.values()) / 1000 - result.second
-                cancelled_at = [at_ms for order_id, (_, at_ms) in received.items() if order_id in deadlines]
-                result.last_cancelled_s = max(cancelled_at) / 1000 - result.second
+                result.last_cancelled_s = max(at_ms for _, at_ms in ours.values()) / 1000 - result.second
     finally:
         result.daemon_exit = await lag.stop_daemon(daemon)
         await sub.stop()
@@ -211,16 +211,6 @@ async def run(
     lines, top = lag.log_summary(log_path)
     result.log = f"{lines} lines" + (f", most often {top}" if lines else "")
     return result
-
-
-async def command_usage(redis: Redis) -> dict[str, tuple[int, int]]:
-    """Calls and microseconds of each Redis command so far (INFO commandstats)."""
-    stats = await redis.info("commandstats")
-    return {
-        name.removeprefix("cmdstat_"): (int(value["calls"]), int(value["usec"]))
-        for name, value in stats.items()
-        if isinstance(value, dict)
-    }
 
 
 def command_delta(

@@ -599,14 +599,19 @@ async def watch_backlog(redis: Redis, row: Row) -> None:
         await asyncio.sleep(POLL)
 
 
-async def command_calls(redis: Redis) -> dict[str, int]:
-    """Calls of each Redis command so far (INFO commandstats)."""
+async def command_usage(redis: Redis) -> dict[str, tuple[int, int]]:
+    """Calls and microseconds of each Redis command so far (INFO commandstats)."""
     stats = await redis.info("commandstats")
     return {
-        name.removeprefix("cmdstat_"): int(value["calls"])
+        name.removeprefix("cmdstat_"): (int(value["calls"]), int(value["usec"]))
         for name, value in stats.items()
         if isinstance(value, dict)
     }
+
+
+async def command_calls(redis: Redis) -> dict[str, int]:
+    """Calls of each Redis command so far."""
+    return {name: calls for name, (calls, _) in (await command_usage(redis)).items()}
 
 
 def summary(sorted_values: Sequence[float]) -> tuple[float, float, float]:

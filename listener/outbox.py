@@ -494,7 +494,7 @@ class _Published:
             pipe.xdel(key, *ids)
         for key, ids in self.in_order.items():
             if trim:
-                ms, seq = _id_tuple(max(ids, key=_id_tuple))
+                ms, seq = _id_tuple(ids[-1])  # read in stream order: the last is the highest
                 pipe.xtrim(key, minid=f"{ms}-{seq + 1}", approximate=False)
             else:
                 pipe.xdel(key, *ids)

@@ -144,7 +144,7 @@ async def test_unrelated_keys_expire_without_effect(
     assert daemon.listener.cancelled == 0
 
 
-@pytest.mark.parametrize("read_buffered", [True, False], ids=["buffered-reads", "get_message-only"])
+@pytest.mark.parametrize("read_buffered", [True, False], ids=["default", "get_message-only"])
 async def test_expired_event_alone_cancels(
     settings: Settings,
     redis: Redis,
