@@ -2,20 +2,14 @@
 in version order per order; an entry is deleted only after the broker's PUBACK.
 
 One lane per part. Each lane has two streams: ``outbox`` (every transition
-after `created`) and ``outbox:created``. The second one can hold a bulk
-import's backlog; a lane publishes its ``outbox`` first and
-``outbox:created`` only when the first is empty, in chunks of at most
-CREATED_CHUNK over all lanes, so a cancellation waits behind at most one such
-chunk. Per-order order still holds: before an order's later event, the lane
-publishes that order's `created` event out of its turn if it is still
-unpublished (found by the id kept in the order record) and deletes it.
+after `created`) and ``outbox:created`` (a bulk import's backlog can wait
+there without delaying a cancellation). How a reader keeps the broker's
+window full and the order of events is in `listener.outbox_pump`.
 
 On a single Redis one reader serves all lanes: one XREAD over every held
-lane's streams, one MQTT write for what they have, one round trip to delete
-what the broker acknowledged and read on. At a steady load most lanes hold an
-event or two at a time, and a round trip and a socket write per lane cost
-more than the events. On a Redis Cluster each lane has its own reader (its
-streams are a slot of their own).
+lane's streams and one round trip to delete what the broker acknowledged and
+read on. On a Redis Cluster each lane has its own reader (its streams are a
+slot of their own).
 
 With several daemons, a lane is published by the holder of its lease
 (``<prefix>:{P}:lease``), so events of one order never race each other.
@@ -25,13 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import aiomqtt
@@ -41,7 +33,8 @@ from redis.exceptions import NoPermissionError
 from listener import logs
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
 from listener.keys import PARTS, KeyLayout
-from listener.mqtt import MqttLink, PublishRefused
+from listener.mqtt import MqttLink, Publisher
+from listener.outbox_pump import BLOCK_MS, POLL_S, Deletes, Item, Pump, debug_published
 from listener.store import Store
 from listener.supervise import Service, supervise
 
@@ -50,19 +43,13 @@ log = logs.get("listener.outbox")
 LEASE_MS = 6000
 RENEW_EVERY = 2.0
 LEASE_MARGIN = 1.0  # seconds: stop publishing a lane this long before the lease could lapse
-CREATED_CHUNK = 100
-BLOCK_MS = 1000
+PUBLISH_TIMEOUT = 10.0  # seconds without a PUBACK while publishes are in flight: send again
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
 def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _id_tuple(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq or 0)
 
 
 class Outbox:
@@ -201,119 +188,112 @@ class Outbox:
 
     async def _drain(self, parts: list[int]) -> None:
         """Publish the lanes of `parts` from their first unpublished entry, each
-        while its lease is held.
-
-        One XREAD reads every held lane; the events of all of them go to the
-        broker together, and what it acknowledged is deleted in the same round
-        trip as the next read (a pipeline: XTRIM or XDEL, then XREAD), or before returning."""
-        last: dict[str, bytes] = {}  # stream -> id of the last entry published
-        for part in parts:
-            last[self.layout.outbox(part)] = b"0-0"
-            last[self.layout.outbox_created(part)] = b"0-0"
-        acked = _Published()  # published, PUBACKed, not yet deleted
-        turn = 0  # the lane whose `created` backlog goes first (round robin)
+        while its lease is held, keeping the broker's window full (see
+        listener.outbox_pump)."""
+        pump = Pump(
+            parts,
+            self.layout,
+            self.link,
+            holds=self.holds,
+            held=lambda part: self.held[part].is_set(),
+            run_pipeline=self._with_deletes,
+            block_read=self._block_read,
+            xrange_one=self._xrange_each,
+            parse=lambda key, entries, created: self._parse(key, entries, created=created),
+            batch=self.batch,
+        )
+        mine = set(parts)
+        refusals = 0
         try:
             while True:
-                mine = [part for part in parts if self.holds(part)]
+                now_mine = {part for part in parts if self.held[part].is_set()}
+                for part in mine - now_mine:
+                    pump._reset_part(part)  # lease lost: the next holder sends it
+                mine = now_mine
                 if not mine:
                     return
-                block = None if self.stopping.is_set() else BLOCK_MS
-                hi = {key: last[key] for key in map(self.layout.outbox, mine)}
-                lo = {key: last[key] for key in map(self.layout.outbox_created, mine)}
-                got = await self._read(acked, hi, lo, block)
-                acked = _Published()
-                self.redis_service.ok()
-                if not got:
-                    if self.stopping.is_set():
-                        return
+                connection = await self.link.connection()
+                publishers = connection.publishers
+                if pump.gone:
+                    log.debug("publish failed; resending after reconnect", error=pump.gone)
+                    pump.reset()
                     continue
-                plan = await self._plan(mine, got, last, turn)
-                turn += 1
-                sent = await self._send(plan)
-                for part in sent:
-                    acked.add(plan[part].acked)
-                    last.update(plan[part].last)
-                # a lane left out lost its lease: it is not read any more
+                if pump.refused:
+                    refusals += 1
+                    if refusals == 1:
+                        log.error(
+                            "the broker refused events; retrying with backoff",
+                            error=", ".join(sorted(set(pump.refused))),
+                            fix="allow this user to publish under the topic prefix",
+                        )
+                    pump.reset()
+                    await asyncio.sleep(min(5.0, 0.1 * 2**refusals))
+                    continue
+                stopping = self.stopping.is_set()
+                room = any(publisher.room for publisher in publishers)
+                got = False
+                if room or pump.deletes:
+                    block = None if (stopping or pump.open or pump.queued()) else BLOCK_MS
+                    got = await pump.read(sorted(mine), block)
+                    self.redis_service.ok()
+                try:
+                    sent = pump.send(publishers)
+                except aiomqtt.MqttError as exc:  # the connection went while sending
+                    pump.lost(str(exc))
+                    continue
+                if pump.unpublishable:
+                    await self._dead_letter(pump.unpublishable)
+                    pump.unpublishable.clear()
+                if pump.published:
+                    self._report(pump.published)
+                    pump.published = []
+                    if refusals:
+                        log.info("the broker takes events again")
+                        refusals = 0
+                if stopping and not got and not sent and not pump.open and not pump.queued():
+                    return
+                if sent:
+                    continue
+                if pump.open:
+                    await _changed(publishers, POLL_S if (room and not pump.queued()) else 1.0)
+                    if pump.open and pump.idle_for() > PUBLISH_TIMEOUT:
+                        log.warning("no PUBACK from the broker; sending again", seconds=PUBLISH_TIMEOUT)
+                        for publisher in publishers:
+                            publisher.forget(pump)
+                        pump.reset()
+                elif not got and pump.queued() and not room:
+                    await _changed(publishers, 1.0)
+                elif not got and pump.queued():
+                    await asyncio.sleep(0.2)  # held, but the lease is being renewed
         finally:
-            if acked:  # the lease ends, or a stop cut us short: what the broker has must not go out again
-                await self._forget(acked)
+            deletes = pump.take_deletes()
+            if deletes:  # what the broker has must not go out again
+                await self._forget(deletes)
 
-    async def _plan(
-        self, mine: list[int], got: dict[str, list[Entry]], last: dict[str, bytes], turn: int
-    ) -> dict[int, _Lane]:
-        """What each lane sends now: its transitions if it has any (an order's
-        `created` event still waiting goes out just before them), else a chunk
-        of its `created` backlog, at most CREATED_CHUNK over all lanes."""
-        plan: dict[int, _Lane] = {}
-        budget = CREATED_CHUNK
-        waiting = await self._waiting_created(mine, got, last)
-        for index in range(len(mine)):
-            part = mine[(turn + index) % len(mine)]
-            hi_key, lo_key = self.layout.outbox(part), self.layout.outbox_created(part)
-            hi = got.get(hi_key, [])
-            if hi:
-                events = [event for _, event in await self._parse(hi_key, hi, created=False)]
-                early = waiting.get(part, {})
-                ordered: list[StatusEvent] = []
-                pulled: list[bytes] = []  # `created` entries sent out of turn, deleted with the rest
-                for event in events:
-                    first = early.pop(event.created_entry, None)
-                    if first is not None:
-                        ordered.append(first)
-                        pulled.append(event.created_entry)
-                    ordered.append(event)
-                lane = _Lane(
-                    ordered, _Published({hi_key: [entry_id for entry_id, _ in hi]}), {hi_key: hi[-1][0]}
-                )
-                if pulled:
-                    lane.acked.early[lo_key] = pulled
-                plan[part] = lane
-                continue
-            lo = got.get(lo_key, [])[:budget]
-            if lo:
-                budget -= len(lo)
-                events = [event for _, event in await self._parse(lo_key, lo, created=True)]
-                plan[part] = _Lane(
-                    events,
-                    _Published({lo_key: [entry_id for entry_id, _ in lo]}),
-                    {lo_key: lo[-1][0]},
-                    created=True,
-                )
-        return plan
+    def _report(self, events: list[StatusEvent]) -> None:
+        self.published += len(events)
+        if self.on_published is not None:
+            self.on_published(events)
+        debug_published(events)
 
-    async def _waiting_created(
-        self, mine: list[int], got: dict[str, list[Entry]], last: dict[str, bytes]
-    ) -> dict[int, dict[bytes, StatusEvent]]:
-        """Per lane, the `created` events, still unpublished, of orders with a
-        transition to publish now (found by the entry id kept in the order record);
-        one round trip for all lanes."""
-        lookups: list[tuple[int, bytes]] = []
-        for part in mine:
-            hi = got.get(self.layout.outbox(part))
-            if not hi:
-                continue
-            lo_last = _id_tuple(last[self.layout.outbox_created(part)])
-            suspects: dict[bytes, None] = {}
-            for _, fields in hi:
-                created = fields.get(b"c")
-                if created and _id_tuple(created) > lo_last:
-                    suspects[created] = None
-            lookups += [(part, created) for created in suspects]
-        waiting: dict[int, dict[bytes, StatusEvent]] = {}
-        if not lookups:
-            return waiting
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for part, created in lookups:
-                pipe.xrange(self.layout.outbox_created(part), created, created)
-            found = cast("list[list[Entry]]", await pipe.execute())
-        for (part, _), entries in zip(lookups, found, strict=True):
-            if entries:
-                # a malformed one is moved aside when its lane reads it in turn
-                with contextlib.suppress(KeyError, ValueError, UnicodeDecodeError):
-                    waiting.setdefault(part, {})[entries[0][0]] = from_created_entry(*entries[0])
-        return waiting
+    async def _dead_letter(self, items: list[Item]) -> None:
+        for item in items:
+            event = item.event
+            order_id = event.order_id if event is not None else ""
+            log.error(
+                "outbox entry cannot be published: moved to the dead letters",
+                order_id=order_id,
+                entry=item.entry_id.decode(),
+                stream=f"{item.key}:dead",
+            )
+            fields: dict[Any, Any] = {
+                b"id": item.entry_id,
+                b"o": order_id.encode(),
+                b"error": b"not a topic level",
+            }
+            await self.redis.xadd(f"{item.key}:dead", fields, maxlen=10_000, approximate=True)
 
-    async def _forget(self, acked: _Published) -> None:
+    async def _forget(self, deletes: Deletes) -> None:
         """Delete entries the broker acknowledged, even while being cancelled (a
         short, shielded round trip); if Redis is away they are sent again later.
         By id (XDEL), not XTRIM: this runs when a session ends, maybe on a
@@ -321,7 +301,7 @@ class Outbox:
         could give new entries ids below the trim point; XDEL cannot touch them."""
 
         async def delete() -> None:
-            await self._with_deletes(acked, lambda pipe: None, trim=False)
+            await self._with_deletes(deletes, lambda pipe: None, trim=False)
 
         try:
             async with asyncio.timeout(2.0):
@@ -329,28 +309,18 @@ class Outbox:
         except Exception as exc:  # at least once: a repeat is the worst case
             log.debug("could not delete published entries; they may be sent again", error=str(exc))
 
-    async def _read(
-        self, acked: _Published, hi: dict[Any, Any], lo: dict[Any, Any], block: int | None
-    ) -> dict[str, list[Entry]]:
-        """Entries after the given ids: up to `batch` of each transitions stream
-        (`hi`), a share of CREATED_CHUNK of each `created` stream (`lo`: a
-        backlog there is not read again and again in full while transitions go
-        first). One round trip, which first deletes the `acked` entries. When
-        there is nothing, one blocking XREAD of all of them, up to `block` ms."""
-        lo_count = max(1, CREATED_CHUNK // max(1, len(lo)))
+    async def _block_read(self, streams: dict[str, bytes], block: int) -> Any:
+        return await self.redis.xread(cast(Any, streams), count=self.batch, block=block)
 
-        def reads(pipe: Any) -> None:
-            pipe.xread(hi, count=self.batch)
-            pipe.xread(lo, count=lo_count)
-
-        replies = await self._with_deletes(acked, reads)
-        got = _by_stream(replies[-2]) | _by_stream(replies[-1])
-        if got or block is None:
-            return got
-        return _by_stream(await self.redis.xread({**hi, **lo}, count=self.batch, block=block))
+    async def _xrange_each(self, lookups: list[tuple[str, bytes]]) -> list[list[Entry]]:
+        """The entry of each (stream, id), or an empty list: one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, entry_id in lookups:
+                pipe.xrange(key, entry_id, entry_id)
+            return cast("list[list[Entry]]", await pipe.execute())
 
     async def _with_deletes(
-        self, acked: _Published, then: Callable[[Any], None], *, trim: bool = True
+        self, acked: Deletes, then: Callable[[Any], None], *, trim: bool = True
     ) -> list[Any]:
         """One pipeline: the deletes of `acked`, then what `then` queues; its replies.
         If Redis refuses the XTRIM command (NOPERM: the daemon's ACL predates it),
@@ -358,7 +328,7 @@ class Outbox:
         while True:
             trimming = trim and self.trim  # what this attempt sends (other lanes may change self.trim)
             async with self.redis.pipeline(transaction=False) as pipe:
-                acked.queue_deletes(pipe, trim=trimming)
+                acked.queue(pipe, trim=trimming)
                 then(pipe)
                 try:
                     return await pipe.execute()
@@ -399,53 +369,6 @@ class Outbox:
             good.append((entry_id, event))
         return good
 
-    async def _send(self, plan: dict[int, _Lane]) -> list[int]:
-        """Publish the planned events until the broker acknowledged them all,
-        and return the lanes published: those whose lease stayed surely ours
-        (a lane that lost it keeps its entries for the next holder). A broker
-        outage is the MQTT link's to report and repair; a broker that refuses
-        (ACL, quota) is logged once and retried with backoff."""
-        refusals = 0
-        gate = self._created_gate if any(lane.created for lane in plan.values()) else contextlib.nullcontext()
-        async with gate:
-            while True:
-                parts = [part for part in plan if self.holds(part)]
-                if not parts:
-                    return []
-                try:
-                    await self.link.publish_lanes({part: plan[part].events for part in parts})
-                    break
-                except PublishRefused as exc:
-                    refusals += 1
-                    if refusals == 1:
-                        log.error(
-                            "the broker refused events; retrying with backoff",
-                            parts=parts,
-                            error=str(exc),
-                            fix="allow this user to publish under the topic prefix",
-                        )
-                    await asyncio.sleep(min(5.0, 0.1 * 2**refusals))
-                except aiomqtt.MqttError as exc:
-                    log.debug("publish failed; resending after reconnect", error=str(exc))
-                    await asyncio.sleep(0.1)
-        if refusals:
-            log.info("the broker takes events again", parts=parts)
-        for part in parts:
-            events = plan[part].events
-            self.published += len(events)
-            if self.on_published is not None:
-                self.on_published(events)
-            if log.is_enabled_for(logging.DEBUG):  # a line per event only when asked for
-                for event in events:
-                    log.debug(
-                        "event published",
-                        part=part,
-                        order_id=event.order_id,
-                        event_id=event.event_id,
-                        status=event.status,
-                    )
-        return parts
-
     async def backlog(self) -> int:
         async with self.redis.pipeline(transaction=False) as pipe:
             for part in range(PARTS):
@@ -455,55 +378,18 @@ class Outbox:
         return sum(int(n) for n in lengths)
 
 
-@dataclass
-class _Lane:
-    """What one lane sends in a round: its events, the entries to delete
-    once the broker has them, and how far its streams are then read."""
-
-    events: list[StatusEvent]
-    acked: _Published
-    last: dict[str, bytes]
-    created: bool = False  # a chunk of the `created` backlog (goes through the shared gate)
-
-
 def _task_name(parts: list[int]) -> str:
     return f"outbox-lane-{parts[0]}" if len(parts) == 1 else "outbox-lanes"
 
 
-@dataclass
-class _Published:
-    """Entries the broker acknowledged, to delete, per stream: `in_order`, the
-    entries read in turn (every entry up to the last of them is published, so
-    XTRIM MINID deletes them at once), and `early`, `created` entries sent out
-    of turn, ahead of the lane's read (XDEL, one by one)."""
-
-    in_order: dict[str, list[bytes]] = field(default_factory=dict)
-    early: dict[str, list[bytes]] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.in_order or self.early)
-
-    def add(self, other: _Published) -> None:
-        for mine, theirs in ((self.in_order, other.in_order), (self.early, other.early)):
-            for key, ids in theirs.items():
-                mine.setdefault(key, []).extend(ids)
-
-    def queue_deletes(self, pipe: Any, *, trim: bool) -> None:
-        """The deletes, queued on a (plain or cluster) pipeline."""
-        for key, ids in self.early.items():
-            pipe.xdel(key, *ids)
-        for key, ids in self.in_order.items():
-            if trim:
-                ms, seq = _id_tuple(ids[-1])  # read in stream order: the last is the highest
-                pipe.xtrim(key, minid=f"{ms}-{seq + 1}", approximate=False)
-            else:
-                pipe.xdel(key, *ids)
-
-
-def _by_stream(reply: Any) -> dict[str, list[Entry]]:
-    """An XREAD reply as stream name -> entries."""
-    return {_name(stream): entries for stream, entries in reply or []}
-
-
-def _name(stream: bytes | str) -> str:
-    return stream.decode() if isinstance(stream, bytes) else stream
+async def _changed(publishers: list[Publisher], timeout: float) -> None:
+    """Until a PUBACK on any of the connections, or `timeout`."""
+    if len(publishers) == 1:
+        await publishers[0].changed(timeout)
+        return
+    waits = [asyncio.ensure_future(publisher.changed(timeout)) for publisher in publishers]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

@@ -26,7 +26,9 @@ from paho.mqtt.properties import Properties
 from listener import mqtt
 from listener.config import Settings, load_settings
 from listener.events import StatusEvent, iso_ms
-from listener.mqtt import MqttLink, Publisher, _length, encode_publish, property_bytes
+from listener.fastpath import paho_io
+from listener.mqtt import MqttLink, Publisher
+from listener.mqtt.packets import _length, encode_publish, property_bytes
 from listener.servers import ServerProcess, mosquitto
 from listener.supervise import Service
 from tests.conftest import Subscriber, wait_until
@@ -157,7 +159,7 @@ async def test_lanes_over_connections_arrive_complete_and_in_order(
     fast: bool,
 ) -> None:
     if not fast:
-        monkeypatch.setattr(mqtt, "FAST_IO_AVAILABLE", False)
+        monkeypatch.setattr(paho_io, "usable", lambda: False)
     tag = f"pp{protocol.replace('.', '')}c{connections}{'f' if fast else 's'}"
     config = load_settings(
         **{**settings.model_dump(), "mqtt_protocol": protocol, "mqtt_connections": connections}
@@ -191,14 +193,14 @@ async def test_the_brokers_receive_maximum_bounds_what_is_in_flight(
 ) -> None:
     config = load_settings(**{**settings.model_dump(), "mqtt_url": f"mqtt://127.0.0.1:{small_broker.port}"})
     highest = 0
-    send = Publisher._send
+    send = Publisher.send
 
-    async def counting(self: Publisher, events: Sequence[StatusEvent]) -> list[str]:
+    def counting(self: Publisher, events: Sequence[StatusEvent], tokens: Sequence[Any], sink: Any) -> None:
         nonlocal highest
-        highest = max(highest, self.inflight + len(events))
-        return await send(self, events)
+        send(self, events, tokens, sink)
+        highest = max(highest, self.inflight)
 
-    monkeypatch.setattr(Publisher, "_send", counting)
+    monkeypatch.setattr(Publisher, "send", counting)
     async with running(config) as link:
         current = await link.connection()
         assert current.publishers[0].client.receive_maximum == 5

@@ -1,0 +1,181 @@
+"""The link to the broker: connections kept up with reconnects, subscriptions, incoming messages.
+
+aiomqtt's reconnect pattern is a loop around ``async with Client(...)``; the
+link runs that loop (under `supervise`, with backoff), subscribes, hands
+incoming messages to a handler and gives publishers the current connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import aiomqtt
+
+from listener import logs
+from listener.config import Settings, mqtt_target
+from listener.events import StatusEvent
+from listener.fastpath import paho_io
+from listener.mqtt.client import CheckedClient, default_client_id, is_failure, make_client
+from listener.mqtt.window import WINDOW, Publisher
+from listener.supervise import Service, supervise
+
+log = logs.get("listener.mqtt")
+
+Handler = Callable[[aiomqtt.Message], Awaitable[None]]
+
+
+@dataclass
+class Connection:
+    """The connections of one session, all up together."""
+
+    publishers: list[Publisher]
+
+
+class MqttLink:
+    """Keeps the connections to the broker; publishers borrow the current ones.
+
+    Connection 0 subscribes and receives; with `mqtt_connections` > 1 more
+    publish-only connections share the publishing, each taking whole outbox
+    lanes (`part`), so an order's events stay on one connection, in order."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        service: Service,
+        *,
+        subscriptions: Sequence[str] = (),
+        handler: Handler | None = None,
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self.subscriptions = list(subscriptions)
+        self.handler = handler
+        self.v5 = settings.mqtt_protocol == "5"
+        self.count = settings.mqtt_connections
+        persistent = bool(settings.mqtt_client_id)
+        self._identifier = settings.mqtt_client_id or default_client_id("daemon")
+        self._persistent = persistent
+        self._current: Connection | None = None
+        self.connected = asyncio.Event()
+        self.subscribed = asyncio.Event()
+        self.fast_io = paho_io.usable()
+
+    async def run(self) -> None:
+        await supervise("mqtt", self.service, self._session)
+
+    def _make(self, index: int) -> CheckedClient:
+        fast = self.fast_io
+        if index == 0:
+            client = make_client(
+                self.settings, identifier=self._identifier, persistent=self._persistent, fast_io=fast
+            )
+        else:  # publish only: no session state worth keeping
+            client = make_client(self.settings, identifier=f"{self._identifier}-p{index}", fast_io=fast)
+        # our window bounds what is in flight; paho's own would scan all its
+        # messages on every PUBACK (only the fallback path uses paho's queue)
+        client.paho.max_inflight_messages_set(0)
+        return client
+
+    async def _session(self) -> None:
+        clients = [self._make(index) for index in range(self.count)]
+        main = clients[0]
+        if self.handler is not None:
+            # PUBACK a message only once the handler has applied it to Redis,
+            # so the broker redelivers what a crash or an outage interrupted.
+            main.paho.manual_ack_set(True)
+        async with contextlib.AsyncExitStack() as stack:
+            for client in clients:
+                await stack.enter_async_context(client)
+            for topic in self.subscriptions:
+                granted = await main.subscribe(topic, qos=1)
+                if any(is_failure(code) for code in granted):
+                    log.error(
+                        "the broker refused the subscription; logistics messages will not arrive",
+                        topic=topic,
+                        reason=[str(code) for code in granted],
+                        fix="allow this user to subscribe to the topic (broker ACL)",
+                    )
+            prefix = self.settings.topic_prefix
+            connection = Connection([Publisher(c, self.v5, prefix, WINDOW) for c in clients])
+            self._current = connection
+            self.connected.set()
+            self.subscribed.set()
+            self.service.ok()
+            log.info(
+                "mqtt connected",
+                broker=mqtt_target(self.settings.mqtt_url).shown,
+                subscriptions=self.subscriptions,
+                connections=self.count,
+                window=connection.publishers[0].window,
+            )
+            reason = "connection closed"
+            try:
+                await self._receive_until_lost(clients)
+            except BaseException as exc:  # also a stop (cancelled) or a failing handler
+                reason = str(exc) or type(exc).__name__
+                raise
+            finally:
+                for publisher in connection.publishers:
+                    publisher.fail(f"connection to the broker lost while publishing ({reason})")
+                self.connected.clear()
+                self._current = None
+
+    async def _receive_until_lost(self, clients: list[CheckedClient]) -> None:
+        """Hand incoming messages to the handler until a connection is lost
+        (each client's message iterator raises MqttError then)."""
+        tasks = [
+            asyncio.ensure_future(self._receive(client, index == 0)) for index, client in enumerate(clients)
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise aiomqtt.MqttError("connection to the broker closed")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _receive(self, client: CheckedClient, main: bool) -> None:
+        async for message in client.messages:
+            if main and self.handler is not None:
+                await self.handler(message)
+                client.paho.ack(message.mid, message.qos)
+
+    async def connection(self) -> Connection:
+        while True:
+            await self.connected.wait()
+            if self._current is not None:
+                return self._current
+
+    async def publish(self, events: Sequence[StatusEvent], timeout: float = 10.0, *, part: int = 0) -> None:
+        """Publish with QoS 1, in this order, and return once the broker
+        acknowledged all of them. `part` (an outbox lane) picks the connection.
+        Raises MqttError if the connection is lost or the broker is silent for
+        `timeout` seconds, PublishRefused if it refused any."""
+        await self.publish_lanes({part: events}, timeout)
+
+    async def publish_lanes(self, lanes: Mapping[int, Sequence[StatusEvent]], timeout: float = 10.0) -> None:
+        """`publish` for several outbox lanes at once: the lanes of one
+        connection go out as one batch (each lane's events in their order)."""
+        if not any(lanes.values()):
+            return
+        connection = await self.connection()
+        publishers = connection.publishers
+        batches: dict[int, list[StatusEvent]] = {}
+        for part, events in lanes.items():
+            if events:
+                batches.setdefault(part % len(publishers), []).extend(events)
+        try:
+            outcomes = await asyncio.gather(
+                *(publishers[index].publish(events, timeout) for index, events in batches.items()),
+                return_exceptions=True,
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        except TimeoutError:
+            raise aiomqtt.MqttError("publish timed out: no PUBACK from the broker") from None

@@ -1,0 +1,209 @@
+"""The in-flight window of one MQTT connection: QoS 1 publishes awaiting PUBACK.
+
+Events are sent as soon as the window has room and each PUBACK makes room for
+the next one: a caller never waits for a whole batch to be acknowledged
+before it sends more, so the broker's Receive Maximum (20 on a stock
+mosquitto) is kept full. Whoever sends (an `AckSink`) is told of each PUBACK
+with the token it gave, and of a lost connection once for all it had in
+flight. Messages go out in the order they are sent, on one connection: MQTT
+keeps that order per topic, so one order's events stay in version order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import aiomqtt
+from paho.mqtt import client as mqtt_client
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from listener.events import StatusEvent
+from listener.mqtt.client import CheckedClient, PublishRefused
+from listener.mqtt.packets import encode_publish, property_bytes, publish_properties, topic_level_ok
+
+# QoS 1 publishes awaiting PUBACK per connection when the broker announces no
+# smaller Receive Maximum (MQTT 5): enough to keep a loopback or LAN link busy.
+WINDOW = 1000
+
+
+class AckSink(Protocol):
+    def acked(self, token: Any, reason: int) -> None:
+        """The broker answered the publish sent with `token`; `reason` >= 0x80 is a refusal."""
+
+    def lost(self, reason: str) -> None:
+        """The connection is gone: none of this sink's unanswered publishes will be answered."""
+
+
+def refusal_text(reason: int) -> str:
+    return str(ReasonCode(PacketTypes.PUBACK, identifier=reason))
+
+
+class Publisher:
+    """Publishing on one connection, at most `window` messages awaiting PUBACK."""
+
+    def __init__(self, client: CheckedClient, v5: bool, prefix: str, window: int = WINDOW) -> None:
+        self.client = client
+        self.v5 = v5
+        self.prefix = prefix
+        self.window = max(1, min(window, client.receive_maximum)) if v5 else max(1, window)
+        self.inflight = 0
+        self._pending = client.pending  # message id -> (sink, token); shared with the fast path
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wake_due = False
+        self._loop = asyncio.get_running_loop()
+        self._lost = ""  # why the connection is gone; empty while it is up
+        client.acker = self._ack
+
+    @property
+    def room(self) -> int:
+        return 0 if self._lost else self.window - self.inflight
+
+    @property
+    def lost(self) -> str:
+        return self._lost
+
+    def send(self, events: Sequence[StatusEvent], tokens: Sequence[Any], sink: AckSink) -> None:
+        """Write these publishes now (the caller keeps within `room`). Raises
+        MqttError if the connection is gone; ValueError for an order id that
+        cannot be a topic level (the caller checks `topic_level_ok` first)."""
+        if self._lost:
+            raise aiomqtt.MqttError(self._lost)
+        pending, prefix, v5 = self._pending, self.prefix, self.v5
+        fast = self.client.fast
+        if fast is not None:
+            packets: list[bytes] = []
+            for event, token in zip(events, tokens, strict=True):
+                if not topic_level_ok(event.order_id):
+                    raise ValueError(f"order id {event.order_id!r} cannot be a topic level")
+                mid = fast.next_mid()
+                topic = f"{prefix}/{event.order_id}/status".encode()
+                props = property_bytes(event) if v5 else None
+                packets.append(encode_publish(topic, mid, props, event.payload()))
+                pending[mid] = (sink, token)
+            self.inflight += len(packets)
+            rc = fast.queue_publishes(b"".join(packets))
+        else:
+            paho = self.client.paho
+            rc = mqtt_client.MQTT_ERR_SUCCESS
+            for event, token in zip(events, tokens, strict=True):
+                if not topic_level_ok(event.order_id):
+                    raise ValueError(f"order id {event.order_id!r} cannot be a topic level")
+                info = paho.publish(
+                    f"{prefix}/{event.order_id}/status",
+                    event.payload(),
+                    1,
+                    False,
+                    publish_properties(event, v5),
+                )
+                if info.rc != mqtt_client.MQTT_ERR_SUCCESS:
+                    rc = info.rc
+                    break
+                pending[info.mid] = (sink, token)
+                self.inflight += 1
+        if rc != mqtt_client.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(rc, "Could not publish message")
+
+    def _ack(self, mid: int, reason: int) -> None:
+        entry = self._pending.pop(mid, None)
+        if entry is None:
+            return
+        self.inflight -= 1
+        sink, token = entry
+        if sink is not None:
+            sink.acked(token, reason)
+        if not self._wake_due and self._waiters:
+            self._wake_due = True  # once per socket read, not once per PUBACK
+            self._loop.call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_due = False
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def changed(self, timeout: float | None) -> bool:
+        """Wait until a PUBACK arrives or the connection is lost (True), or `timeout` passes (False)."""
+        if self._lost:
+            return True
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+    def forget(self, sink: AckSink) -> int:
+        """Stop routing this sink's PUBACKs (it gave up on them: a timeout);
+        their room in the window is freed. Returns how many were dropped."""
+        mids = [mid for mid, (owner, _) in self._pending.items() if owner is sink]
+        for mid in mids:
+            del self._pending[mid]
+        self.inflight -= len(mids)
+        return len(mids)
+
+    def fail(self, reason: str) -> None:
+        """The connection is gone: every sink with publishes in flight hears it once."""
+        self._lost = reason
+        sinks = {id(sink): sink for sink, _ in self._pending.values() if sink is not None}
+        self._pending.clear()
+        self.inflight = 0
+        for sink in sinks.values():
+            sink.lost(reason)
+        self._wake()
+
+    async def publish(self, events: Sequence[StatusEvent], timeout: float) -> None:
+        """Publish in this order and return once the broker acknowledged all of
+        them (for callers outside the outbox: tests, benchmarks). Raises
+        MqttError if the connection is lost or the broker is silent for
+        `timeout` seconds, PublishRefused if it refused any."""
+        waiting = _Waiting()
+        sent = 0
+        try:
+            while True:
+                if waiting.gone:
+                    raise aiomqtt.MqttError(waiting.gone)
+                if sent == len(events) and not waiting.open:
+                    break
+                take = min(self.room, len(events) - sent)
+                if take > 0:
+                    self.send(events[sent : sent + take], range(sent, sent + take), waiting)
+                    waiting.open += take
+                    sent += take
+                    continue
+                if not await self.changed(timeout):
+                    raise aiomqtt.MqttError("publish timed out: no PUBACK from the broker")
+        finally:
+            if waiting.open:
+                self.forget(waiting)
+        if waiting.refused:
+            reasons = sorted(set(waiting.refused))
+            raise PublishRefused(
+                f"the broker refused {len(waiting.refused)} publish(es): {', '.join(reasons)}"
+            )
+
+
+class _Waiting:
+    """An `AckSink` that counts what is still unanswered (`Publisher.publish`)."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.refused: list[str] = []
+        self.gone = ""  # why the connection was lost
+
+    def acked(self, token: Any, reason: int) -> None:
+        self.open -= 1
+        if reason >= 0x80:
+            self.refused.append(refusal_text(reason))
+
+    def lost(self, reason: str) -> None:
+        self.gone = reason
+        self.open = 0

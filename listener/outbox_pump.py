@@ -1,0 +1,365 @@
+"""One outbox reader: entries of its lanes go to the broker as the window allows.
+
+The reader keeps the broker's in-flight window full instead of publishing in
+rounds: what a lane's streams hold is read ahead, sent as soon as a PUBACK
+makes room, and deleted once acknowledged (in stream order: XTRIM MINID up
+to the last entry of the acknowledged prefix; XDEL where trimming is off).
+
+Order. A lane's ``outbox`` stream (every transition after `created`) goes
+first: its entries are sent before any waiting `created` entry, so a
+cancellation overtakes a bulk import's backlog (it waits at most for the
+window's worth already in flight). The ``outbox:created`` stream is read
+ahead in chunks and sent when nothing else waits. Per-order order holds:
+before an order's later event, the reader sends that order's `created`
+event out of its turn if it has not gone yet (found by the entry id kept in
+the later event), and skips it when its turn comes.
+
+A lane whose lease is lost drops what it read and had in flight (the new
+holder sends it again: at least once); a lost connection, a refusal or a
+broker silent for `timeout` seconds starts every lane over from its first
+undeleted entry, after the acknowledged ones were deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from listener import logs
+from listener.events import StatusEvent, from_created_entry
+from listener.keys import KeyLayout
+from listener.mqtt import MqttLink, Publisher
+from listener.mqtt.packets import topic_level_ok
+from listener.mqtt.window import refusal_text
+
+log = logs.get("listener.outbox")
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+Parse = Callable[[str, Sequence[Entry], bool], Awaitable[list[tuple[bytes, StatusEvent]]]]
+
+BLOCK_MS = 1000  # a blocking read's wait when nothing is in flight
+POLL_S = 0.005  # while publishes are in flight and nothing is queued: look at Redis this often
+CREATED_READ = 256  # `created` entries read ahead per lane when its queue runs low
+
+
+def id_tuple(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(slots=True, eq=False)
+class Item:
+    """One entry on its way: read, maybe sent, maybe acknowledged."""
+
+    part: int
+    key: str  # its stream
+    entry_id: bytes
+    event: StatusEvent | None  # None: a dead-lettered entry's place (nothing to send)
+    gen: int  # the lane's generation when read: a reset lane ignores older acks
+    early: bool = False  # a `created` entry sent ahead of its turn
+    acked: bool = False
+
+
+@dataclass
+class Deletes:
+    """Acknowledged entries to delete: `upto` per stream (everything up to and
+    including that id was published), `ids` every id of them (for XDEL), and
+    `early` the `created` entries sent out of turn (always XDEL)."""
+
+    upto: dict[str, bytes] = field(default_factory=dict)
+    ids: dict[str, list[bytes]] = field(default_factory=dict)
+    early: dict[str, list[bytes]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.upto or self.early)
+
+    def queue(self, pipe: Any, *, trim: bool) -> None:
+        for key, ids in self.early.items():
+            pipe.xdel(key, *ids)
+        for key, last in self.upto.items():
+            if trim:
+                ms, seq = id_tuple(last)
+                pipe.xtrim(key, minid=f"{ms}-{seq + 1}", approximate=False)
+            elif self.ids.get(key):
+                pipe.xdel(key, *self.ids[key])
+
+
+class Pump:
+    """The reader of a group of lanes (all of them on a single Redis, one on a
+    cluster). `holds(part)` and `held(part)` come from the lease keeper;
+    `run_pipeline(deletes, then)` sends the deletes and what `then` queues in
+    one round trip; `parse` turns entries into events (moving malformed ones
+    to the dead-letter stream)."""
+
+    def __init__(
+        self,
+        parts: list[int],
+        layout: KeyLayout,
+        link: MqttLink,
+        *,
+        holds: Callable[[int], bool],
+        held: Callable[[int], bool],
+        run_pipeline: Callable[[Deletes, Callable[[Any], None]], Awaitable[list[Any]]],
+        block_read: Callable[[dict[str, bytes], int], Awaitable[Any]],
+        xrange_one: Callable[[list[tuple[str, bytes]]], Awaitable[list[list[Entry]]]],
+        parse: Parse,
+        batch: int,
+        timeout: float = 10.0,
+    ) -> None:
+        self.parts = parts
+        self.layout = layout
+        self.link = link
+        self.holds, self.held = holds, held
+        self.run_pipeline, self.block_read = run_pipeline, block_read
+        self.xrange_one, self.parse = xrange_one, parse
+        self.batch = batch
+        self.timeout = timeout
+        self.hi_key = {part: layout.outbox(part) for part in parts}
+        self.lo_key = {part: layout.outbox_created(part) for part in parts}
+        self.gen = dict.fromkeys(parts, 0)
+        self.pos: dict[str, bytes] = {}
+        self.hi: deque[Item] = deque()  # read, to send, in order
+        self.lo: deque[Item] = deque()
+        self.lo_queued = dict.fromkeys(parts, 0)
+        self.order: dict[str, deque[Item]] = {}  # per stream: sent in turn, awaiting the prefix's PUBACKs
+        self.early: dict[str, dict[bytes, Item]] = {}  # per `created` stream: sent out of turn
+        self.deletes = Deletes()
+        self.published: list[StatusEvent] = []  # acknowledged since the caller last took them
+        self.refused: list[str] = []
+        self.gone = ""  # the connection was lost (why)
+        self.last_ack = time.monotonic()
+        self.open = 0  # sent, not answered
+        self.lo_unsent: dict[tuple[str, bytes], Item] = {}  # read in turn, not sent yet
+        self.unpublishable: list[Item] = []  # for the caller to move to the dead letters
+        for part in parts:
+            self._reset_part(part)
+
+    # -- AckSink ---------------------------------------------------------------
+
+    def acked(self, token: Any, reason: int) -> None:
+        item = cast(Item, token)
+        self.open -= 1
+        if item.gen != self.gen[item.part]:
+            return  # the lane started over since: its new reader sends it again
+        self.last_ack = time.monotonic()
+        if reason >= 0x80:
+            self.refused.append(refusal_text(reason))
+            return
+        item.acked = True
+        assert item.event is not None
+        self.published.append(item.event)
+        if item.early:
+            self.deletes.early.setdefault(item.key, []).append(item.entry_id)
+        self._advance(item.key)
+
+    def lost(self, reason: str) -> None:
+        self.gone = reason
+        self.open = 0
+
+    def _advance(self, key: str) -> None:
+        """Move the stream's acknowledged prefix into the deletes."""
+        sent = self.order.get(key)
+        last = None
+        while sent and sent[0].acked:
+            item = sent.popleft()
+            if not item.early:  # an early one is deleted by id already
+                self.deletes.ids.setdefault(key, []).append(item.entry_id)
+            last = item.entry_id
+        if last is not None:
+            self.deletes.upto[key] = last
+
+    # -- state -----------------------------------------------------------------
+
+    def _reset_part(self, part: int) -> None:
+        """Forget what the lane read and sent; read it again from its first entry."""
+        self.gen[part] += 1
+        for key in (self.hi_key[part], self.lo_key[part]):
+            self.pos[key] = b"0-0"
+            self.order[key] = deque()
+        self.early[self.lo_key[part]] = {}
+        self.lo_queued[part] = 0
+        self.hi = deque(item for item in self.hi if item.part != part)
+        self.lo = deque(item for item in self.lo if item.part != part)
+        for unsent in [k for k, item in self.lo_unsent.items() if item.part == part]:
+            del self.lo_unsent[unsent]
+
+    def reset(self) -> None:
+        for part in self.parts:
+            self._reset_part(part)
+        self.refused.clear()
+        self.gone = ""
+        self.open = 0
+
+    def take_deletes(self) -> Deletes:
+        deletes, self.deletes = self.deletes, Deletes()
+        return deletes
+
+    def queued(self) -> bool:
+        return bool(self.hi or self.lo)
+
+    # -- reading ---------------------------------------------------------------
+
+    async def read(self, mine: list[int], block: int | None) -> bool:
+        """Read what the held lanes have after what was read, deleting what was
+        acknowledged in the same round trip. True if anything new came."""
+        hi = {self.hi_key[part]: self.pos[self.hi_key[part]] for part in mine}
+        low = [part for part in mine if self.lo_queued[part] < CREATED_READ // 2]
+        lo = {self.lo_key[part]: self.pos[self.lo_key[part]] for part in low}
+        batch = self.batch
+
+        def reads(pipe: Any) -> None:
+            pipe.xread(hi, count=batch)
+            if lo:
+                pipe.xread(lo, count=CREATED_READ)
+
+        deletes = self.take_deletes()
+        replies = await self.run_pipeline(deletes, reads)
+        got = _by_stream(replies[-2] if lo else replies[-1])
+        if lo:
+            got |= _by_stream(replies[-1])
+        if not got and block is not None and not self.queued():
+            all_keys = hi | {self.lo_key[part]: self.pos[self.lo_key[part]] for part in mine}
+            got = _by_stream(await self.block_read(all_keys, block))
+        if not got:
+            return False
+        for part in mine:
+            hi_entries = got.get(self.hi_key[part])
+            lo_entries = got.get(self.lo_key[part])
+            if lo_entries:
+                await self._take_created(part, lo_entries)
+            if hi_entries:
+                await self._take_transitions(part, hi_entries)
+        return True
+
+    async def _take_created(self, part: int, entries: list[Entry]) -> None:
+        key, gen = self.lo_key[part], self.gen[part]
+        self.pos[key] = entries[-1][0]
+        early = self.early[key]
+        fresh = [entry for entry in entries if entry[0] not in early]
+        good = dict(await self.parse(key, fresh, True)) if fresh else {}
+        for entry_id, _ in entries:
+            item = early.pop(entry_id, None)  # already sent ahead: takes its place in turn
+            if item is None:
+                event = good.get(entry_id)
+                if event is None:
+                    continue  # moved to the dead-letter stream
+                item = Item(part, key, entry_id, event, gen)
+                self.lo_unsent[(key, entry_id)] = item
+            self.lo.append(item)
+            self.lo_queued[part] += 1
+        # early ones deleted before their turn was read: nothing keeps them
+        position = id_tuple(self.pos[key])
+        for entry_id in [i for i in early if id_tuple(i) <= position]:
+            del early[entry_id]
+
+    async def _take_transitions(self, part: int, entries: list[Entry]) -> None:
+        key, lo_key, gen = self.hi_key[part], self.lo_key[part], self.gen[part]
+        self.pos[key] = entries[-1][0]
+        good = await self.parse(key, entries, False)
+        # `created` events of these orders that are not read yet in turn
+        read_upto = id_tuple(self.pos[lo_key])
+        early = self.early[lo_key]
+        wanted: dict[bytes, None] = {}
+        for _, event in good:
+            created = event.created_entry
+            if created and created not in early and id_tuple(created) > read_upto:
+                wanted[created] = None
+        found: dict[bytes, StatusEvent] = {}
+        if wanted:
+            replies = await self.xrange_one([(lo_key, created) for created in wanted])
+            for created, reply in zip(wanted, replies, strict=True):
+                if reply:
+                    # a malformed one is moved aside when its turn is read
+                    with contextlib.suppress(KeyError, ValueError, UnicodeDecodeError):
+                        found[created] = from_created_entry(*reply[0])
+        for entry_id, event in good:
+            created = event.created_entry
+            first = found.pop(created, None)
+            if first is not None:
+                item = Item(part, lo_key, created, first, gen, early=True)
+                early[created] = item
+                self.hi.append(item)
+            else:
+                pulled = self.lo_unsent.pop((lo_key, created), None)
+                if pulled is not None:  # read in turn but not sent yet: goes now, ahead
+                    pulled.early = True  # (its place in the `created` queue stays, as a marker)
+                    self.hi.append(pulled)
+            self.hi.append(Item(part, key, entry_id, event, gen))
+
+    # -- sending ---------------------------------------------------------------
+
+    def send(self, publishers: list[Publisher]) -> int:
+        """Send queued events as far as each connection's window allows:
+        transitions first, then `created` events. Returns how many were sent."""
+        count = len(publishers)
+        rooms = [publisher.room for publisher in publishers]
+        sent = 0
+        for queue in (self.hi, self.lo):
+            if not any(rooms):
+                break
+            batches: dict[int, tuple[list[StatusEvent], list[Item]]] = {}
+            kept: list[Item] = []
+            while queue and any(rooms):
+                item = queue.popleft()
+                if item.gen != self.gen[item.part]:
+                    continue  # its lane started over
+                in_turn = queue is self.lo
+                if in_turn:
+                    self.lo_queued[item.part] -= 1
+                    if item.early:  # sent ahead of its turn: its turn now
+                        self.order[item.key].append(item)
+                        self._advance(item.key)
+                        continue
+                index = item.part % count
+                event = item.event
+                if not rooms[index] or not self.holds(item.part) or event is None:
+                    kept.append(item)  # this connection is full, or the lease is being renewed
+                    if in_turn:
+                        self.lo_queued[item.part] += 1
+                    continue
+                if in_turn:
+                    del self.lo_unsent[(item.key, item.entry_id)]
+                if not topic_level_ok(event.order_id):  # the parser should have moved it aside
+                    self.unpublishable.append(item)
+                    item.acked = True  # gone once the caller moved it to the dead letters
+                    if not item.early:
+                        self.order[item.key].append(item)
+                        self._advance(item.key)
+                    continue
+                rooms[index] -= 1
+                events, items = batches.setdefault(index, ([], []))
+                events.append(event)
+                items.append(item)
+                if not item.early:
+                    self.order[item.key].append(item)
+            queue.extendleft(reversed(kept))
+            for index, (events, items) in batches.items():
+                self.open += len(events)
+                publishers[index].send(events, items, self)
+                sent += len(events)
+        return sent
+
+    def idle_for(self) -> float:
+        return time.monotonic() - self.last_ack
+
+
+def _by_stream(reply: Any) -> dict[str, list[Entry]]:
+    """An XREAD reply as stream name -> entries."""
+    return {_name(stream): entries for stream, entries in reply or []}
+
+
+def _name(stream: bytes | str) -> str:
+    return stream.decode() if isinstance(stream, bytes) else stream
+
+
+def debug_published(events: Sequence[StatusEvent]) -> None:
+    if log.is_enabled_for(logging.DEBUG):  # a line per event only when asked for
+        for event in events:
+            log.debug(
+                "event published", order_id=event.order_id, event_id=event.event_id, status=event.status
+            )
