@@ -75,9 +75,10 @@ from benchlib import (
     redis_config,
     redis_cpu,
 )
+from brokers import add_broker_arg, bench_broker
 from redis.asyncio import Redis
 
-from listener.servers import ServerProcess, mosquitto, redis_server
+from listener.servers import ServerProcess, redis_server
 
 CONTENDERS = ["ours", "expired", "poll-1s", "poll-100ms", "arq", "bullmq"]
 POLL_INTERVAL = {"poll-1s": 1.0, "poll-100ms": 0.1}
@@ -632,6 +633,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--bullmq-concurrency", type=int, default=50, help="BullMQ worker concurrency (default 50)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    add_broker_arg(parser)
     parser.add_argument("--child", nargs=3, metavar=("KIND", "URL", "ARG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is None:
@@ -702,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
     )
     workdir = Path(tempfile.mkdtemp(prefix="order-listener-alternatives-"))
-    broker = mosquitto(workdir / "mosquitto")
+    broker = bench_broker(workdir / "mosquitto", args.broker)
     results: list[Result] = []
     try:
         broker.start()

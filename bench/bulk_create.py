@@ -36,12 +36,13 @@ from pathlib import Path
 
 import lag
 from benchlib import daemon_cancels_probe, print_setup, print_table, redis_config, rss_kb, used_memory
+from brokers import add_broker_arg, bench_broker, broker_line
 from redis.asyncio import Redis
 
 from listener.api import OrderClient
 from listener.config import load_settings
 from listener.keys import PARTS, KeyLayout
-from listener.servers import ServerProcess, mosquitto, redis_server
+from listener.servers import ServerProcess, redis_server
 
 TIMEOUT_S = 3600
 PROBE = "bulk-probe"
@@ -163,6 +164,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-daemon", action="store_true", help="no daemon (nor mosquitto) running meanwhile"
     )
+    add_broker_arg(parser)
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.api + args.cli):
         parser.error("sizes must be >= 1")
@@ -181,10 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "not running" if args.no_daemon else "running, publishing `created` events to mosquitto",
             ),
             ("servers", "a fresh redis-server (repo redis.conf) per size"),
+            broker_line(args.broker),
         ],
     )
     workdir = Path(tempfile.mkdtemp(prefix="order-listener-bulk-"))
-    broker = None if args.no_daemon else mosquitto(workdir / "mosquitto")
+    broker = None if args.no_daemon else bench_broker(workdir / "mosquitto", args.broker)
     runs: list[Run] = []
     try:
         if broker is not None:

@@ -53,6 +53,7 @@ from benchlib import (
     reset_peak_rss,
     rss_kb,
 )
+from brokers import add_broker_arg, broker_line
 from redis.asyncio import Redis
 
 from listener.api import OrderClient
@@ -294,6 +295,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--grace", type=float, default=120.0, metavar="S", help="wait after the second (120)")
     parser.add_argument("--subscriber", choices=["mosquitto_sub", "process"], default="mosquitto_sub")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    add_broker_arg(parser)
     args = parser.parse_args(argv)
     if args.orders < 1 or args.lead < 2 or args.grace < 0:
         parser.error("--orders >= 1, --lead >= 2, --grace >= 0")
@@ -308,12 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         [
             ("orders", f"{args.orders:,} due within one second starting {args.lead:g} s after the start"),
             ("subscriber", f"{args.subscriber} (QoS 1, {lag.TOPIC}); daemon log level warning"),
+            broker_line(args.broker),
         ],
     )
     workdir = Path(tempfile.mkdtemp(prefix="order-listener-burst-"))
     servers: list[ServerProcess] = []
     try:
-        redis_proc, broker = lag.start_servers(workdir, servers)
+        redis_proc, broker = lag.start_servers(workdir, servers, args.broker)
         result = asyncio.run(run(args, redis_proc, broker, workdir))
     finally:
         for server in reversed(servers):

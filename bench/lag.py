@@ -64,12 +64,13 @@ from pathlib import Path
 from typing import Protocol
 
 import aiomqtt
+from brokers import add_broker_arg, bench_broker, broker_line
 from redis.asyncio import Redis
 
 from listener.api import OrderClient
 from listener.config import load_settings
 from listener.keys import PARTS, KeyLayout
-from listener.servers import ServerProcess, mosquitto, mosquitto_binary, redis_binary, redis_server
+from listener.servers import ServerProcess, mosquitto_binary, redis_binary, redis_server
 
 TOPIC = "orders/+/status"
 MEASURED_PREFIX = "lag-"
@@ -410,11 +411,14 @@ def clear_listener_env() -> None:
         del os.environ[name]
 
 
-def start_servers(workdir: Path, started: list[ServerProcess]) -> tuple[ServerProcess, ServerProcess]:
-    """redis-server (the project's redis.conf) and mosquitto on free ports in
-    `workdir`; each is added to `started` once running (for the caller to stop)."""
+def start_servers(
+    workdir: Path, started: list[ServerProcess], broker_profile: str = "stock"
+) -> tuple[ServerProcess, ServerProcess]:
+    """redis-server (the project's redis.conf) and mosquitto (`broker_profile`)
+    on free ports in `workdir`; each is added to `started` once running (for
+    the caller to stop)."""
     redis_proc = redis_server(workdir / "redis")
-    broker = mosquitto(workdir / "mosquitto")
+    broker = bench_broker(workdir / "mosquitto", broker_profile)
     for server in (redis_proc, broker):
         started.append(server)
         server.start()
@@ -939,6 +943,7 @@ def print_setup(args: argparse.Namespace) -> None:
     print(f"  Python:     {platform.python_version()} ({sys.executable})")
     print(f"  Redis:      {command_output([redis_path, '--version'])} [{redis_kind}]")
     print(f"  mosquitto:  {command_output([mosquitto_path, '-h'])}")
+    print(f"  broker:     {broker_line(args.broker)[1]}")
     print(
         f"  scenarios:  pending {args.pending} x rate {args.rate}/s, {args.duration:g} s each; "
         f"order timeout {args.timeout:g} s; pending orders due in 1 h; "
@@ -1005,6 +1010,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Lag from each order's deadline to the receipt of its `cancelled` event."
     )
+    add_broker_arg(parser)
     parser.add_argument(
         "--pending",
         type=int,
@@ -1095,7 +1101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     servers: list[ServerProcess] = []
     rows: list[Row] = []
     try:
-        redis_proc, broker = start_servers(workdir, servers)
+        redis_proc, broker = start_servers(workdir, servers, args.broker)
         bench = Bench(
             redis_url=f"redis://127.0.0.1:{redis_proc.port}/0",
             mqtt_host="127.0.0.1",

@@ -50,12 +50,13 @@ from benchlib import (
     redis_config,
     used_memory,
 )
+from brokers import add_broker_arg, bench_broker
 from redis.asyncio import Redis
 
 from listener.api import OrderClient
 from listener.config import load_settings
 from listener.keys import KeyLayout
-from listener.servers import ServerProcess, mosquitto, redis_server
+from listener.servers import ServerProcess, redis_server
 
 TIMEOUT_S = 3600
 PROBE = "memory-probe"
@@ -274,6 +275,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-daemon", action="store_true", help="no daemon: the `created` events stay queued"
     )
     parser.add_argument("--no-bullmq", action="store_true", help="skip the BullMQ comparison")
+    add_broker_arg(parser)
     args = parser.parse_args(argv)
     if args.orders < 1 or args.sample < 1:
         parser.error("--orders and --sample must be >= 1")
@@ -313,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
     )
     workdir = Path(tempfile.mkdtemp(prefix="order-listener-memory-"))
-    broker = None if args.no_daemon else mosquitto(workdir / "mosquitto")
+    broker = None if args.no_daemon else bench_broker(workdir / "mosquitto", args.broker)
     try:
         if broker is not None:
             broker.start()

@@ -7,8 +7,10 @@ A VARIANT is a comma-separated list of ``name=value`` (defaults in brackets):
 (`ORDER_LISTENER_MQTT_CONNECTIONS`) [1]; ``lanes`` concurrent publishers, like
 the outbox lanes [16]; ``batch`` events per `publish` call [500]; ``uvloop``
 ``0``/``1``, run on uvloop (it must be importable; not a dependency) [0];
-``rmax`` the broker's ``max_inflight_messages``, which mosquitto announces
-to MQTT 5 clients as Receive Maximum, 0 for none [0].
+``broker`` ``stock`` (mosquitto's defaults) or ``tuned`` (Nagle off,
+``max_inflight_messages 0``) [stock]; ``rmax`` the broker's
+``max_inflight_messages`` on top of that, which mosquitto announces to MQTT 5
+clients as Receive Maximum, 0 for none [the profile's].
 Without variants a standard set runs.
 
 For each variant and repetition, a fresh process starts a mosquitto on a free
@@ -43,10 +45,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from brokers import bench_broker
+
 from listener.config import load_settings
 from listener.events import StatusEvent
 from listener.mqtt import MqttLink
-from listener.servers import mosquitto
 from listener.supervise import Service
 
 DEFAULT_VARIANTS = [
@@ -57,7 +60,15 @@ DEFAULT_VARIANTS = [
     "proto=5,conns=4",
     "proto=5,rmax=20",
 ]
-KNOWN = {"proto": "5", "conns": "1", "lanes": "16", "batch": "500", "uvloop": "0", "rmax": "0"}
+KNOWN = {
+    "proto": "5",
+    "conns": "1",
+    "lanes": "16",
+    "batch": "500",
+    "uvloop": "0",
+    "rmax": "",
+    "broker": "stock",
+}
 
 
 @dataclass
@@ -105,8 +116,9 @@ def make_events(count: int) -> list[StatusEvent]:
 
 
 async def measure(spec: dict[str, str], count: int, workdir: Path) -> Result:
-    rmax = int(spec["rmax"])
-    broker = mosquitto(workdir, extra_conf=f"max_inflight_messages {rmax}\n" if rmax else "")
+    rmax = spec["rmax"]
+    extra = f"max_inflight_messages {int(rmax)}\n" if rmax else ""
+    broker = bench_broker(workdir, spec["broker"], extra_conf=extra)
     broker.start()
     sub: asyncio.subprocess.Process | None = None
     try:

@@ -17,6 +17,7 @@ from listener.daemon import check_notifications
 from listener.expiry import expired_channel
 from listener.keys import KeyLayout
 from listener.mqtt import default_client_id, make_client
+from listener.mqtt.client import CheckedClient
 from listener.scripts import NAMES, source
 
 Echo = Callable[[str], None]
@@ -34,8 +35,8 @@ class _Report:
         self.problems += 1
         self.echo(f"FAIL  {text}\n      fix: {fix}")
 
-    def note(self, text: str) -> None:
-        self.echo(f"warn  {text}")
+    def note(self, text: str, fix: str = "") -> None:
+        self.echo(f"warn  {text}" + (f"\n      fix: {fix}" if fix else ""))
 
 
 async def run_checks(settings: Settings, echo: Echo) -> int:
@@ -153,6 +154,7 @@ async def _check_mqtt(settings: Settings, report: _Report) -> None:
                 async for _ in client.messages:
                     break
             report.ok(f"mqtt: allowed to publish and subscribe under {settings.topic_prefix}/")
+            await _probe_broker(client, topic, settings, report)
     except TimeoutError:
         report.problem(
             f"mqtt: a message published to {topic} did not come back within 5 s",
@@ -165,3 +167,54 @@ async def _check_mqtt(settings: Settings, report: _Report) -> None:
             "(mqtt://host:1883, mqtts:// for TLS, user:password@ to log in); "
             "older brokers: ORDER_LISTENER_MQTT_PROTOCOL=3.1.1",
         )
+
+
+PROBE_BURSTS = 12  # bursts of PROBE_BURST publishes, PROBE_GAP apart, like a steady trickle of events
+PROBE_BURST = 3
+PROBE_GAP = 0.03
+SLOW_ACK_MS = 20.0  # a PUBACK slower than this on the 99th percentile holds the daemon back
+SMALL_WINDOW = 100  # fewer in flight than this caps a backlog's drain
+
+
+async def _probe_broker(client: CheckedClient, topic: str, settings: Settings, report: _Report) -> None:
+    """How fast the broker acknowledges QoS 1 publishes, and how many it lets
+    a client have in flight: the two settings of a broker that decide how fast
+    the daemon's events go out."""
+    loop = asyncio.get_running_loop()
+
+    async def timed() -> float:
+        start = loop.time()
+        await client.publish(topic, b"probe", qos=1)
+        return (loop.time() - start) * 1000
+
+    times: list[float] = []
+    async with asyncio.timeout(10):
+        for _ in range(PROBE_BURSTS):
+            times += await asyncio.gather(*(timed() for _ in range(PROBE_BURST)))
+            await asyncio.sleep(PROBE_GAP)
+    times.sort()
+    p50, p99 = times[len(times) // 2], times[min(len(times) - 1, round(0.99 * (len(times) - 1)))]
+    text = f"mqtt: PUBACK round trip p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(times)} QoS 1 probes)"
+    if p99 > SLOW_ACK_MS:
+        report.note(
+            f"{text}: the broker delays its acknowledgements (Nagle's algorithm on its side); "
+            "the daemon asks its own TCP stack to acknowledge at once (Linux), which hides most of it",
+            "mosquitto: `set_tcp_nodelay true` in mosquitto.conf (other brokers: their TCP no-delay "
+            "setting); expected: PUBACKs within a millisecond or two on a LAN",
+        )
+    else:
+        report.ok(text)
+    if settings.mqtt_protocol != "5":
+        report.ok("mqtt: MQTT 3.1.1 announces no Receive Maximum; the daemon keeps up to 1000 in flight")
+        return
+    window = client.receive_maximum
+    if window < SMALL_WINDOW:
+        report.note(
+            f"mqtt: the broker allows {window} QoS 1 messages in flight (Receive Maximum): a backlog "
+            f"of events drains at most {window} per round trip",
+            "mosquitto: `max_inflight_messages 0` (no limit) or 1000 in mosquitto.conf (other brokers: "
+            "their receive maximum / max inflight setting); expected: a 100,000-event backlog out "
+            "several times faster on a busy link",
+        )
+    else:
+        report.ok(f"mqtt: the broker allows {window} QoS 1 messages in flight (Receive Maximum)")

@@ -170,27 +170,48 @@ def mosquitto_binary() -> str | None:
     )
 
 
-def mosquitto(workdir: Path, port: int | None = None, *, extra_conf: str = "") -> ServerProcess:
-    """A mosquitto on 127.0.0.1 with persistence (queued QoS 1 messages of
-    persistent sessions survive its restart) and no queue limits."""
+BROKER_PROFILES = ("stock", "tuned")
+
+
+def mosquitto(
+    workdir: Path,
+    port: int | None = None,
+    *,
+    profile: str = "stock",
+    durable: bool = True,
+    extra_conf: str = "",
+) -> ServerProcess:
+    """A mosquitto on 127.0.0.1.
+
+    `profile` "stock" keeps mosquitto's defaults, as a shop's broker usually
+    runs: Nagle's algorithm on, 20 messages in flight (announced to MQTT 5
+    clients as Receive Maximum 20). "tuned" sets `set_tcp_nodelay true` and
+    `max_inflight_messages 0`. `durable` adds persistence (queued QoS 1
+    messages of persistent sessions survive a restart) and no queue limit,
+    which the tests of restarts need; benchmarks run without it."""
+    if profile not in BROKER_PROFILES:
+        raise ValueError(f"broker profile {profile!r}: expected one of {', '.join(BROKER_PROFILES)}")
     binary = mosquitto_binary()
     if binary is None:
         raise ServerError("no mosquitto on PATH: apt-get install mosquitto")
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\n"
-        "allow_anonymous true\n"
-        "persistence true\n"
-        f"persistence_location {workdir}/\n"
-        "autosave_interval 1\n"
-        "max_queued_messages 0\n"
-        "max_inflight_messages 0\n"
-        "set_tcp_nodelay true\n" + ("user root\n" if os.geteuid() == 0 else "") + extra_conf
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true"]
+    if durable:
+        lines += [
+            "persistence true",
+            f"persistence_location {workdir}/",
+            "autosave_interval 1",
+            "max_queued_messages 0",
+        ]
+    if profile == "tuned":
+        lines += ["max_inflight_messages 0", "set_tcp_nodelay true"]
+    if os.geteuid() == 0:
         # as root, mosquitto would switch to user `mosquitto`, which cannot
         # read or write our private work folder (persistence, certificates)
-    )
+        lines.append("user root")
+    conf.write_text("\n".join(lines) + "\n" + extra_conf)
     log = workdir / "mosquitto.log"
     return ServerProcess("mosquitto", [binary, "-c", str(conf)], port, workdir, log)
 

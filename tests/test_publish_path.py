@@ -23,7 +23,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from listener import mqtt
 from listener.config import Settings, load_settings
 from listener.events import StatusEvent, iso_ms
 from listener.fastpath import paho_io

@@ -1,0 +1,85 @@
+"""The outbox against a broker as shops install it (mosquitto's defaults:
+Receive Maximum 20, Nagle on): a backlog of `created` events never delays a
+cancellation, an order's events stay in version order while the window is
+full, and `check` reports what such a broker holds back."""
+
+from __future__ import annotations
+
+import random
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from listener.api import OrderClient
+from listener.config import Settings, load_settings
+from listener.daemon import Daemon
+from listener.servers import ServerProcess, mosquitto
+from tests.conftest import CliResult, env_for, wait_until, watch_topic
+
+BACKLOG = 5000
+
+
+@pytest.fixture
+def stock_broker(workdir: Path) -> Iterator[ServerProcess]:
+    """A mosquitto of its own with the stock performance settings (no queue
+    limit, so the test's own subscriber loses nothing)."""
+    broker = mosquitto(workdir / f"stock-{random.randrange(10**9)}", profile="stock")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def on_broker(settings: Settings, broker: ServerProcess) -> Settings:
+    return load_settings(**{**settings.model_dump(), "mqtt_url": f"mqtt://127.0.0.1:{broker.port}"})
+
+
+async def test_a_cancellation_overtakes_a_created_backlog_and_keeps_its_order(
+    settings: Settings,
+    stock_broker: ServerProcess,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+) -> None:
+    config = on_broker(settings, stock_broker)
+    daemon = await start_daemon(config)
+    tag = f"win{random.randrange(10**6)}"
+    ids = [f"{tag}-{n}" for n in range(BACKLOG)]
+    last = ids[-1]
+    async with watch_topic(config, f"{config.topic_prefix}/+/status", f"{tag}-watch") as seen:
+        assert stock_broker.proc is not None
+        # The broker stops taking publishes: the whole backlog waits in Redis,
+        # a window's worth of it in flight, when the customer cancels.
+        stock_broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            async with OrderClient(config) as orders:
+                result = await orders.create_many([(order_id, 600) for order_id in ids])
+                assert len(result.created) == BACKLOG
+                assert (await orders.cancel(last)).status == "cancelled"
+        finally:
+            stock_broker.proc.send_signal(signal.SIGCONT)
+        await wait_until(lambda: len(seen) >= BACKLOG + 1, 60, "the backlog and the cancellation received")
+    statuses = [(r.event["order_id"], r.event["status"]) for r in seen]
+    position = statuses.index((last, "cancelled"))
+    window = 20  # mosquitto's default max_inflight_messages
+    assert position < 2 * window + 2, f"the cancellation waited behind {position} events of the backlog"
+    assert [r.event["version"] for r in seen if r.event["order_id"] == last] == [1, 2]
+    assert len({r.event["event_id"] for r in seen}) == BACKLOG + 1, "every event once"
+    assert daemon.outbox.published >= BACKLOG + 1
+
+
+async def test_check_names_a_small_receive_maximum_and_a_tuned_broker_passes(
+    settings: Settings, stock_broker: ServerProcess, workdir: Path, cli: Callable[..., Awaitable[CliResult]]
+) -> None:
+    stock = await cli("check", env=env_for(on_broker(settings, stock_broker)))
+    assert stock.code == 0, stock.out
+    assert "allows 20 QoS 1 messages in flight" in stock.out
+    assert "max_inflight_messages 0" in stock.out, "the fix is named"
+    assert "PUBACK round trip p50" in stock.out
+    tuned_broker = mosquitto(workdir / f"tuned-{random.randrange(10**9)}", profile="tuned", durable=False)
+    tuned_broker.start()
+    try:
+        tuned = await cli("check", env=env_for(on_broker(settings, tuned_broker)))
+    finally:
+        tuned_broker.stop()
+    assert tuned.code == 0, tuned.out
+    assert "ok    mqtt: the broker allows 65535 QoS 1 messages in flight" in tuned.out
