@@ -345,3 +345,9 @@ def test_pyproject_pins_each_distribution_to_the_minor_version_tested() -> None:
         for distribution, minor in spec.tested.items():
             major, _, low = minor.partition(".")
             assert pins.get(distribution) == f">={minor},<{major}.{int(low) + 1}", (spec.name, distribution)
+
+
+def test_ci_runs_the_readme_test_command_with_the_fallbacks_pass() -> None:
+    command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert command in (ROOT / "README.md").read_text().splitlines()
+    assert command.endswith(" && ORDER_LISTENER_FAST_PATHS=off .venv/bin/pytest -m fastpath")
