@@ -30,6 +30,11 @@ class LogFormat(StrEnum):
     CONSOLE = "console"
 
 
+class FastPathSetting(StrEnum):
+    AUTO = "auto"  # each fast path runs where its versions and checks allow (listener/fastpath/)
+    OFF = "off"  # every fast path takes the libraries' public way
+
+
 class Settings(BaseSettings):
     """Everything the daemon and the commands can be told. Defaults run on one laptop."""
 
@@ -52,6 +57,7 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(default=10.0, gt=0)
     resync_interval: float = Field(default=5.0, gt=0)
     metrics_addr: str = ""  # host:port for /metrics and /healthz; empty: off
+    fast_paths: FastPathSetting = FastPathSetting.AUTO
     # TLS (rediss://, mqtts://): CA bundle to trust (default: the system's),
     # and a client certificate + key where the server asks for one.
     redis_tls_ca: str = ""

@@ -22,9 +22,10 @@ import sdnotify
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from listener import logs
-from listener.config import Settings, mqtt_target, redis_target
+from listener.config import FastPathSetting, Settings, mqtt_target, redis_target
 from listener.connection import RedisClient, connect_redis, is_cluster, open_cluster
 from listener.expiry import ExpiryListener
+from listener.fastpath import FastPaths
 from listener.keys import KeyLayout
 from listener.logistics import LogisticsHandler
 from listener.metrics import Metrics, serve
@@ -107,7 +108,8 @@ class Daemon:
         self.layout = KeyLayout(settings.key_prefix)
         self.redis_service = Service("redis")
         self.mqtt_service = Service("mqtt")
-        self.metrics = Metrics([self.redis_service, self.mqtt_service])
+        self.fast_paths = FastPaths(enabled=settings.fast_paths is FastPathSetting.AUTO)
+        self.metrics = Metrics([self.redis_service, self.mqtt_service], self.fast_paths)
         self.ready = asyncio.Event()
         self.listener_task: asyncio.Task[None] | None = None  # started once caught up
         self.http_ready = asyncio.Event()
@@ -141,6 +143,7 @@ class Daemon:
             self.scheduler,
             self.redis_service,
             settings,
+            self.fast_paths,
         )
         self.outbox = Outbox(
             self.store,

@@ -30,17 +30,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import time
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
-
-try:  # redis-py's hiredis parser: its reader and its "no whole reply yet" marker
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
-except ImportError:  # pragma: no cover - another redis-py: get_message reads everything
-    NOT_ENOUGH_DATA, _AsyncHiredisParser = None, None  # type: ignore[assignment,misc]
 
 from listener import logs
 from listener.config import Settings
@@ -51,6 +47,8 @@ from listener.connection import (
     configured_node,
     subscription_client,
 )
+from listener.fastpath import FastPaths
+from listener.fastpath.hiredis_drain import HiredisDrain
 from listener.keys import KeyLayout
 from listener.orders import Operation
 from listener.scheduler import DeadlineScheduler
@@ -68,9 +66,6 @@ TOPOLOGY_EVERY = 2.0  # seconds between looks at a cluster's primaries
 # scheduler had cancelled a little later than Redis' expiry announced its timer.
 GRACE = 0.1
 PING_EVERY = 15.0  # seconds between PINGs on a subscription (a dead connection fails the send)
-# Read the messages that one socket read brought straight from hiredis' buffer
-# (see ExpiryListener._read_buffered); False: every message through get_message.
-READ_BUFFERED = _AsyncHiredisParser is not None
 
 
 def expired_channel(db: int) -> str:
@@ -87,6 +82,7 @@ class ExpiryListener:
         scheduler: DeadlineScheduler,
         service: Service,
         settings: Settings,
+        fast_paths: FastPaths,
     ) -> None:
         self.redis = redis
         self.settings = settings  # on a cluster: how to reach each primary
@@ -105,11 +101,18 @@ class ExpiryListener:
         self.dropped = 0
         self.received_from: collections.Counter[str] = collections.Counter()  # expired events, per node
         self.skipped = 0
-        self.read_buffered = 0  # messages taken from the parser's buffer (_read_buffered)
+        # The messages one socket read brought, taken straight from hiredis'
+        # buffer after each get_message (listener/fastpath/hiredis_drain.py).
+        self._drain = HiredisDrain(fast_paths, lost=scheduler.resync)
         self._listening: set[str] = set()  # nodes whose subscription is confirmed now
         self._ever_listened: set[str] = set()
         self._expected: set[str] = set()  # nodes that must be listened to
         self._topology_stale = asyncio.Event()
+
+    @property
+    def read_buffered(self) -> int:
+        """Messages taken from the parser's buffer rather than through get_message."""
+        return self._drain.taken
 
     @property
     def received(self) -> int:
@@ -256,32 +259,15 @@ class ExpiryListener:
                 raise failure
 
     async def _read(self, pubsub: PubSub, node: str) -> None:
+        on_message = functools.partial(self._on_message, node)
         while True:
             message = await pubsub.get_message(timeout=None)
             if message is not None and message["type"] == "message":
-                self._on_message(node, message["channel"], message["data"])
-            if READ_BUFFERED:
-                self._read_buffered(pubsub, node)
-
-    def _read_buffered(self, pubsub: PubSub, node: str) -> None:
-        """The messages that came with the same socket read as the last one,
-        taken whole from the hiredis reader of redis-py's parser, where
-        get_message would take them one by one: a burst brings one `expired`
-        event per order, and get_message costs several times what the message
-        does (its health check, parse_response, the dict it builds). Private
-        parts of redis-py, looked up at every call (a reconnect makes a new
-        reader); a redis-py without them reads everything through get_message."""
-        parser = getattr(pubsub.connection, "_parser", None)
-        if not isinstance(parser, _AsyncHiredisParser) or parser._reader is None:
-            return
-        gets = parser._reader.gets
-        while (reply := gets()) is not NOT_ENOUGH_DATA:
-            if isinstance(reply, BaseException):
-                raise reply  # an error reply or a broken connection, as get_message would
-            if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
-                self.read_buffered += 1
-                self._on_message(node, reply[1], reply[2])
-            # anything else is a PING's reply or a subscription's confirmation
+                on_message(message["channel"], message["data"])
+            # the rest of that socket read, taken in bounded portions; the
+            # other tasks run in between
+            while self._drain.drain(pubsub.connection, on_message):  # noqa: ASYNC110 - not a wait
+                await asyncio.sleep(0)
 
     @staticmethod
     async def _keep_alive(pubsub: PubSub) -> None:

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from listener import logs
 from listener.events import StatusEvent
+from listener.fastpath import MODES, FastPaths
 from listener.supervise import Service
 
 log = logs.get("listener.metrics")
@@ -46,8 +47,24 @@ class _ServiceCollector(Collector):
         yield again
 
 
+class _FastPathCollector(Collector):
+    def __init__(self, fast_paths: FastPaths) -> None:
+        self.fast_paths = fast_paths
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily(
+            "order_listener_fast_path",
+            "1 for the way each fast path runs: fast, or fallback (the libraries' public way)",
+            labels=["path", "mode"],
+        )
+        for path in self.fast_paths:
+            for mode in MODES:
+                gauge.add_metric([path.name, mode], 1.0 if path.mode == mode else 0.0)
+        yield gauge
+
+
 class Metrics:
-    def __init__(self, services: list[Service]) -> None:
+    def __init__(self, services: list[Service], fast_paths: FastPaths | None = None) -> None:
         self.registry = CollectorRegistry()
         self.cancellations = Counter(
             "order_listener_cancellations",
@@ -76,6 +93,8 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_ServiceCollector(services))
+        if fast_paths is not None:
+            self.registry.register(_FastPathCollector(fast_paths))
 
     def cancelled(self, deadline_ms: int, cancelled_ms: int) -> None:
         self.lag.observe(max(0.0, (cancelled_ms - deadline_ms) / 1000))

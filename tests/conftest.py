@@ -74,9 +74,14 @@ def mqtt_server_proc(workdir: Path) -> Iterator[ServerProcess]:
     server.stop()
 
 
+def quiet_logs() -> None:
+    """The tests' logging: warnings and errors on stderr (everything with TEST_DEBUG=1)."""
+    logs.configure("debug" if os.environ.get("TEST_DEBUG") else "warning", stream=sys.stderr)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_logs() -> None:
-    logs.configure("debug" if os.environ.get("TEST_DEBUG") else "warning", stream=sys.stderr)
+    quiet_logs()
 
 
 @pytest.fixture
@@ -120,6 +125,8 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         ORDER_LISTENER_MQTT_URL=settings.mqtt_url,
         ORDER_LISTENER_RESYNC_INTERVAL=str(settings.resync_interval),
         ORDER_LISTENER_SHUTDOWN_TIMEOUT=str(settings.shutdown_timeout),
+        # CI's second pass forces the fallbacks: the daemons it spawns too
+        ORDER_LISTENER_FAST_PATHS=settings.fast_paths.value,
     )
     env.update(extra)
     return env

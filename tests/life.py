@@ -108,3 +108,17 @@ async def lanes_barrier(client: OrderClient, subscriber: Subscriber, order_ids: 
     for them before has reached the subscriber. Returns the marker ids."""
     firsts = {part_of(order_id): order_id for order_id in order_ids}
     return {await lane_barrier(client, subscriber, order_id) for order_id in firsts.values()}
+
+
+async def cancelled_by_its_expired_event(
+    settings: Settings, redis: Redis, subscriber: Subscriber, order_id: str
+) -> None:
+    """Create `order_id` with a short window and take it out of the deadline
+    index at once: only Redis' `expired` event of its timer can cancel it.
+    Waits for its `cancelled` event (reason timeout)."""
+    async with OrderClient(settings) as client:
+        await client.create(order_id, timeout=0.3)
+    layout = KeyLayout(settings.key_prefix)
+    assert await redis.zrem(layout.deadlines(part_of(order_id)), order_id) == 1
+    await wait_until(lambda: len(subscriber.of(order_id)) == 2, 15, f"{order_id} cancelled by its timer")
+    assert subscriber.of(order_id)[1]["reason"] == "timeout"

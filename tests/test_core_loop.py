@@ -14,11 +14,15 @@ from redis.asyncio import Redis
 
 from listener import expiry
 from listener.api import OrderClient
-from listener.config import Settings
+from listener.config import Settings, load_settings
 from listener.daemon import Daemon
+from listener.fastpath import hiredis_drain
 from listener.keys import KeyLayout
 from tests.conftest import Subscriber, wait_until, watch_topic
-from tests.life import lane_barrier, lanes_barrier
+from tests.life import cancelled_by_its_expired_event, lane_barrier, lanes_barrier
+
+# CI runs these once more with ORDER_LISTENER_FAST_PATHS=off (both ways stay green)
+pytestmark = pytest.mark.fastpath
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 CONTRACT_FIELDS = {"event_id", "order_id", "status", "previous", "reason", "at", "version"}
@@ -144,28 +148,21 @@ async def test_unrelated_keys_expire_without_effect(
     assert daemon.listener.cancelled == 0
 
 
-@pytest.mark.parametrize("read_buffered", [True, False], ids=["default", "get_message-only"])
+@pytest.mark.parametrize("fast_paths", ["auto", "off"], ids=["fast-paths-auto", "fast-paths-off"])
 async def test_expired_event_alone_cancels(
     settings: Settings,
     redis: Redis,
     start_daemon: Callable[..., Awaitable[Daemon]],
     subscriber: Subscriber,
-    monkeypatch: pytest.MonkeyPatch,
-    read_buffered: bool,
+    fast_paths: str,
 ) -> None:
     """The keyspace fast path works by itself: with the order taken out of the
     deadline index, only Redis' expired event can cancel it; also where the
-    listener cannot take messages from redis-py's parser buffer."""
-    monkeypatch.setattr(expiry, "READ_BUFFERED", read_buffered)
-    daemon = await start_daemon()
-    layout = KeyLayout(settings.key_prefix)
-    async with OrderClient(settings) as client:
-        await client.create("via-event", timeout=0.3)
-    from listener.keys import part_of
-
-    assert await redis.zrem(layout.deadlines(part_of("via-event")), "via-event") == 1
-    await wait_until(lambda: len(subscriber.of("via-event")) == 2, 15, "cancel via expired event")
-    assert subscriber.of("via-event")[1]["reason"] == "timeout"
+    listener does not take messages from redis-py's parser buffer."""
+    daemon = await start_daemon(load_settings(**{**settings.model_dump(), "fast_paths": fast_paths}))
+    drain = daemon.fast_paths.get(hiredis_drain.NAME)
+    assert drain is not None and drain.fast == (fast_paths == "auto")
+    await cancelled_by_its_expired_event(settings, redis, subscriber, "via-event")
     assert daemon.listener.cancelled == 1
 
 

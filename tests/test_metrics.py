@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from listener.api import OrderClient
-from listener.config import Settings, load_settings
+from listener.config import FastPathSetting, Settings, load_settings
 from listener.daemon import Daemon
 from listener.servers import ServerProcess, free_port
 from tests.conftest import Subscriber, wait_until
@@ -68,6 +68,8 @@ async def test_metrics_and_health(
     assert metric(text, 'order_listener_connected{service="redis"}') == 1
     assert "order_listener_pending_orders" in text and "order_listener_outbox_pending" in text
     assert "order_listener_reconnects_total" in text
+    runs = "fast" if settings.fast_paths is FastPathSetting.AUTO else "fallback"  # CI's second pass: off
+    assert metric(text, f'order_listener_fast_path{{mode="{runs}",path="hiredis-drain"}}') == 1
 
     assert (await http_get(port, "/nope"))[0] == 404
 
