@@ -127,6 +127,7 @@ class Daemon:
             self.mqtt_service,
             subscriptions=[settings.logistics_topic],
             handler=self.logistics,
+            fast_paths=self.fast_paths,
         )
         self.scheduler = DeadlineScheduler(
             self.store,

@@ -160,11 +160,14 @@ async def test_lanes_over_connections_arrive_complete_and_in_order(
     connections: int,
     fast: bool,
 ) -> None:
-    if not fast:
-        monkeypatch.setattr(paho_io, "usable", lambda: False)
     tag = f"pp{protocol.replace('.', '')}c{connections}{'f' if fast else 's'}"
     config = load_settings(
-        **{**settings.model_dump(), "mqtt_protocol": protocol, "mqtt_connections": connections}
+        **{
+            **settings.model_dump(),
+            "mqtt_protocol": protocol,
+            "mqtt_connections": connections,
+            "fast_paths": "auto" if fast else "off",
+        }
     )
     events = events_for(tag, orders=300, versions=3)
     async with running(config) as link:
@@ -229,3 +232,59 @@ async def test_a_lost_connection_fails_a_waiting_publish_at_once(settings: Setti
             await asyncio.wait_for(link.publish(events_for("back", orders=5, versions=1)), 20)
     finally:
         broker.stop()
+
+
+async def test_the_paho_fast_path_is_checked_and_falls_back_for_good_on_a_failure(
+    settings: Settings, subscriber: Subscriber, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A paho that changed under the same names: the first read of the fast
+    path fails. The link gives the path up for good (registry, one reconnect)
+    and publishes on through paho's public `publish`; nothing is lost."""
+    config = load_settings(**{**settings.model_dump(), "fast_paths": "auto"})
+    failures = 0
+    take_acks = paho_io.FastPaho._take_acks
+
+    def failing(self: paho_io.FastPaho) -> None:
+        nonlocal failures
+        failures += 1
+        raise AttributeError("'FastPaho' object has no attribute '_rbuf_moved'")
+
+    async with running(config) as link:
+        decided = link.fast_paths.get(paho_io.SPEC.name)
+        assert decided is not None and decided.fast, decided
+        before = (await link.connection()).publishers[0].client
+        assert before.fast is not None
+        monkeypatch.setattr(paho_io.FastPaho, "_take_acks", failing)  # the PUBACKs' read fails
+        with contextlib.suppress(aiomqtt.MqttError):
+            await link.publish(events_for("fb1", orders=5, versions=1), timeout=5)
+        monkeypatch.setattr(paho_io.FastPaho, "_take_acks", take_acks)
+        assert failures == 1
+        decided = link.fast_paths.get(paho_io.SPEC.name)
+        assert decided is not None and not decided.fast and "_rbuf_moved" in decided.why
+        await wait_until(
+            lambda: link._current is not None and link._current.publishers[0].client is not before,
+            10,
+            "a new connection",
+        )
+        after = (await link.connection()).publishers[0].client
+        assert after.fast is None, "the new connection publishes the public way"
+        await link.publish(events_for("fb2", orders=20, versions=2), timeout=10)
+    await wait_until(
+        lambda: len([e for e in subscriber.events if e["order_id"].startswith("fb2-")]) == 40,
+        10,
+        "every event published after the fall back",
+    )
+
+
+def test_the_paho_fast_path_falls_back_on_an_untested_version_or_a_missing_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from listener.fastpath import FastPaths, Spec
+
+    assert FastPaths().decide(paho_io.SPEC).fast, "fast on the versions pinned in pyproject.toml"
+    untested = Spec(paho_io.SPEC.name, {"paho-mqtt": "1.6"}, paho_io.SPEC.check)
+    decided = FastPaths().decide(untested)
+    assert not decided.fast and "not tested (tested 1.6.x)" in decided.why
+    monkeypatch.delattr(paho.Client, "_packet_read")
+    decided = FastPaths().decide(paho_io.SPEC)
+    assert not decided.fast and "paho.mqtt.client.Client._packet_read" in decided.why

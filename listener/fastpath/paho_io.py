@@ -16,9 +16,12 @@ connection, and:
   which delayed acknowledgement would put off by up to 40 ms.
 
 Everything else (CONNECT, keepalive, SUBSCRIBE, incoming messages, TLS,
-disconnects) stays paho's. `PAHO_NAMES` lists every private name used here;
-`missing_names()` checks them at start, and without them the link publishes
-through paho's public `publish` (slower, same guarantees).
+disconnects) stays paho's. `SPEC` declares the path to the registry
+(`listener.fastpath`): the versions tested and a check of every private name
+used here (`PAHO_NAMES`, and the aiomqtt callbacks `CheckedClient`
+overrides). Without them, or after a failure at run time (`on_failure`: the
+connection is dropped once and the next one publishes the public way), the
+link publishes through paho's public `publish`: slower, same guarantees.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any, Literal, cast
 from paho.mqtt import client as mqtt_client
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from listener.fastpath import Spec, Unfit, require
 from listener.mqtt.packets import PUBACK, PUBLISH_QOS1
 
 # Every private name of paho's Client this module reads, calls or overrides.
@@ -48,26 +52,29 @@ PAHO_NAMES = (
     "_last_bytes_received",
 )
 # paho 2.x keeps these per instance (set in __init__): checked on an instance
-_INSTANCE_NAMES = frozenset(
-    {"_sock", "_out_packet", "_registered_write", "_in_packet", "_last_bytes_received"}
-)
-TESTED = {"paho-mqtt": "2.2"}  # the minor versions this module was tested with
+_INSTANCE_NAMES = ("_sock", "_out_packet", "_registered_write", "_in_packet", "_last_bytes_received")
+# aiomqtt's paho callbacks that listener.mqtt.client.CheckedClient overrides
+# (aiomqtt has no public hook for them)
+AIOMQTT_NAMES = ("_on_socket_open", "_on_connect", "_on_publish")
 
 READ_SIZE = 65536
 QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
-def missing_names() -> list[str]:
-    """The private names this module needs that this paho lacks (empty: all there)."""
-    probe = mqtt_client.Client(CallbackAPIVersion.VERSION2)
-    missing = [
-        name
-        for name in PAHO_NAMES
-        if not hasattr(probe if name in _INSTANCE_NAMES else mqtt_client.Client, name)
-    ]
-    if not hasattr(mqtt_client, "time_func"):
-        missing.append("paho.mqtt.client.time_func")
-    return missing
+def _check() -> None:
+    import aiomqtt
+
+    class_names = [name for name in PAHO_NAMES if name not in _INSTANCE_NAMES]
+    require(mqtt_client.Client, class_names, "paho.mqtt.client.Client")
+    require(mqtt_client.Client(CallbackAPIVersion.VERSION2), _INSTANCE_NAMES, "a paho.mqtt.client.Client")
+    require(mqtt_client, ("time_func",), "paho.mqtt.client")
+    require(aiomqtt.Client, AIOMQTT_NAMES, "aiomqtt.Client")
+    # the paho client aiomqtt makes in __init__ (an instance would need an event loop)
+    if "_client" not in aiomqtt.Client.__init__.__code__.co_names:
+        raise Unfit("aiomqtt.Client no longer keeps its paho client as _client")
+
+
+SPEC = Spec("paho-publish", {"paho-mqtt": "2.2", "aiomqtt": "2.5"}, _check)
 
 
 def quickack(sock: object) -> None:
@@ -85,16 +92,26 @@ class FastPaho(mqtt_client.Client):
     _rpos: int
     _ours: dict[int, Any]
     _on_ack: Callable[[int, int], None]
+    _on_failure: Callable[[BaseException], None]
 
     @classmethod
     def adopt(
-        cls, paho: mqtt_client.Client, ours: dict[int, Any], on_ack: Callable[[int, int], None]
+        cls,
+        paho: mqtt_client.Client,
+        ours: dict[int, Any],
+        on_ack: Callable[[int, int], None],
+        on_failure: Callable[[BaseException], None],
     ) -> FastPaho:
         paho.__class__ = cls  # the same object and state; only the methods below differ
         fast = cast(FastPaho, paho)
         fast._rbuf, fast._rpos = b"", 0
-        fast._ours, fast._on_ack = ours, on_ack
+        fast._ours, fast._on_ack, fast._on_failure = ours, on_ack, on_failure
         return fast
+
+    def release(self) -> mqtt_client.Client:
+        """Back to paho's own class (after a failure): the same object, paho's methods."""
+        self.__class__ = mqtt_client.Client  # type: ignore[assignment]
+        return self
 
     def queue_publishes(self, packets: bytes) -> MQTTErrorCode:
         """Send encoded PUBLISH packets now, as far as the socket takes them;
@@ -122,7 +139,19 @@ class FastPaho(mqtt_client.Client):
         return self._mid_generate()
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        """Read what the socket has, in 64 KiB chunks, and handle every packet in it."""
+        """Read what the socket has, in 64 KiB chunks, and handle every packet in it.
+        A failure of ours (a paho that changed under the same names) must not
+        reach aiomqtt, which would drop the connection on every read: the path
+        is given up for good and this connection ends once."""
+        try:
+            return self._read_all()
+        except Exception as exc:
+            on_failure = self._on_failure
+            paho = self.release()
+            on_failure(exc)
+            return paho._loop_rc_handle(mqtt_client.MQTT_ERR_CONN_LOST)
+
+    def _read_all(self) -> MQTTErrorCode:
         while self._sock is not None:
             if self._rpos >= len(self._rbuf):
                 try:
@@ -182,21 +211,3 @@ class FastPaho(mqtt_client.Client):
         self._rbuf, self._rpos = b"", 0
         super()._sock_close()
 
-
-_usable: bool | None = None
-
-
-def usable() -> bool:
-    """Whether this paho has every private name the fast path needs (checked once, logged once)."""
-    global _usable
-    if _usable is None:
-        from listener import logs
-
-        missing = missing_names()
-        _usable = not missing
-        log = logs.get("listener.fastpath")
-        if missing:
-            log.warning("fast path: paho-publish fallback", missing=missing)
-        else:
-            log.info("fast path: paho-publish fast")
-    return _usable

@@ -6,8 +6,8 @@ an MQTT 5 PUBACK may say "not authorized" or "quota exceeded", and then the
 event was not taken. It reads the broker's Receive Maximum from CONNACK, and
 turns Nagle's algorithm off on our side. It overrides three of aiomqtt's
 paho callbacks (`_on_socket_open`, `_on_connect`, `_on_publish`), which
-aiomqtt has no public hook for; `AIOMQTT_NAMES` lists them for the start-up
-check.
+aiomqtt has no public hook for; the fast path's start-up check
+(listener.fastpath.paho_io) covers them.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from paho.mqtt.properties import Properties
 from listener.config import Settings, mqtt_target
 from listener.fastpath.paho_io import FastPaho
 
-AIOMQTT_NAMES = ("_on_socket_open", "_on_connect", "_on_publish")
-
 Acker = Callable[[int, int], None]  # (message id, PUBACK reason code)
 
 
@@ -47,14 +45,32 @@ def _no_acker(mid: int, reason: int) -> None:
 class CheckedClient(aiomqtt.Client):
     """aiomqtt's client for the connection; our publishes go to paho directly."""
 
-    def __init__(self, *args: Any, fast_io: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        fast_io: bool = True,
+        on_fast_failure: Callable[[BaseException], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.pending: dict[int, Any] = {}  # message id -> what the publisher keeps for it
         self.acker: Acker = _no_acker
         self.receive_maximum = 65535  # the broker's (MQTT 5 CONNACK), if it gives one
         self.fast: FastPaho | None = None
+        self._on_fast_failure = on_fast_failure
         if fast_io:
-            self.fast = FastPaho.adopt(self._client, self.pending, self._route_ack)
+            self.fast = FastPaho.adopt(self._client, self.pending, self._route_ack, self._fast_failed)
+
+    def _fast_failed(self, exc: BaseException) -> None:
+        """The fast path failed at run time: this connection goes on paho's public way."""
+        fast, self.fast = self.fast, None
+        if fast is not None and isinstance(fast, FastPaho):
+            fast.release()
+        if self._on_fast_failure is not None:
+            self._on_fast_failure(exc)
+
+    def drop_fast(self, exc: BaseException) -> None:
+        self._fast_failed(exc)
 
     @property
     def paho(self) -> mqtt_client.Client:
@@ -94,6 +110,7 @@ def make_client(
     persistent: bool = False,
     timeout: float = 10.0,
     fast_io: bool = False,
+    on_fast_failure: Callable[[BaseException], None] | None = None,
 ) -> CheckedClient:
     """An aiomqtt client for the configured URL (not yet connected); `fast_io`
     puts our publish path (listener.fastpath.paho_io) on its paho client."""
@@ -114,6 +131,7 @@ def make_client(
         keepalive=15,
         max_inflight_messages=1000,
         fast_io=fast_io,
+        on_fast_failure=on_fast_failure,
     )
     client.pending_calls_threshold = 1_000_000  # our publishes are bounded by the window
     return client

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import aiomqtt
 
 from listener import logs
-from listener.config import Settings, mqtt_target
+from listener.config import FastPathSetting, Settings, mqtt_target
 from listener.events import StatusEvent
-from listener.fastpath import paho_io
+from listener.fastpath import FastPaths, paho_io
 from listener.mqtt.client import CheckedClient, default_client_id, is_failure, make_client
 from listener.mqtt.window import WINDOW, Publisher
 from listener.supervise import Service, supervise
@@ -48,6 +48,7 @@ class MqttLink:
         *,
         subscriptions: Sequence[str] = (),
         handler: Handler | None = None,
+        fast_paths: FastPaths | None = None,
     ) -> None:
         self.settings = settings
         self.service = service
@@ -61,19 +62,28 @@ class MqttLink:
         self._current: Connection | None = None
         self.connected = asyncio.Event()
         self.subscribed = asyncio.Event()
-        self.fast_io = paho_io.usable()
+        self.fast_paths = fast_paths or FastPaths(enabled=settings.fast_paths is FastPathSetting.AUTO)
 
     async def run(self) -> None:
         await supervise("mqtt", self.service, self._session)
 
+    def _fast_failed(self, exc: BaseException) -> None:
+        self.fast_paths.fall_back(paho_io.SPEC.name, f"{type(exc).__name__}: {exc}")
+
     def _make(self, index: int) -> CheckedClient:
-        fast = self.fast_io
+        # decided once per daemon; a failure at run time turns it off for good
+        fast = self.fast_paths.decide(paho_io.SPEC).fast
         if index == 0:
-            client = make_client(
-                self.settings, identifier=self._identifier, persistent=self._persistent, fast_io=fast
-            )
+            identifier, persistent = self._identifier, self._persistent
         else:  # publish only: no session state worth keeping
-            client = make_client(self.settings, identifier=f"{self._identifier}-p{index}", fast_io=fast)
+            identifier, persistent = f"{self._identifier}-p{index}", False
+        client = make_client(
+            self.settings,
+            identifier=identifier,
+            persistent=persistent,
+            fast_io=fast,
+            on_fast_failure=self._fast_failed,
+        )
         # our window bounds what is in flight; paho's own would scan all its
         # messages on every PUBACK (only the fallback path uses paho's queue)
         client.paho.max_inflight_messages_set(0)

@@ -78,13 +78,21 @@ class Publisher:
             for event, token in zip(events, tokens, strict=True):
                 if not topic_level_ok(event.order_id):
                     raise ValueError(f"order id {event.order_id!r} cannot be a topic level")
-                mid = fast.next_mid()
+                try:
+                    mid = fast.next_mid()
+                except Exception as exc:  # a paho that changed under the same names
+                    self.client.drop_fast(exc)
+                    raise aiomqtt.MqttError(f"fast publish path failed: {exc!r}") from exc
                 topic = f"{prefix}/{event.order_id}/status".encode()
                 props = property_bytes(event) if v5 else None
                 packets.append(encode_publish(topic, mid, props, event.payload()))
                 pending[mid] = (sink, token)
             self.inflight += len(packets)
-            rc = fast.queue_publishes(b"".join(packets))
+            try:
+                rc = fast.queue_publishes(b"".join(packets))
+            except Exception as exc:
+                self.client.drop_fast(exc)
+                raise aiomqtt.MqttError(f"fast publish path failed: {exc!r}") from exc
         else:
             paho = self.client.paho
             rc = mqtt_client.MQTT_ERR_SUCCESS
