@@ -75,6 +75,12 @@ class Metrics:
             "Orders waiting for payment (deadline index size)",
             registry=self.registry,
         )
+        self.malformed_records = Counter(
+            "order_listener_malformed_records",
+            "Due orders the sweep could not cancel (an id the rules refuse, or a missing, malformed "
+            "or not pending record): taken out of the deadline index, each logged once",
+            registry=self.registry,
+        )
         self.registry.register(_ServiceCollector(services))
 
     def cancelled(self, deadline_ms: int, cancelled_ms: int) -> None:
