@@ -28,9 +28,11 @@ import pytest
 from redis import Redis as SyncRedis
 from redis import ResponseError
 from redis.asyncio import Redis as AsyncRedis
+from typer.testing import CliRunner
 
 from listener import logs
 from listener.api import OrderClient
+from listener.cli import app
 from listener.config import LogFormat, Settings
 from listener.daemon import Daemon
 from listener.keys import PARTS, KeyLayout, part_of
@@ -333,9 +335,9 @@ def cases() -> Iterator[tuple[str, Case]]:
     for script in ("lease", "release"):
         yield (
             f"{script}-owner-empty",
-            changed(script, args={1: ""}, says=("ARGV[1] (owner)", "1 to 255 bytes")),
+            changed(script, args={1: ""}, says=("ARGV[1] (owner)", "1 to 1024 bytes")),
         )
-        yield f"{script}-owner-256", changed(script, args={1: "o" * 256}, says=("ARGV[1] (owner)",))
+        yield f"{script}-owner-1025", changed(script, args={1: "o" * 1025}, says=("ARGV[1] (owner)",))
         for name, bad in {"leases": f"{BASE}leases", "part-16": "order:{16}:lease", "bare": "lease"}.items():
             yield f"{script}-key-{name}", changed(script, keys={1: bad}, says=("KEYS[1] (lease)",))
         yield (
@@ -391,10 +393,7 @@ def seed(client: SyncRedis, shas: dict[str, str]) -> None:
     client.set(LAYOUT.lease(P), OWNER, px=60_000)
 
 
-Snapshot = list[tuple[bytes, bytes, bytes | None, int]]
-
-
-def snapshot(client: SyncRedis) -> Snapshot:
+def snapshot(client: SyncRedis) -> list[tuple[Any, ...]]:
     """Every key with its type, its DUMP and its absolute expiry time (ms)."""
     keys = sorted(client.scan_iter(count=1000))
     with client.pipeline(transaction=False) as pipe:
@@ -403,7 +402,7 @@ def snapshot(client: SyncRedis) -> Snapshot:
             pipe.dump(key)
             pipe.pexpiretime(key)
         replies = pipe.execute()
-    return [(key, *replies[3 * i : 3 * i + 3]) for i, key in enumerate(keys)]  # type: ignore[misc]
+    return [(key, *replies[3 * i : 3 * i + 3]) for i, key in enumerate(keys)]
 
 
 @contextlib.contextmanager
@@ -593,24 +592,36 @@ async def test_the_daemon_logs_and_counts_unusable_records_and_goes_on(
         logs.configure("warning", stream=sys.stderr)
 
 
+def test_the_keyspace_path_leaves_a_timer_of_a_refused_id_to_the_sweep() -> None:
+    """The expire script refuses such an id: its timer's expiry is not this
+    product's to act on, the sweep reports the order instead."""
+    for bad in ("bad+id", "a b", "x" * 129):
+        assert LAYOUT.parse_timer(LAYOUT.timer(bad)) is None
+    assert LAYOUT.parse_timer(LAYOUT.timer("A-1:x_y.z")) == "A-1:x_y.z"
+
+
 # -- `order-listener scripts NAME` --------------------------------------------
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_scripts_prints_exactly_what_the_daemon_loads(client: SyncRedis, name: str) -> None:
-    printed = subprocess.run([CLI, "scripts", name], capture_output=True, check=True, timeout=30).stdout
+    printed = CliRunner().invoke(app, ["scripts", name]).stdout_bytes
     daemon_sha = getattr(Scripts.register(AsyncRedis()), name).sha  # the SHA the daemon calls
     assert hashlib.sha1(printed).hexdigest() == daemon_sha
     assert client.script_load(printed) == daemon_sha
 
 
+def test_the_installed_command_prints_the_same_bytes() -> None:
+    printed = subprocess.run([CLI, "scripts", "create"], capture_output=True, check=True, timeout=30).stdout
+    assert printed == source("create").encode()
+
+
 def test_scripts_help_lists_every_script() -> None:
-    shown = subprocess.run([CLI, "scripts", "--help"], capture_output=True, text=True, check=True, timeout=30)
+    shown = CliRunner().invoke(app, ["scripts", "--help"])
     listed = " ".join(shown.stdout.split())
-    for name in NAMES:
-        assert name in listed
-    refused = subprocess.run([CLI, "scripts", "nope"], capture_output=True, text=True, timeout=30)
-    assert refused.returncode == 2 and ", ".join(NAMES) in refused.stderr
+    assert shown.exit_code == 0 and f"one of: {', '.join(NAMES)}" in listed, listed
+    refused = CliRunner().invoke(app, ["scripts", "nope"])
+    assert refused.exit_code == 2 and ", ".join(NAMES) in refused.stderr
 
 
 async def test_the_python_sides_calls_pass_every_check(settings: Settings, redis: AsyncRedis) -> None:

@@ -153,6 +153,25 @@ local function split_key(key, rest)
   return prefix, part
 end
 
+-- The checks of `lease` (ARGV: owner, ms) and `release` (ARGV: owner), both
+-- with KEYS[1] the lease '<prefix>:{P}:lease': the error reply, or nil.
+local function check_lease(name)
+  local argv = name == 'lease' and '2 ARGV (owner, ms)' or '1 ARGV (owner)'
+  if #KEYS ~= 1 or #ARGV ~= (name == 'lease' and 2 or 1) then
+    return refuse_shape(name, 'must be 1 KEYS (lease) and ' .. argv)
+  end
+  if not split_key(KEYS[1], 'lease') then
+    return refuse(name, 'KEYS[1] (lease)', KEYS[1], 'must be <prefix>:{P}:lease with P from 0 to 15')
+  end
+  if #ARGV[1] < 1 or #ARGV[1] > 1024 then
+    return refuse(name, 'ARGV[1] (owner)', ARGV[1], 'must be 1 to 1024 bytes')
+  end
+  if name == 'lease' and not whole(ARGV[2], 1, MAX_LEASE_MS) then
+    return refuse(name, 'ARGV[2] (ms)', ARGV[2], 'must be whole milliseconds from 1 to ' .. MAX_LEASE_MS)
+  end
+  return nil
+end
+
 -- The record of order `id`: its own hash okey (s, v, r, c, d), or while it is
 -- pending the field `id` of its bucket bkey ("<c>|<d>"). Own-hash fields win;
 -- the bucket gives c and d where the own hash has none. An own hash without s
