@@ -25,6 +25,8 @@ from listener.config import Settings, load_settings, redact
 from listener.errors import BadInput, ListenerError, OrderExists, Unavailable
 from listener.events import iso_ms
 from listener.orders import Order, parse_timeout, validate_order_id
+from listener.scripts import NAMES as SCRIPT_NAMES
+from listener.scripts import source as script_source
 
 app = typer.Typer(
     name="order-listener",
@@ -373,15 +375,18 @@ def demo(
 
 @app.command()
 def scripts(
-    name: Annotated[str, typer.Argument(help="create, pay, cancel, expire, deliver, refund, sweep")],
+    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(SCRIPT_NAMES)}")],
 ) -> None:
-    """Print a Lua script exactly as the daemon loads it (for producers in other languages)."""
-    from listener.scripts import NAMES, source
+    """Print a Lua script exactly as the daemon loads it (for producers in other languages).
 
-    if name not in NAMES:
-        err(f"no script {name!r}; choose one of {', '.join(NAMES)}")
+    The output is the loaded text byte for byte (no newline added), so SCRIPT LOAD
+    of it gives the daemon's SHA1.
+    """
+    if name not in SCRIPT_NAMES:
+        err(f"no script {name!r}; choose one of {', '.join(SCRIPT_NAMES)}")
         raise typer.Exit(2)
-    typer.echo(source(name))
+    sys.stdout.buffer.write(script_source(name).encode())  # the bytes whose SHA1 Redis computes
+    sys.stdout.flush()
 
 
 def main() -> None:

@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     logistics_topic: str = "logistics/+/status"
     default_timeout: float = 1800.0
     key_prefix: str = "order"
-    retention: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # whole ms from 1 ms to 100 years: what the scripts take (lib.lua, MAX_RETENTION_MS)
+    retention: float = Field(default=7 * 24 * 3600.0, ge=0.001, le=100 * 365 * 24 * 3600.0)
     log_level: str = Field(default="info", pattern=r"^(?i)(debug|info|warning|error)$")
     log_format: LogFormat = LogFormat.AUTO
     sweep_batch: int = Field(default=1000, ge=1, le=5000)

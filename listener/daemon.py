@@ -135,6 +135,7 @@ class Daemon:
             batch=settings.sweep_batch,
             resync_interval=settings.resync_interval,
             on_cancelled=lambda _order_id, deadline, at: self.metrics.cancelled(deadline, at),
+            on_dropped=lambda _order_id, _problem: self.metrics.malformed_records.inc(),
         )
         self.listener = ExpiryListener(
             self.redis,

@@ -46,6 +46,8 @@ import re
 import zlib
 from dataclasses import dataclass
 
+from listener.orders import ORDER_ID_PATTERN
+
 PARTS = 16
 BUCKETS = 256  # pending-order buckets per part; a power of two (lib.lua has the same)
 
@@ -101,11 +103,14 @@ class KeyLayout:
         return re.compile(rf"^{re.escape(self.prefix)}:\{{(\d+)\}}:t:(.+)$")
 
     def parse_timer(self, key: str) -> str | None:
-        """The order id of a timer key of this product, or None for any other key."""
+        """The order id of a timer key of this product, or None for any other key.
+
+        Also None for an id the rules refuse (stored by an older or broken
+        producer): the scripts refuse such an id, so the sweep reports it."""
         match = self.timer_pattern.match(key)
         if match is None:
             return None
         part, order_id = int(match.group(1)), match.group(2)
-        if part >= PARTS or part_of(order_id) != part:
+        if part >= PARTS or not ORDER_ID_PATTERN.fullmatch(order_id) or part_of(order_id) != part:
             return None
         return order_id

@@ -92,6 +92,12 @@ class Metrics:
             "Orders waiting for payment (deadline index size)",
             registry=self.registry,
         )
+        self.malformed_records = Counter(
+            "order_listener_malformed_records",
+            "Due orders the sweep could not cancel (an id the rules refuse, or a missing, malformed "
+            "or not pending record): taken out of the deadline index, each logged once",
+            registry=self.registry,
+        )
         self.registry.register(_ServiceCollector(services))
         if fast_paths is not None:
             self.registry.register(_FastPathCollector(fast_paths))

@@ -31,6 +31,8 @@ log = logs.get("listener.scheduler")
 
 RECENT_MAX = 100_000
 CancelledHook = Callable[[str, int, int], None]  # order id, deadline ms, cancelled-at ms
+DroppedHook = Callable[[str, str], None]  # order id, what is wrong with its record
+SHOWN_ID_MAX = 200  # an id the rules refuse may be of any length: logs show its start
 
 
 class DeadlineScheduler:
@@ -42,12 +44,14 @@ class DeadlineScheduler:
         batch: int = 1000,
         resync_interval: float = 5.0,
         on_cancelled: CancelledHook | None = None,
+        on_dropped: DroppedHook | None = None,
     ) -> None:
         self.store = store
         self.service = service
         self.batch = batch
         self.resync_interval = resync_interval
         self.on_cancelled = on_cancelled
+        self.on_dropped = on_dropped
         # earliest deadline of each part, as time.monotonic() seconds; inf = none
         self._heads = [math.inf] * PARTS
         self._retries: dict[int, Iterator[float]] = {}  # backoff of parts whose shard is away
@@ -59,6 +63,7 @@ class DeadlineScheduler:
         self._stopping = False
         self.caught_up = asyncio.Event()
         self.cancelled = 0
+        self.dropped = 0  # due index members with an unusable record (sweep.lua)
         # Ids this scheduler cancelled lately. Deleting a timer whose time has
         # passed makes Redis announce it as `expired`; the listener skips those
         # instead of running the expire script again for nothing.
@@ -177,7 +182,19 @@ class DeadlineScheduler:
                 )
                 if self.on_cancelled is not None:
                     self.on_cancelled(order_id, deadline_ms, result.now_ms)
-            if len(result.cancelled) >= self.batch:
+            for order_id, problem in result.dropped:
+                self.dropped += 1
+                shown = order_id if len(order_id) <= SHOWN_ID_MAX else f"{order_id[:SHOWN_ID_MAX]}..."
+                log.error(
+                    "order not cancelled: its record is unusable; taken out of the deadline index, "
+                    "the record is left as it is",
+                    order_id=shown,
+                    part=result.part,
+                    problem=problem,
+                )
+                if self.on_dropped is not None:
+                    self.on_dropped(order_id, problem)
+            if len(result.cancelled) + len(result.dropped) >= self.batch:
                 self._heads[result.part] = 0.0  # more due: go again at once
             elif result.next_deadline_ms is None:
                 self._heads[result.part] = math.inf

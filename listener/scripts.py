@@ -1,9 +1,10 @@
 """The Lua scripts: read from `listener/scripts/*.lua`, loaded once, called by SHA.
 
-Every transition script is ``lib.lua`` followed by its own file, so the
-helpers (clock, event append, state change) are written once. A producer in
-another language can load the same concatenation (`order-listener scripts`
-prints it) and call it with the KEYS/ARGV documented at the top of each file.
+Every script is ``lib.lua`` followed by its own file, so the helpers (clock,
+argument checks, event append, state change) are written once. A producer in
+another language can load the same concatenation (`order-listener scripts
+NAME` prints it, byte for byte, so its SHA1 is the daemon's) and call it with
+the KEYS/ARGV documented at the top of each file.
 """
 
 from __future__ import annotations

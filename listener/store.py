@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
@@ -53,6 +53,9 @@ class SweepResult:
     now_us: int  # the same Redis clock in microseconds (sleeps are timed from it)
     next_deadline_ms: int | None  # None: nothing pending in the part
     cancelled: list[tuple[str, int]]  # (order id, deadline ms)
+    # (order id, what is wrong): due index members the sweep took out of the
+    # index without cancelling them (sweep.lua); their records are left as they are
+    dropped: list[tuple[str, str]] = field(default_factory=list)
 
 
 _SCRIPT_OF: dict[Operation, tuple[str, str | None]] = {
@@ -66,8 +69,8 @@ _SCRIPT_OF: dict[Operation, tuple[str, str | None]] = {
 }
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def _text(value: Any, errors: str = "strict") -> str:
+    return value.decode(errors=errors) if isinstance(value, bytes) else str(value)
 
 
 class Store:
@@ -225,13 +228,20 @@ class Store:
             ]
         )
         results = []
-        for part, (now, nxt, flat, micros) in zip(chosen, replies, strict=True):
+        for part, (now, nxt, flat, micros, bad) in zip(chosen, replies, strict=True):
             cancelled = [(_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+            # (such an id may be any bytes: it is shown, never used as a key again)
+            dropped = [(_text(bad[i], "backslashreplace"), _text(bad[i + 1])) for i in range(0, len(bad), 2)]
             nxt_ms = int(nxt)
             now_ms = int(now)
             results.append(
                 SweepResult(
-                    part, now_ms, now_ms * 1000 + int(micros), None if nxt_ms < 0 else nxt_ms, cancelled
+                    part,
+                    now_ms,
+                    now_ms * 1000 + int(micros),
+                    None if nxt_ms < 0 else nxt_ms,
+                    cancelled,
+                    dropped,
                 )
             )
         return results

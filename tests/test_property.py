@@ -246,7 +246,7 @@ class OrderMachine(RuleBasedStateMachine):
             pending = [o.deadline for o in mine.values() if o.status is Status.CREATED and o.short]
             if pending:
                 self.wait_past(max(pending))
-        now, nxt, flat, micros = self.scripts["sweep"](
+        now, nxt, flat, micros, dropped = self.scripts["sweep"](
             keys=[LAYOUT.deadlines(part), LAYOUT.outbox(part)], args=[LAYOUT.base(part), 1000, RETENTION_MS]
         )
         entries = self.appended()
@@ -261,6 +261,7 @@ class OrderMachine(RuleBasedStateMachine):
         left = [o.deadline for o in mine.values() if o.status is Status.CREATED]
         assert nxt == (min(left) if left else -1)
         assert 0 <= micros < 1000  # the clock's microseconds past `now`
+        assert dropped == []  # every record the scripts wrote is well-formed
 
     # -- what changes nothing ------------------------------------------------
 

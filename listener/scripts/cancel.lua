@@ -1,5 +1,6 @@
 -- cancel: created -> cancelled (reason customer). Repeated when already cancelled.
 return transition({
+  name = 'cancel',
   from = {created = true},
   steps = {'cancelled'},
   reason = 'customer',

@@ -1,12 +1,11 @@
 -- deliver: paid -> delivered. ARGV[3] is the reason: 'delivered' (shipping
 -- confirmed by the shop) or 'logistics' (the carrier reported it).
-local reason = ARGV[3]
-if reason ~= 'delivered' and reason ~= 'logistics' then
-  return redis.error_reply('deliver: reason must be delivered or logistics')
-end
 return transition({
+  name = 'deliver',
+  reasons = {delivered = true, logistics = true},
+  reasons_text = 'delivered or logistics',
   from = {paid = true},
   steps = {'delivered'},
-  reason = reason,
+  reason = ARGV[3],
   already = function(status, _) return status == 'delivered' end,
 })

@@ -1,4 +1,4 @@
--- lib.lua: helpers prepended to every transition script (see listener/scripts.py).
+-- lib.lua: helpers prepended to every script (see listener/scripts.py).
 -- Times are Unix milliseconds from the Redis clock, so every daemon and
 -- producer agrees on "now" whatever their own clocks say.
 
@@ -77,26 +77,112 @@ local function bucket_of(id, crc)
   return (crc - crc % 16) / 16 % BUCKETS
 end
 
--- The bucket key of an order from its own hash key `<prefix>:{P}:o:<id>`
--- (same hash tag, so same Cluster slot); nil when okey is not that.
-local function bucket_key(okey, id, crc)
-  local base_len = #okey - #id - 2
-  if base_len < 1 or string.sub(okey, base_len + 1) ~= 'o:' .. id then
+-- Checking what a caller passes. Redis does not roll a script back: an
+-- argument checked after the first write would leave a half-done change
+-- behind an error. So every script checks all of its KEYS and ARGV first, by
+-- the rules of the Python side (order ids and timeouts: listener/orders.py;
+-- key prefix, retention, sweep batch: listener/config.py; key names:
+-- listener/keys.py), and a refused call writes nothing. Every refusal is one
+-- error reply in one form:
+--   ERR <script>: <KEYS[i] or ARGV[i]> (<what>) is '<value>': <rule>; nothing changed
+-- the value cut at 40 bytes and its unprintable bytes written as \xNN.
+
+local MAX_TIMEOUT_MS = 2592000000        -- 30 days
+local MAX_RETENTION_MS = 3153600000000   -- 100 years
+local MAX_SWEEP_BATCH = 5000             -- also well below the 8000 values unpack() can give
+local MAX_LEASE_MS = 3600000             -- an hour
+local ID_RULE = "must be 1 to 128 characters of letters, digits, '-', '_', '.', ':'"
+local RETENTION_RULE = 'must be whole milliseconds from 1 to ' .. MAX_RETENTION_MS ..
+  ' (how long a cancelled order is kept: ORDER_LISTENER_RETENTION in ms)'
+
+-- `value` as an error message shows it: quoted, printable, at most 40 bytes.
+local function shown(value)
+  if value == nil then
+    return 'missing'
+  end
+  local text = string.gsub(string.sub(value, 1, 40), '[^%w%p ]', function(c)
+    return string.format('\\x%02x', string.byte(c))
+  end)
+  if #value > 40 then
+    text = text .. '...(' .. #value .. ' bytes)'
+  end
+  return "'" .. text .. "'"
+end
+
+-- The error reply refusing argument `slot` ('ARGV[2] (retention ms)') of `script`.
+local function refuse(script, slot, value, rule)
+  return redis.error_reply('ERR ' .. script .. ': ' .. slot .. ' is ' .. shown(value) .. ': ' .. rule ..
+    '; nothing changed')
+end
+
+-- The error reply refusing a call with the wrong number of KEYS or ARGV.
+local function refuse_shape(script, rule)
+  return redis.error_reply('ERR ' .. script .. ': ' .. #KEYS .. ' KEYS and ' .. #ARGV .. ' ARGV given: ' ..
+    rule .. '; nothing changed')
+end
+
+local function valid_id(id)
+  return id ~= nil and #id >= 1 and #id <= 128 and not string.find(id, '[^A-Za-z0-9_.:%-]')
+end
+
+-- The number written in `text`, a whole number from low to high in decimal
+-- digits ("1.5", "1e3", "0x64", " 100" and "-1" are not); nil otherwise.
+local function whole(text, low, high)
+  if text == nil or #text > 16 or not string.match(text, '^%d+$') then
     return nil
   end
-  return string.sub(okey, 1, base_len) .. 'p:' .. bucket_of(id, crc)
+  local n = tonumber(text)
+  if n < low or n > high then
+    return nil
+  end
+  return n
+end
+
+-- The key prefix and part P of `key` when it is '<prefix>:{P}:' .. rest as
+-- listener/keys.py builds it (prefix: 1 to 64 letters, digits, '-', '_', '.';
+-- P from 0 to 15, without leading zeros); nil otherwise.
+local function split_key(key, rest)
+  if key == nil or #key <= #rest or string.sub(key, #key - #rest + 1) ~= rest then
+    return nil
+  end
+  local prefix, digits = string.match(string.sub(key, 1, #key - #rest), '^(.+):{(%d+)}:$')
+  local part = whole(digits, 0, 15)
+  if not part or tostring(part) ~= digits or #prefix > 64 or string.find(prefix, '[^A-Za-z0-9_.%-]') then
+    return nil
+  end
+  return prefix, part
+end
+
+-- The checks of `lease` (ARGV: owner, ms) and `release` (ARGV: owner), both
+-- with KEYS[1] the lease '<prefix>:{P}:lease': the error reply, or nil.
+local function check_lease(name)
+  local argv = name == 'lease' and '2 ARGV (owner, ms)' or '1 ARGV (owner)'
+  if #KEYS ~= 1 or #ARGV ~= (name == 'lease' and 2 or 1) then
+    return refuse_shape(name, 'must be 1 KEYS (lease) and ' .. argv)
+  end
+  if not split_key(KEYS[1], 'lease') then
+    return refuse(name, 'KEYS[1] (lease)', KEYS[1], 'must be <prefix>:{P}:lease with P from 0 to 15')
+  end
+  if #ARGV[1] < 1 or #ARGV[1] > 1024 then
+    return refuse(name, 'ARGV[1] (owner)', ARGV[1], 'must be 1 to 1024 bytes')
+  end
+  if name == 'lease' and not whole(ARGV[2], 1, MAX_LEASE_MS) then
+    return refuse(name, 'ARGV[2] (ms)', ARGV[2], 'must be whole milliseconds from 1 to ' .. MAX_LEASE_MS)
+  end
+  return nil
 end
 
 -- The record of order `id`: its own hash okey (s, v, r, c, d), or while it is
 -- pending the field `id` of its bucket bkey ("<c>|<d>"). Own-hash fields win;
 -- the bucket gives c and d where the own hash has none. An own hash without s
 -- (only c and d: written by an earlier create) is pending too. Returns status,
--- version, reason, c, d, and whether the bucket holds the order; nil when
--- there is no record (neither an own hash with s or c nor a bucket field).
+-- version (as stored: a string), reason, c, d, and whether the bucket holds
+-- the order; nil when there is no record (neither an own hash with s or c nor
+-- a bucket field).
 local function read_record(okey, bkey, id)
   local cur = redis.call('HMGET', okey, 's', 'v', 'r', 'c', 'd')
   if cur[1] then
-    return cur[1], tonumber(cur[2]), cur[3], cur[4], cur[5], false
+    return cur[1], cur[2], cur[3], cur[4], cur[5], false
   end
   -- HMGET, not HGET: the daemon's ACL user has no HGET (deploy/redis-users.acl)
   local packed = redis.call('HMGET', bkey, id)[1]
@@ -108,8 +194,23 @@ local function read_record(okey, bkey, id)
   if not c and not packed then
     return nil
   end
-  -- (a malformed bucket value leaves c or d nil: the caller refuses it)
-  return 'created', 1, 'created', c, d, packed and true or false
+  -- (a malformed bucket value leaves c or d nil: record_problem names it)
+  return 'created', '1', 'created', c, d, packed and true or false
+end
+
+-- What is wrong with a record as read_record gives it, nil when nothing:
+-- the version, the created entry id and the deadline go into every event.
+local function record_problem(version, created, deadline)
+  if not whole(version, 1, 1e15) then
+    return 'version ' .. shown(version) .. ' is not a whole number from 1'
+  end
+  if created == nil or #created > 41 or not string.match(created, '^%d+%-%d+$') then
+    return 'created entry id ' .. shown(created) .. ' is not <ms>-<seq>'
+  end
+  if not whole(deadline, 0, 1e15) then
+    return 'deadline ' .. shown(deadline) .. ' is not a whole number of ms'
+  end
+  return nil
 end
 
 -- Frees what only a pending order has: timer, index member, bucket field.
@@ -147,15 +248,51 @@ local function advance(okey, outbox, id, status, version, created, deadline, ste
   return version
 end
 
+-- The checks of a transition call (shape below): the error reply, or nil
+-- and the order's key base '<prefix>:{P}:' and CRC-32.
+local function check_transition(spec)
+  local name, id = spec.name, ARGV[1]
+  if #KEYS ~= 4 or #ARGV ~= (spec.reasons and 3 or 2) then
+    return refuse_shape(name, 'must be 4 KEYS (order hash, timer, deadlines, outbox) and ' ..
+      (spec.reasons and '3 ARGV (order id, retention ms, reason)' or '2 ARGV (order id, retention ms)'))
+  end
+  if not valid_id(id) then
+    return refuse(name, 'ARGV[1] (order id)', id, ID_RULE)
+  end
+  if not whole(ARGV[2], 1, MAX_RETENTION_MS) then
+    return refuse(name, 'ARGV[2] (retention ms)', ARGV[2], RETENTION_RULE)
+  end
+  if spec.reasons and not spec.reasons[ARGV[3]] then
+    return refuse(name, 'ARGV[3] (reason)', ARGV[3], 'must be ' .. spec.reasons_text)
+  end
+  local crc = crc32(id)
+  local prefix, part = split_key(KEYS[1], 'o:' .. id)
+  if not prefix or part ~= crc % 16 then
+    return refuse(name, 'KEYS[1] (order hash)', KEYS[1], 'must be <prefix>:{' .. crc % 16 .. '}:o:' .. id ..
+      ' (P = crc32(id) % 16, see README, Redis key layout)')
+  end
+  local base = prefix .. ':{' .. part .. '}:'
+  for i, rest in ipairs({'o:' .. id, 't:' .. id, 'deadlines', 'outbox'}) do
+    if KEYS[i] ~= base .. rest then
+      local what = ({'order hash', 'timer', 'deadlines', 'outbox'})[i]
+      return refuse(name, 'KEYS[' .. i .. '] (' .. what .. ')', KEYS[i], 'must be ' .. base .. rest)
+    end
+  end
+  return nil, base, crc
+end
+
 -- The shape of every transition script:
 --   KEYS: order hash, timer key, deadline index of the part, outbox of the part
 --         (the script also uses the order's bucket hash, built from the order
 --         hash's name: same hash tag, same Cluster slot)
 --   ARGV: order id, retention ms of finished orders, [reason]
--- spec: from (set of statuses), steps, reason, already(status, reason) -> bool,
---       due (the expiry itself: only once the deadline has passed).
+-- spec: name, from (set of statuses), steps, reason, already(status, reason)
+--       -> bool, due (the expiry itself: only once the deadline has passed),
+--       reasons (the set ARGV[3] must be in, for scripts that take a reason;
+--       reasons_text says it).
 -- Returns {outcome, status, version, reason} with outcome one of
---   done | already | refused | unknown | notdue.
+--   done | already | refused | unknown | notdue;
+-- or an error reply, having changed nothing, for a malformed call or record.
 --
 -- The deadline is the truth: once it has passed (by the Redis clock) the
 -- payment window is closed, whether or not a daemon has swept the order yet.
@@ -167,19 +304,24 @@ end
 -- noeviction Redis refuses a script's memory-using write only while the
 -- script has written nothing, so cancellations keep working when Redis is full.
 local function transition(spec)
+  local refused, base, crc = check_transition(spec)
+  if refused then
+    return refused
+  end
   local okey, timer, index, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
   local id, retention = ARGV[1], tonumber(ARGV[2])
-  local bkey = bucket_key(okey, id)
-  if not bkey then
-    return redis.error_reply('KEYS[1] must be the order hash of ' .. id .. ' (see README, Redis key layout)')
-  end
+  local bkey = base .. 'p:' .. bucket_of(id, crc)
   local status, version, reason, created, deadline, in_bucket = read_record(okey, bkey, id)
   if not status then
     return {'unknown', '', 0, ''}
   end
-  if not version or not created or not tonumber(deadline) then
-    return redis.error_reply('order record of ' .. id .. ' is malformed; nothing changed')
+  local problem = record_problem(version, created, deadline)
+  if problem then
+    return redis.error_reply('ERR ' .. spec.name .. ': the stored record of ' .. shown(id) ..
+      ' is malformed (' .. problem .. '); nothing changed')
   end
+  version = tonumber(version)
+  reason = reason or ''
   local now = now_ms()
   if status == 'created' and tonumber(deadline) <= now then
     unpend(timer, index, bkey, id, in_bucket)

@@ -1,6 +1,7 @@
 -- pay: created -> paid (reason paid). Stops the timer: a paid order never times out.
 -- Repeated when the order is already paid or delivered.
 return transition({
+  name = 'pay',
   from = {created = true},
   steps = {'paid'},
   reason = 'paid',

@@ -6,12 +6,40 @@
 -- (the orders' own hashes, timers and buckets are built from the key base:
 -- all in the part's Cluster slot)
 -- Returns {now, next deadline or -1, {id1, deadline1, id2, deadline2, ...},
--- the microseconds of now past its millisecond} (ms but for the last).
+-- the microseconds of now past its millisecond, {id1, problem1, ...}} (ms but
+-- for the fourth). The last list names the due index members that were not
+-- cancelled: an id the rules do not allow, no record, a malformed record or
+-- one that is not pending (written by an older or broken producer). They
+-- leave the index and lose their timer, so each is reported once; their
+-- record is left as it is for inspection.
 local index, outbox = KEYS[1], KEYS[2]
-local base, limit, retention = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if #KEYS ~= 2 or #ARGV ~= 3 then
+  return refuse_shape('sweep', 'must be 2 KEYS (deadlines, outbox) and 3 ARGV (key base, batch limit, ' ..
+    'retention ms)')
+end
+local base = ARGV[1]
+if not split_key(base .. 'deadlines', 'deadlines') then
+  return refuse('sweep', 'ARGV[1] (key base)', base,
+    "must be <prefix>:{P}: with P from 0 to 15 and a prefix of 1 to 64 letters, digits, '-', '_', '.'")
+end
+local limit = whole(ARGV[2], 1, MAX_SWEEP_BATCH)
+if not limit then
+  return refuse('sweep', 'ARGV[2] (batch limit)', ARGV[2], 'must be a whole number from 1 to ' ..
+    MAX_SWEEP_BATCH)
+end
+local retention = whole(ARGV[3], 1, MAX_RETENTION_MS)
+if not retention then
+  return refuse('sweep', 'ARGV[3] (retention ms)', ARGV[3], RETENTION_RULE)
+end
+if index ~= base .. 'deadlines' then
+  return refuse('sweep', 'KEYS[1] (deadlines)', index, 'must be ' .. base .. 'deadlines')
+end
+if outbox ~= base .. 'outbox' then
+  return refuse('sweep', 'KEYS[2] (outbox)', outbox, 'must be ' .. base .. 'outbox')
+end
 local now, micros = now_ms()
 local due = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, limit)
-local cancelled = {}
+local cancelled, dropped = {}, {}
 if #due > 0 then
   -- Memory-freeing writes first (see lib.lua): cancellations go on when Redis is full.
   local timers = {}
@@ -23,19 +51,36 @@ if #due > 0 then
   -- Read every record, free the bucket fields (one HDEL per bucket), then write.
   local records, bucket_keys, bucket_ids = {}, {}, {}
   for i, id in ipairs(due) do
-    local okey = base .. 'o:' .. id
-    local bkey = base .. 'p:' .. bucket_of(id)
-    local status, version, _, created, deadline, in_bucket = read_record(okey, bkey, id)
-    if in_bucket then
-      if not bucket_ids[bkey] then
-        bucket_keys[#bucket_keys + 1] = bkey
-        bucket_ids[bkey] = {}
+    local problem
+    if not valid_id(id) then
+      problem = 'the order id ' .. ID_RULE
+    else
+      local okey = base .. 'o:' .. id
+      local bkey = base .. 'p:' .. bucket_of(id)
+      local status, version, _, created, deadline, in_bucket = read_record(okey, bkey, id)
+      if not status then
+        problem = 'no order record'
+      else
+        problem = record_problem(version, created, deadline)
+        if not problem and status ~= 'created' then
+          problem = 'the order is ' .. shown(status) .. ', not pending'
+        end
       end
-      local ids = bucket_ids[bkey]
-      ids[#ids + 1] = id
+      if not problem then
+        records[i] = {okey, tonumber(version), created, deadline}
+        if in_bucket then
+          if not bucket_ids[bkey] then
+            bucket_keys[#bucket_keys + 1] = bkey
+            bucket_ids[bkey] = {}
+          end
+          local ids = bucket_ids[bkey]
+          ids[#ids + 1] = id
+        end
+      end
     end
-    if status == 'created' and version and created and tonumber(deadline) then
-      records[i] = {okey, version, created, deadline}
+    if problem then
+      dropped[#dropped + 1] = id
+      dropped[#dropped + 1] = problem
     end
   end
   for _, bkey in ipairs(bucket_keys) do
@@ -56,4 +101,4 @@ local nxt = -1
 if head[2] then
   nxt = tonumber(head[2])
 end
-return {now, nxt, cancelled, micros}
+return {now, nxt, cancelled, micros, dropped}
