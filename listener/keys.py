@@ -46,6 +46,8 @@ import re
 import zlib
 from dataclasses import dataclass
 
+from listener.orders import ORDER_ID_PATTERN
+
 PARTS = 16
 BUCKETS = 256  # pending-order buckets per part; a power of two (lib.lua has the same)
 
@@ -98,11 +100,16 @@ class KeyLayout:
 
     @functools.cached_property
     def timer_pattern(self) -> re.Pattern[str]:
-        return re.compile(rf"^{re.escape(self.prefix)}:\{{(\d+)\}}:t:(.+)$")
+        # The part in ASCII digits, and only ids the product accepts: an expired
+        # key is anyone's input (a broken producer's `order:{3}:t:a+b`, or
+        # `order:{<5,000 digits>}:t:x`, which int() would refuse).
+        return re.compile(rf"{re.escape(self.prefix)}:\{{(0|[1-9][0-9]?)\}}:t:({ORDER_ID_PATTERN.pattern})")
 
     def parse_timer(self, key: str) -> str | None:
-        """The order id of a timer key of this product, or None for any other key."""
-        match = self.timer_pattern.match(key)
+        """The order id of a timer key of this product, or None for any other
+        key (also for a timer of an id the product does not accept: the
+        deadline index still has that order, if it is one)."""
+        match = self.timer_pattern.fullmatch(key)
         if match is None:
             return None
         part, order_id = int(match.group(1)), match.group(2)

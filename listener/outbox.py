@@ -36,7 +36,7 @@ from typing import Any, cast
 
 import aiomqtt
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoPermissionError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from listener import logs
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
@@ -78,6 +78,7 @@ class Outbox:
         batch: int = 500,
         owner: str | None = None,
         on_published: Callable[[Sequence[StatusEvent]], None] | None = None,
+        on_dead_letter: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.redis = store.redis
@@ -87,6 +88,8 @@ class Outbox:
         self.batch = batch
         self.owner = owner or owner_id()
         self.on_published = on_published
+        self.on_dead_letter = on_dead_letter
+        self.dead_letters = 0  # entries moved to a dead-letter stream
         self.held = [asyncio.Event() for _ in range(PARTS)]
         self.valid_until = [0.0] * PARTS  # monotonic time our lease surely lasts
         self.published = 0
@@ -295,8 +298,8 @@ class Outbox:
             lo_last = _id_tuple(last[self.layout.outbox_created(part)])
             suspects: dict[bytes, None] = {}
             for _, fields in hi:
-                created = fields.get(b"c")
-                if created and _id_tuple(created) > lo_last:
+                created = _entry_id_or_none(fields.get(b"c"))
+                if created is not None and _id_tuple(created) > lo_last:
                     suspects[created] = None
             lookups += [(part, created) for created in suspects]
         waiting: dict[int, dict[bytes, StatusEvent]] = {}
@@ -309,7 +312,7 @@ class Outbox:
         for (part, _), entries in zip(lookups, found, strict=True):
             if entries:
                 # a malformed one is moved aside when its lane reads it in turn
-                with contextlib.suppress(KeyError, ValueError, UnicodeDecodeError):
+                with contextlib.suppress(ValueError):
                     waiting.setdefault(part, {})[entries[0][0]] = from_created_entry(*entries[0])
         return waiting
 
@@ -378,26 +381,52 @@ class Outbox:
     async def _parse(
         self, key: str, entries: Sequence[Entry], *, created: bool
     ) -> list[tuple[bytes, StatusEvent]]:
-        """Events of well-formed entries; a malformed one (written by a broken
-        producer) is moved to `<key>:dead` and logged, so it cannot block its lane."""
+        """Events of well-formed entries. One that makes no valid event (from a
+        broken or older producer) is moved to `<key>:dead` with one error line
+        and the dead-letter metric; the lane goes on."""
         good: list[tuple[bytes, StatusEvent]] = []
         for entry_id, fields in entries:
             try:
                 event = from_created_entry(entry_id, fields) if created else from_outbox_entry(fields)
-            except (KeyError, ValueError, UnicodeDecodeError) as exc:
-                dead = f"{key}:dead"
-                log.error(
-                    "malformed outbox entry moved aside",
-                    entry=entry_id.decode(),
-                    stream=dead,
-                    error=repr(exc),
-                )
-                kept: dict[Any, Any] = {b"id": entry_id, **fields}
-                await self.redis.xadd(dead, kept, maxlen=10_000, approximate=True)
-                await self.redis.xdel(key, entry_id)
+            except ValueError as exc:  # UnicodeDecodeError is one too
+                await self._dead_letter(key, entry_id, fields, str(exc))
                 continue
             good.append((entry_id, event))
         return good
+
+    async def _dead_letter(self, key: str, entry_id: bytes, fields: dict[bytes, bytes], error: str) -> None:
+        """Copy the entry to `<key>:dead` under its own id, then delete it. Once
+        only: a copy made before (by a daemon stopped before the delete, or by a
+        second daemon on the lane during a lease handover) is found by its id
+        and fields. A copy gets a new id only if the dead-letter stream already
+        holds later ids (after a failover to a Redis whose clock lags)."""
+        dead = f"{key}:dead"
+        # the entry's own fields, then where it came from and why it is here
+        kept: dict[Any, Any] = {**fields, b"id": entry_id, b"error": error.encode()}
+        copied = True
+        try:
+            await self.redis.xadd(dead, kept, id=entry_id, maxlen=10_000, approximate=True)
+        except ResponseError as exc:
+            if "equal or smaller" not in str(exc):
+                raise
+            there = await self.redis.xrange(dead, entry_id, entry_id)
+            if there and there[0][1] == kept:
+                copied = False
+            else:
+                await self.redis.xadd(dead, kept, maxlen=10_000, approximate=True)
+        await self.redis.xdel(key, entry_id)
+        if not copied:
+            return
+        self.dead_letters += 1
+        if self.on_dead_letter is not None:
+            self.on_dead_letter()
+        log.error(
+            "malformed outbox entry moved to the dead-letter stream",
+            order_id=fields.get(b"o", b"")[:200].decode(errors="replace"),
+            entry=entry_id.decode(errors="replace"),
+            stream=dead,
+            error=error,
+        )
 
     async def _send(self, plan: dict[int, _Lane]) -> list[int]:
         """Publish the planned events until the broker acknowledged them all,
@@ -498,6 +527,17 @@ class _Published:
                 pipe.xtrim(key, minid=f"{ms}-{seq + 1}", approximate=False)
             else:
                 pipe.xdel(key, *ids)
+
+
+def _entry_id_or_none(value: bytes | None) -> bytes | None:
+    """`value` if it is a stream entry id (`<ms>-<seq>`), else None: a
+    malformed one is the dead-letter path's to report."""
+    if value is None:
+        return None
+    ms, dash, seq = value.partition(b"-")
+    if dash and 0 < len(ms) <= 16 and 0 < len(seq) <= 20 and ms.isdigit() and seq.isdigit():
+        return value
+    return None
 
 
 def _by_stream(reply: Any) -> dict[str, list[Entry]]:
