@@ -11,6 +11,9 @@ With the default prefix ``order``, ``PARTS = 16`` and ``BUCKETS = 256``::
     order:{P}:outbox          stream  status events after `created`, in version order per order
     order:{P}:outbox:created  stream  `created` events (kept apart so a bulk import's
                                       backlog never delays a cancellation)
+    order:{P}:outbox:dead     stream  outbox entries that make no valid event: their
+                                      fields plus `id` and `error`; likewise
+                                      order:{P}:outbox:created:dead
     order:{P}:lease           string  which daemon publishes part P's outbox (SET NX PX)
     order:wake                channel "<P> <deadline-ms>" when an order becomes the
                                       earliest of its part
@@ -90,6 +93,10 @@ class KeyLayout:
 
     def outbox_created(self, part: int) -> str:
         return f"{self.base(part)}outbox:created"
+
+    def dead_letters(self, stream: str) -> str:
+        """Where entries of the outbox stream `stream` that make no valid event go."""
+        return f"{stream}:dead"
 
     def lease(self, part: int) -> str:
         return f"{self.base(part)}lease"

@@ -400,7 +400,7 @@ class Outbox:
         second daemon on the lane during a lease handover) is found by its id
         and fields. A copy gets a new id only if the dead-letter stream already
         holds later ids (after a failover to a Redis whose clock lags)."""
-        dead = f"{key}:dead"
+        dead = self.layout.dead_letters(key)
         # the entry's own fields, then where it came from and why it is here
         kept: dict[Any, Any] = {**fields, b"id": entry_id, b"error": error.encode()}
         copied = True

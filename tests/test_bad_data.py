@@ -167,7 +167,7 @@ async def dead_entries(redis: Redis, layout: KeyLayout) -> list[tuple[str, dict[
     found = []
     for part in range(PARTS):
         for key in (layout.outbox(part), layout.outbox_created(part)):
-            found += [(key, fields) for _, fields in await redis.xrange(f"{key}:dead")]
+            found += [(key, fields) for _, fields in await redis.xrange(layout.dead_letters(key))]
     return found
 
 
@@ -184,10 +184,10 @@ async def test_malformed_entries_go_to_dead_letters_once_and_valid_orders_go_on(
         written: dict[tuple[str, bytes], dict[bytes, bytes]] = {}
         for index, (_, fields, _) in enumerate(BAD_OUTBOX):
             key = layout.outbox(part_of(first[index % len(first)]))
-            written[(key, await redis.xadd(key, fields))] = fields  # type: ignore[arg-type]
+            written[(key, await redis.xadd(key, fields))] = fields
         for index, (_, fields, _) in enumerate(BAD_CREATED):
             key = layout.outbox_created(part_of(first[index % len(first)]))
-            written[(key, await redis.xadd(key, fields))] = fields  # type: ignore[arg-type]
+            written[(key, await redis.xadd(key, fields))] = fields
         # An order `bad+id` stored as create.lua stores one, by hand: its
         # `created` entry and later its cancellation are dead letters.
         now = await client.store.now_ms()
@@ -319,3 +319,37 @@ async def test_logistics_messages_for_odd_ids_and_bad_records_are_dropped(
     await wait_until(lambda: handler.dropped + handler.handled == len(odd) + 1, 10, "every message handled")
     # lg-bytes reaches its order and is refused by its (unreadable) status
     assert (handler.dropped, handler.handled) == (len(odd) - 1, 2)
+
+
+async def test_an_entry_copied_before_a_stop_is_not_copied_again(
+    settings: Settings,
+    redis: Redis,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    subscriber: Subscriber,
+) -> None:
+    """A daemon stopped between the copy to `:dead` and the delete leaves the
+    entry in both streams: the next one deletes it without a second copy. A
+    different entry under an id the dead-letter stream has passed (after a
+    failover to a Redis whose clock lags) is still copied, under a new id."""
+    layout = KeyLayout(settings.key_prefix)
+    key = layout.outbox(part_of("A-1"))
+    fields = {**GOOD_OUTBOX, b"o": b"bad+id"}
+    entry = await redis.xadd(key, fields)
+    with pytest.raises(ValueError, match="order id") as refused:
+        from_outbox_entry(fields)
+    copy = {**fields, b"id": entry, b"error": str(refused.value).encode()}
+    await redis.xadd(layout.dead_letters(key), copy, id=entry)
+    lagging = {**fields, b"o": b"other+id"}
+    await redis.xadd(layout.dead_letters(key), {"x": "a later dead letter"}, id="9999999999999-0")
+    behind = await redis.xadd(key, lagging)
+
+    daemon = await start_daemon()
+    async with OrderClient(settings) as client:
+        await client.create("after-them", timeout=0.3)
+    await wait_until(lambda: "after-them" in subscriber.cancelled_ids(), 10, "the lane past both entries")
+    assert await redis.xlen(key) == 0
+    dead = await redis.xrange(layout.dead_letters(key))
+    assert [fields for _, fields in dead if fields.get(b"id") == entry] == [copy]
+    (moved,) = [(dead_id, fields) for dead_id, fields in dead if fields.get(b"id") == behind]
+    assert moved[0] > b"9999999999999-0" and moved[1][b"o"] == b"other+id"
+    assert daemon.outbox.dead_letters == 1
