@@ -115,6 +115,7 @@ _STATUSES = {str(status).encode(): str(status) for status in Status}
 _LATER_STATUSES = {raw: text for raw, text in _STATUSES.items() if text != Status.CREATED}
 _REASONS = {str(reason).encode(): str(reason) for reason in Reason}
 _ENTRY_ID = re.compile(rb"([0-9]{1,16})-([0-9]{1,20})")
+_DIGITS = re.compile(rb"[0-9]{1,16}")
 
 
 def _shown(value: bytes) -> str:
@@ -174,37 +175,77 @@ def _created_ms(entry_id: bytes, what: str) -> int:
 def from_created_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StatusEvent:
     """An entry of ``outbox:created``: its id's millisecond is the creation time.
     Raises ValueError if a field is missing or malformed."""
+    order_id, timeout = fields.get(b"o"), fields.get(b"t")
+    # The usual case in one expression (a call per field would cost as much as
+    # building the event); anything else goes to the checks that name the field.
+    if (
+        order_id is not None
+        and timeout is not None
+        and _ORDER_ID.fullmatch(order_id)
+        and _DIGITS.fullmatch(timeout)
+        and (entry := _ENTRY_ID.fullmatch(entry_id))
+    ):
+        created_ms, timeout_ms = int(entry.group(1)), int(timeout)
+        if MIN_TIMEOUT_MS <= timeout_ms <= MAX_TIMEOUT_MS and created_ms + timeout_ms <= MAX_MS:
+            return StatusEvent(
+                order_id=order_id.decode("ascii"),
+                status="created",
+                previous=None,
+                reason="created",
+                version=1,
+                at_ms=created_ms,
+                created_ms=created_ms,
+                deadline_ms=created_ms + timeout_ms,
+            )
     created_ms = _created_ms(entry_id, "entry id")
-    order_id = _order_id(fields)
+    _order_id(fields)
     timeout_ms = _number(fields, b"t", "timeout ms", MIN_TIMEOUT_MS, MAX_TIMEOUT_MS)
-    if created_ms + timeout_ms > MAX_MS:
-        raise ValueError(f"deadline {created_ms} + {timeout_ms} ms is out of range")
-    return StatusEvent(
-        order_id=order_id,
-        status="created",
-        previous=None,
-        reason="created",
-        version=1,
-        at_ms=created_ms,
-        created_ms=created_ms,
-        deadline_ms=created_ms + timeout_ms,
-    )
+    raise ValueError(f"deadline {created_ms} + {timeout_ms} ms is out of range")
 
 
 def from_outbox_entry(fields: dict[bytes, bytes]) -> StatusEvent:
     """An entry of ``outbox`` (every transition after `created`).
     Raises ValueError if a field is missing or malformed."""
-    created = _field(fields, b"c", "id of the created entry")
-    return StatusEvent(
-        order_id=_order_id(fields),
-        status=_one_of(fields, b"s", "status", _LATER_STATUSES),
-        previous=_one_of(fields, b"p", "previous status", _STATUSES),
-        reason=_one_of(fields, b"r", "reason", _REASONS),
-        version=_number(fields, b"v", "version", 2, MAX_VERSION),
-        at_ms=_number(fields, b"t", "at ms", 0, MAX_MS),
-        created_ms=_created_ms(created, "field 'c' (id of the created entry)"),
-        created_entry=created,
-    )
+    get = fields.get
+    order_id, version, at, created = get(b"o"), get(b"v"), get(b"t"), get(b"c")
+    status = _LATER_STATUSES.get(get(b"s", b""))
+    previous = _STATUSES.get(get(b"p", b""))
+    reason = _REASONS.get(get(b"r", b""))
+    # The usual case in one expression, as in from_created_entry.
+    if (
+        order_id is not None
+        and version is not None
+        and at is not None
+        and created is not None
+        and status is not None
+        and previous is not None
+        and reason is not None
+        and _ORDER_ID.fullmatch(order_id)
+        and _DIGITS.fullmatch(version)
+        and _DIGITS.fullmatch(at)
+        and (entry := _ENTRY_ID.fullmatch(created))
+    ):
+        version_n, at_ms, created_ms = int(version), int(at), int(entry.group(1))
+        if 2 <= version_n <= MAX_VERSION and at_ms <= MAX_MS and created_ms <= MAX_MS:
+            return StatusEvent(
+                order_id=order_id.decode("ascii"),
+                status=status,
+                previous=previous,
+                reason=reason,
+                version=version_n,
+                at_ms=at_ms,
+                created_ms=created_ms,
+                created_entry=created,
+            )
+    # Say which field is wrong: the first check that fails raises.
+    _order_id(fields)
+    _one_of(fields, b"s", "status", _LATER_STATUSES)
+    _one_of(fields, b"p", "previous status", _STATUSES)
+    _one_of(fields, b"r", "reason", _REASONS)
+    _number(fields, b"v", "version", 2, MAX_VERSION)
+    _number(fields, b"t", "at ms", 0, MAX_MS)
+    _created_ms(_field(fields, b"c", "id of the created entry"), "field 'c' (id of the created entry)")
+    raise ValueError("outbox entry refused")  # not reached: one of the checks above raises
 
 
 def parse_payload(payload: bytes) -> dict[str, object]:

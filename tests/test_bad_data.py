@@ -75,7 +75,7 @@ BAD_OUTBOX: list[tuple[str, dict[bytes, bytes], str]] = [
     ("reason not UTF-8", {**GOOD_OUTBOX, b"r": b"\xc3"}, "'r'"),
     ("created entry id garbage", {**GOOD_OUTBOX, b"c": b"garbage"}, "'c'"),
     ("created entry id without seq", {**GOOD_OUTBOX, b"c": b"1795564740000"}, "'c'"),
-    ("only junk", {b"x": b"y"}, "'c'"),
+    ("only junk", {b"x": b"y"}, "'o'"),
 ]
 
 BAD_CREATED: list[tuple[str, dict[bytes, bytes], str]] = [
