@@ -118,6 +118,11 @@ _ENTRY_ID = re.compile(rb"([0-9]{1,16})-([0-9]{1,20})")
 _DIGITS = re.compile(rb"[0-9]{1,16}")
 
 
+def is_entry_id(value: bytes) -> bool:
+    """Is `value` a stream entry id (`<ms>-<seq>`) as the outbox keeps in ``c``?"""
+    return _ENTRY_ID.fullmatch(value) is not None
+
+
 def _shown(value: bytes) -> str:
     """A stored value for an error message: decoded as far as it goes, cut short."""
     text = value[:60].decode(errors="replace")

@@ -39,7 +39,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
 from listener import logs
-from listener.events import StatusEvent, from_created_entry, from_outbox_entry
+from listener.events import StatusEvent, from_created_entry, from_outbox_entry, is_entry_id
 from listener.keys import PARTS, KeyLayout
 from listener.mqtt import MqttLink, PublishRefused
 from listener.store import Store
@@ -298,8 +298,8 @@ class Outbox:
             lo_last = _id_tuple(last[self.layout.outbox_created(part)])
             suspects: dict[bytes, None] = {}
             for _, fields in hi:
-                created = _entry_id_or_none(fields.get(b"c"))
-                if created is not None and _id_tuple(created) > lo_last:
+                created = fields.get(b"c")  # a malformed one is the dead-letter path's to report
+                if created is not None and is_entry_id(created) and _id_tuple(created) > lo_last:
                     suspects[created] = None
             lookups += [(part, created) for created in suspects]
         waiting: dict[int, dict[bytes, StatusEvent]] = {}
@@ -527,17 +527,6 @@ class _Published:
                 pipe.xtrim(key, minid=f"{ms}-{seq + 1}", approximate=False)
             else:
                 pipe.xdel(key, *ids)
-
-
-def _entry_id_or_none(value: bytes | None) -> bytes | None:
-    """`value` if it is a stream entry id (`<ms>-<seq>`), else None: a
-    malformed one is the dead-letter path's to report."""
-    if value is None:
-        return None
-    ms, dash, seq = value.partition(b"-")
-    if dash and 0 < len(ms) <= 16 and 0 < len(seq) <= 20 and ms.isdigit() and seq.isdigit():
-        return value
-    return None
 
 
 def _by_stream(reply: Any) -> dict[str, list[Entry]]:
