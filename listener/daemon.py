@@ -154,6 +154,7 @@ class Daemon:
             self.redis_service,
             batch=settings.publish_batch,
             on_published=self.metrics.events_published,
+            on_dead_letter=self.metrics.dead_lettered,
         )
 
     async def _use_cluster_if_there(self) -> None:

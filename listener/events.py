@@ -6,15 +6,28 @@ The Lua scripts append raw fields to the outbox streams (``o`` order id,
 and in ``outbox:created`` only ``o`` and ``t`` the timeout (ms): the deadline
 is the entry id's millisecond plus the timeout). The JSON is
 built here at publish time, so it is the same on every redelivery.
+
+The entries are written by scripts that producers in any language call, and
+by older versions of them: every field is checked here, and an entry that
+does not make a valid event raises ValueError saying which field is wrong
+(the outbox moves it to its lane's dead-letter stream).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses (C)
+
+from listener.orders import MAX_TIMEOUT_MS, MIN_TIMEOUT_MS, ORDER_ID_PATTERN, Reason, Status
+
+# The latest time `iso_ms` can write (9999-12-31T23:59:59.999Z); Unix ms
+# fields outside 0 .. MAX_MS are malformed.
+MAX_MS = 253402300799999
+MAX_VERSION = 2**53 - 1  # JSON numbers stay exact up to here in every language
 
 
 def iso_ms(unix_ms: int) -> str:
@@ -28,13 +41,20 @@ def _iso_second(unix_s: int) -> str:
     return datetime.fromtimestamp(unix_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
-def event_id(order_id: str, created_ms: int, version: int) -> str:
+def event_id(order_id: str, created_ms: int, version: int, status: str, reason: str) -> str:
     """Unique per transition, the same on every redelivery.
 
     The creation millisecond keeps ids unique even if an order id is reused
-    after its record's retention ran out. '/' never occurs in an order id.
+    after its record's retention ran out. Status and reason keep them unique
+    when Redis loses an acknowledged write (a primary that died before it
+    replicated a `pay`) and the order then goes another way with the same
+    version (cancelled at its deadline): that is another transition, and
+    subscribers that deduplicate by event_id must not drop it. Built from the
+    entry's own fields only (not its stream id: after a failover a lagging
+    clock can give a new entry an id an earlier one had). '/' never occurs
+    in an order id, a status or a reason.
     """
-    return f"{order_id}/{created_ms}/{version}"
+    return f"{order_id}/{created_ms}/{version}/{status}/{reason}"
 
 
 @dataclass(frozen=True)
@@ -49,12 +69,16 @@ class StatusEvent:
     deadline_ms: int | None = None
     created_entry: bytes = b""  # id of the `created` outbox entry (events after created)
 
-    # `<order_id>/<created ms>/<version>`, computed once: the payload and the
-    # MQTT 5 properties both carry it
+    # `<order_id>/<created ms>/<version>/<status>/<reason>`, computed once:
+    # the payload and the MQTT 5 properties both carry it
     event_id: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "event_id", event_id(self.order_id, self.created_ms, self.version))
+        object.__setattr__(
+            self,
+            "event_id",
+            event_id(self.order_id, self.created_ms, self.version, self.status, self.reason),
+        )
 
     def topic(self, prefix: str) -> str:
         return f"{prefix}/{self.order_id}/status"
@@ -85,37 +109,148 @@ class StatusEvent:
         ).encode()
 
 
-def _text(fields: dict[bytes, bytes], name: bytes) -> str:
-    return fields[name].decode()
+_ORDER_ID = re.compile(ORDER_ID_PATTERN.pattern.encode())
+# Field values as stored -> the text of the event (interned: no decoding per entry).
+_STATUSES = {str(status).encode(): str(status) for status in Status}
+_LATER_STATUSES = {raw: text for raw, text in _STATUSES.items() if text != Status.CREATED}
+_REASONS = {str(reason).encode(): str(reason) for reason in Reason}
+_ENTRY_ID = re.compile(rb"([0-9]{1,16})-([0-9]{1,20})")
+_DIGITS = re.compile(rb"[0-9]{1,16}")
+
+
+def is_entry_id(value: bytes) -> bool:
+    """Is `value` a stream entry id (`<ms>-<seq>`) as the outbox keeps in ``c``?"""
+    return _ENTRY_ID.fullmatch(value) is not None
+
+
+def _shown(value: bytes) -> str:
+    """A stored value for an error message: decoded as far as it goes, cut short."""
+    text = value[:60].decode(errors="replace")
+    return repr(text + "..." if len(value) > 60 else text)
+
+
+def _field(fields: dict[bytes, bytes], name: bytes, what: str) -> bytes:
+    value = fields.get(name)
+    if value is None:
+        raise ValueError(f"field {name.decode()!r} ({what}) is missing")
+    return value
+
+
+def _order_id(fields: dict[bytes, bytes]) -> str:
+    value = _field(fields, b"o", "order id")
+    if _ORDER_ID.fullmatch(value) is None:
+        raise ValueError(
+            f"field 'o' (order id) {_shown(value)} is not 1 to 128 letters, digits, '-', '_', '.', ':'"
+        )
+    return value.decode("ascii")
+
+
+def _one_of(fields: dict[bytes, bytes], name: bytes, what: str, known: dict[bytes, str]) -> str:
+    value = _field(fields, name, what)
+    text = known.get(value)
+    if text is None:
+        raise ValueError(
+            f"field {name.decode()!r} ({what}) {_shown(value)} is not one of {sorted(known.values())}"
+        )
+    return text
+
+
+def _number(fields: dict[bytes, bytes], name: bytes, what: str, low: int, high: int) -> int:
+    """A whole number written in ASCII digits, within low .. high."""
+    value = _field(fields, name, what)
+    if not (0 < len(value) <= 16 and value.isdigit()):  # bytes.isdigit: ASCII digits only
+        raise ValueError(f"field {name.decode()!r} ({what}) {_shown(value)} is not a whole number")
+    number = int(value)
+    if not low <= number <= high:
+        raise ValueError(f"field {name.decode()!r} ({what}) {number} is out of range {low} .. {high}")
+    return number
+
+
+def _created_ms(entry_id: bytes, what: str) -> int:
+    """The millisecond of a stream entry id `<ms>-<seq>`."""
+    match = _ENTRY_ID.fullmatch(entry_id)
+    if match is None:
+        raise ValueError(f"{what} {_shown(entry_id)} is not a stream entry id <ms>-<seq>")
+    created_ms = int(match.group(1))
+    if created_ms > MAX_MS:
+        raise ValueError(f"{what} {_shown(entry_id)} is out of range")
+    return created_ms
 
 
 def from_created_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StatusEvent:
-    """An entry of ``outbox:created``: its id's millisecond is the creation time."""
-    created_ms = int(entry_id.split(b"-", 1)[0])
-    return StatusEvent(
-        order_id=_text(fields, b"o"),
-        status="created",
-        previous=None,
-        reason="created",
-        version=1,
-        at_ms=created_ms,
-        created_ms=created_ms,
-        deadline_ms=created_ms + int(fields[b"t"]),
-    )
+    """An entry of ``outbox:created``: its id's millisecond is the creation time.
+    Raises ValueError if a field is missing or malformed."""
+    order_id, timeout = fields.get(b"o"), fields.get(b"t")
+    # The usual case in one expression (a call per field would cost as much as
+    # building the event); anything else goes to the checks that name the field.
+    if (
+        order_id is not None
+        and timeout is not None
+        and _ORDER_ID.fullmatch(order_id)
+        and _DIGITS.fullmatch(timeout)
+        and (entry := _ENTRY_ID.fullmatch(entry_id))
+    ):
+        created_ms, timeout_ms = int(entry.group(1)), int(timeout)
+        if MIN_TIMEOUT_MS <= timeout_ms <= MAX_TIMEOUT_MS and created_ms + timeout_ms <= MAX_MS:
+            return StatusEvent(
+                order_id=order_id.decode("ascii"),
+                status="created",
+                previous=None,
+                reason="created",
+                version=1,
+                at_ms=created_ms,
+                created_ms=created_ms,
+                deadline_ms=created_ms + timeout_ms,
+            )
+    created_ms = _created_ms(entry_id, "entry id")
+    _order_id(fields)
+    timeout_ms = _number(fields, b"t", "timeout ms", MIN_TIMEOUT_MS, MAX_TIMEOUT_MS)
+    raise ValueError(f"deadline {created_ms} + {timeout_ms} ms is out of range")
 
 
 def from_outbox_entry(fields: dict[bytes, bytes]) -> StatusEvent:
-    """An entry of ``outbox`` (every transition after `created`)."""
-    return StatusEvent(
-        order_id=_text(fields, b"o"),
-        status=_text(fields, b"s"),
-        previous=_text(fields, b"p"),
-        reason=_text(fields, b"r"),
-        version=int(fields[b"v"]),
-        at_ms=int(fields[b"t"]),
-        created_ms=int(fields[b"c"].split(b"-", 1)[0]),
-        created_entry=fields[b"c"],
-    )
+    """An entry of ``outbox`` (every transition after `created`).
+    Raises ValueError if a field is missing or malformed."""
+    get = fields.get
+    order_id, version, at, created = get(b"o"), get(b"v"), get(b"t"), get(b"c")
+    status = _LATER_STATUSES.get(get(b"s", b""))
+    previous = _STATUSES.get(get(b"p", b""))
+    reason = _REASONS.get(get(b"r", b""))
+    # The usual case in one expression, as in from_created_entry.
+    if (
+        order_id is not None
+        and version is not None
+        and at is not None
+        and created is not None
+        and status is not None
+        and previous is not None
+        and reason is not None
+        and _ORDER_ID.fullmatch(order_id)
+        and _DIGITS.fullmatch(version)
+        and _DIGITS.fullmatch(at)
+        and (entry := _ENTRY_ID.fullmatch(created))
+    ):
+        version_n, at_ms, created_ms = int(version), int(at), int(entry.group(1))
+        if 2 <= version_n <= MAX_VERSION and at_ms <= MAX_MS and created_ms <= MAX_MS:
+            return StatusEvent(
+                order_id=order_id.decode("ascii"),
+                status=status,
+                previous=previous,
+                reason=reason,
+                version=version_n,
+                at_ms=at_ms,
+                created_ms=created_ms,
+                created_entry=created,
+            )
+    # Say which field is wrong: the first check that fails raises.
+    _order_id(fields)
+    _one_of(fields, b"s", "status", _LATER_STATUSES)
+    _one_of(fields, b"p", "previous status", _STATUSES)
+    _one_of(fields, b"r", "reason", _REASONS)
+    _number(fields, b"v", "version", 2, MAX_VERSION)
+    _number(fields, b"t", "at ms", 0, MAX_MS)
+    _created_ms(_field(fields, b"c", "id of the created entry"), "field 'c' (id of the created entry)")
+    raise ValueError("outbox entry refused")  # not reached: one of the checks above raises
 
 
 def parse_payload(payload: bytes) -> dict[str, object]:

@@ -53,7 +53,7 @@ from listener.keys import KeyLayout
 from listener.orders import Operation
 from listener.scheduler import DeadlineScheduler
 from listener.store import Store
-from listener.supervise import Service, is_transient, supervise
+from listener.supervise import Service, describe, is_transient, supervise
 
 log = logs.get("listener.expiry")
 
@@ -99,6 +99,7 @@ class ExpiryListener:
         self.cancelled = 0
         self.ignored = 0
         self.dropped = 0
+        self.refused = 0  # expire scripts answered with an error (a malformed record)
         self.received_from: collections.Counter[str] = collections.Counter()  # expired events, per node
         self.skipped = 0
         # The messages one socket read brought, taken straight from hiredis'
@@ -289,7 +290,8 @@ class ExpiryListener:
     def _on_message(self, node: str, channel: bytes, data: bytes) -> None:
         if channel == self._wake_channel:
             part, _, deadline = data.partition(b" ")
-            if part.isascii() and part.isdigit() and deadline.isascii() and deadline.isdigit():
+            # bytes.isdigit: ASCII digits only; the lengths keep int() cheap (anyone may publish here)
+            if 0 < len(part) <= 3 and part.isdigit() and 0 < len(deadline) <= 16 and deadline.isdigit():
                 self.scheduler.wake(int(part), int(deadline))
             else:
                 log.warning("malformed wake message ignored", data=data[:100].decode(errors="replace"))
@@ -337,11 +339,16 @@ class ExpiryListener:
                     batch.append(order_id)
             if not batch:
                 continue
-            results = await self.store.apply_many(Operation.EXPIRE, batch)
+            results = await self.store.try_many(Operation.EXPIRE, batch)
             self.service.ok()
-            for result in results:
-                self._pending.pop(result.order_id, None)
-                if result.outcome == "done":
+            for order_id, result in zip(batch, results, strict=True):
+                self._pending.pop(order_id, None)
+                if isinstance(result, Exception):
+                    # a record the script refuses (written by hand or by a broken
+                    # producer): this order stays as it is, the others go on
+                    self.refused += 1
+                    log.error("expired order not cancelled", order_id=order_id, error=describe(result))
+                elif result.outcome == "done":
                     self.cancelled += 1
                     log.info(
                         "order cancelled", order_id=result.order_id, reason="timeout", via="expired-event"

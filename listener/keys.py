@@ -11,6 +11,9 @@ With the default prefix ``order``, ``PARTS = 16`` and ``BUCKETS = 256``::
     order:{P}:outbox          stream  status events after `created`, in version order per order
     order:{P}:outbox:created  stream  `created` events (kept apart so a bulk import's
                                       backlog never delays a cancellation)
+    order:{P}:outbox:dead     stream  outbox entries that make no valid event: their
+                                      fields plus `id` and `error`; likewise
+                                      order:{P}:outbox:created:dead
     order:{P}:lease           string  which daemon publishes part P's outbox (SET NX PX)
     order:wake                channel "<P> <deadline-ms>" when an order becomes the
                                       earliest of its part
@@ -91,6 +94,10 @@ class KeyLayout:
     def outbox_created(self, part: int) -> str:
         return f"{self.base(part)}outbox:created"
 
+    def dead_letters(self, stream: str) -> str:
+        """Where entries of the outbox stream `stream` that make no valid event go."""
+        return f"{stream}:dead"
+
     def lease(self, part: int) -> str:
         return f"{self.base(part)}lease"
 
@@ -100,14 +107,17 @@ class KeyLayout:
 
     @functools.cached_property
     def timer_pattern(self) -> re.Pattern[str]:
-        return re.compile(rf"^{re.escape(self.prefix)}:\{{(\d+)\}}:t:(.+)$")
+        # The part in ASCII digits, and only ids the product accepts: an expired
+        # key is anyone's input (a broken producer's `order:{3}:t:a+b`, or
+        # `order:{<5,000 digits>}:t:x`, which int() would refuse).
+        return re.compile(rf"{re.escape(self.prefix)}:\{{(0|[1-9][0-9]?)\}}:t:({ORDER_ID_PATTERN.pattern})")
 
     def parse_timer(self, key: str) -> str | None:
-        """The order id of a timer key of this product, or None for any other key.
-
-        Also None for an id the rules refuse (stored by an older or broken
-        producer): the scripts refuse such an id, so the sweep reports it."""
-        match = self.timer_pattern.match(key)
+        """The order id of a timer key of this product, or None for any other
+        key. Also None for an id the rules refuse (stored by an older or broken
+        producer): the scripts refuse such an id, and the deadline index still
+        has that order, if it is one, so the sweep reports it."""
+        match = self.timer_pattern.fullmatch(key)
         if match is None:
             return None
         part, order_id = int(match.group(1)), match.group(2)

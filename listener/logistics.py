@@ -13,13 +13,12 @@ import json
 from dataclasses import dataclass
 
 import aiomqtt
-import redis.exceptions
 
 from listener import logs
 from listener.errors import BadInput
 from listener.orders import Operation, validate_order_id
 from listener.store import Store, TransitionResult
-from listener.supervise import Service, supervise
+from listener.supervise import Service, describe, supervise
 
 log = logs.get("listener.logistics")
 
@@ -102,9 +101,11 @@ class LogisticsHandler:
 
         try:
             outcome = await supervise("logistics", self.redis_service, apply)
-        except redis.exceptions.ResponseError as exc:  # e.g. a malformed order record
+        except Exception as exc:  # e.g. a malformed order record; outages are retried in supervise
+            # dropped, not raised: an error here would end the broker session and
+            # the same message would come back (it is not acknowledged) forever
             self.dropped += 1
-            log.error("logistics message could not be applied", order_id=report.order_id, error=str(exc))
+            log.error("logistics message could not be applied", order_id=report.order_id, error=describe(exc))
             return
         if outcome.outcome == "unknown":
             self.dropped += 1

@@ -98,12 +98,20 @@ class Metrics:
             "or not pending record): taken out of the deadline index, each logged once",
             registry=self.registry,
         )
+        self.dead_letters = Counter(
+            "order_listener_dead_letters",
+            "Outbox entries that make no valid event (a broken producer), moved to a dead-letter stream",
+            registry=self.registry,
+        )
         self.registry.register(_ServiceCollector(services))
         if fast_paths is not None:
             self.registry.register(_FastPathCollector(fast_paths))
 
     def cancelled(self, deadline_ms: int, cancelled_ms: int) -> None:
         self.lag.observe(max(0.0, (cancelled_ms - deadline_ms) / 1000))
+
+    def dead_lettered(self) -> None:
+        self.dead_letters.inc()
 
     def events_published(self, events: Sequence[StatusEvent]) -> None:
         """Count a published batch: one `inc` per label, not per event."""

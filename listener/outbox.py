@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import aiomqtt
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoPermissionError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from listener import logs
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
@@ -43,6 +43,7 @@ log = logs.get("listener.outbox")
 LEASE_MS = 6000
 RENEW_EVERY = 2.0
 LEASE_MARGIN = 1.0  # seconds: stop publishing a lane this long before the lease could lapse
+BROKEN_RETRY = 10.0  # seconds a lane whose stream has the wrong type is left out before a new look
 PUBLISH_TIMEOUT = 10.0  # seconds without a PUBACK while publishes are in flight: send again
 
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -65,6 +66,7 @@ class Outbox:
         batch: int = 500,
         owner: str | None = None,
         on_published: Callable[[Sequence[StatusEvent]], None] | None = None,
+        on_dead_letter: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.redis = store.redis
@@ -74,6 +76,8 @@ class Outbox:
         self.batch = batch
         self.owner = owner or owner_id()
         self.on_published = on_published
+        self.on_dead_letter = on_dead_letter
+        self.dead_letters = 0  # entries moved to a dead-letter stream
         self.held = [asyncio.Event() for _ in range(PARTS)]
         self.valid_until = [0.0] * PARTS  # monotonic time our lease surely lasts
         self.published = 0
@@ -88,6 +92,7 @@ class Outbox:
         # (On a single Redis a lost connection ends the session, whose last
         # deletes go by id: see _forget.)
         self.trim = not isinstance(self.redis, RedisCluster)
+        self.broken: dict[int, float] = {}  # part -> until when its lane is left out (wrong key type)
 
     async def run(self) -> None:
         """Run the leases and all lanes until `stop()` drained them."""
@@ -232,9 +237,18 @@ class Outbox:
                 stopping = self.stopping.is_set()
                 room = any(publisher.room for publisher in publishers)
                 got = False
+                readable = self._readable(mine)
+                if not readable:
+                    await asyncio.sleep(1.0)  # every held lane's stream is of the wrong type
+                    continue
                 if room or pump.deletes:
                     block = None if (stopping or pump.open or pump.queued()) else BLOCK_MS
-                    got = await pump.read(sorted(mine), block)
+                    try:
+                        got = await pump.read(readable, block)
+                    except ResponseError as exc:
+                        if "WRONGTYPE" not in str(exc) or not await self._set_aside(readable):
+                            raise
+                        continue
                     self.redis_service.ok()
                 try:
                     sent = pump.send(publishers)
@@ -242,7 +256,7 @@ class Outbox:
                     pump.lost(str(exc))
                     continue
                 if pump.unpublishable:
-                    await self._dead_letter(pump.unpublishable)
+                    await self._dead_letter_unpublishable(pump.unpublishable)
                     pump.unpublishable.clear()
                 if pump.published:
                     self._report(pump.published)
@@ -270,28 +284,46 @@ class Outbox:
             if deletes:  # what the broker has must not go out again
                 await self._forget(deletes)
 
+    def _readable(self, mine: set[int]) -> list[int]:
+        now = time.monotonic()
+        return sorted(part for part in mine if self.broken.get(part, 0.0) <= now)
+
+    async def _set_aside(self, parts: list[int]) -> bool:
+        """A lane stream that is not a stream (written by hand) fails the XREAD
+        of every lane: find it and leave its lane out for a while, with an
+        error line, so the other lanes go on. False if none is to blame."""
+        keys = [key for part in parts for key in (self.layout.outbox(part), self.layout.outbox_created(part))]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.xlen(key)
+            replies = await pipe.execute(raise_on_error=False)
+        found = False
+        for index, (key, reply) in enumerate(zip(keys, replies, strict=True)):
+            if isinstance(reply, ResponseError):
+                part = parts[index // 2]
+                log.error(  # again every BROKEN_RETRY seconds while it lasts
+                    "an outbox stream holds another type: its lane is left out until it is a stream",
+                    part=part,
+                    key=key,
+                    fix=f"move the key aside (RENAME {key} {key}:broken); the lane resumes by itself",
+                )
+                self.broken[part] = time.monotonic() + BROKEN_RETRY
+                found = True
+        return found
+
     def _report(self, events: list[StatusEvent]) -> None:
         self.published += len(events)
         if self.on_published is not None:
             self.on_published(events)
         debug_published(events)
 
-    async def _dead_letter(self, items: list[Item]) -> None:
+    async def _dead_letter_unpublishable(self, items: list[Item]) -> None:
+        """Entries the parser let through that still cannot be a topic level
+        (a last line of defence: the parser checks order ids)."""
         for item in items:
-            event = item.event
-            order_id = event.order_id if event is not None else ""
-            log.error(
-                "outbox entry cannot be published: moved to the dead letters",
-                order_id=order_id,
-                entry=item.entry_id.decode(),
-                stream=f"{item.key}:dead",
-            )
-            fields: dict[Any, Any] = {
-                b"id": item.entry_id,
-                b"o": order_id.encode(),
-                b"error": b"not a topic level",
-            }
-            await self.redis.xadd(f"{item.key}:dead", fields, maxlen=10_000, approximate=True)
+            order_id = item.event.order_id if item.event is not None else ""
+            fields = {b"o": order_id.encode(errors="replace")}
+            await self._dead_letter(item.key, item.entry_id, fields, "order id cannot be a topic level")
 
     async def _forget(self, deletes: Deletes) -> None:
         """Delete entries the broker acknowledged, even while being cancelled (a
@@ -348,26 +380,52 @@ class Outbox:
     async def _parse(
         self, key: str, entries: Sequence[Entry], *, created: bool
     ) -> list[tuple[bytes, StatusEvent]]:
-        """Events of well-formed entries; a malformed one (written by a broken
-        producer) is moved to `<key>:dead` and logged, so it cannot block its lane."""
+        """Events of well-formed entries. One that makes no valid event (from a
+        broken or older producer) is moved to `<key>:dead` with one error line
+        and the dead-letter metric; the lane goes on."""
         good: list[tuple[bytes, StatusEvent]] = []
         for entry_id, fields in entries:
             try:
                 event = from_created_entry(entry_id, fields) if created else from_outbox_entry(fields)
-            except (KeyError, ValueError, UnicodeDecodeError) as exc:
-                dead = f"{key}:dead"
-                log.error(
-                    "malformed outbox entry moved aside",
-                    entry=entry_id.decode(),
-                    stream=dead,
-                    error=repr(exc),
-                )
-                kept: dict[Any, Any] = {b"id": entry_id, **fields}
-                await self.redis.xadd(dead, kept, maxlen=10_000, approximate=True)
-                await self.redis.xdel(key, entry_id)
+            except ValueError as exc:  # UnicodeDecodeError is one too
+                await self._dead_letter(key, entry_id, fields, str(exc))
                 continue
             good.append((entry_id, event))
         return good
+
+    async def _dead_letter(self, key: str, entry_id: bytes, fields: dict[bytes, bytes], error: str) -> None:
+        """Copy the entry to `<key>:dead` under its own id, then delete it. Once
+        only: a copy made before (by a daemon stopped before the delete, or by a
+        second daemon on the lane during a lease handover) is found by its id
+        and fields. A copy gets a new id only if the dead-letter stream already
+        holds later ids (after a failover to a Redis whose clock lags)."""
+        dead = self.layout.dead_letters(key)
+        # the entry's own fields, then where it came from and why it is here
+        kept: dict[Any, Any] = {**fields, b"id": entry_id, b"error": error.encode()}
+        copied = True
+        try:
+            await self.redis.xadd(dead, kept, id=entry_id, maxlen=10_000, approximate=True)
+        except ResponseError as exc:
+            if "equal or smaller" not in str(exc):
+                raise
+            there = await self.redis.xrange(dead, entry_id, entry_id)
+            if there and there[0][1] == kept:
+                copied = False
+            else:
+                await self.redis.xadd(dead, kept, maxlen=10_000, approximate=True)
+        await self.redis.xdel(key, entry_id)
+        if not copied:
+            return
+        self.dead_letters += 1
+        if self.on_dead_letter is not None:
+            self.on_dead_letter()
+        log.error(
+            "malformed outbox entry moved to the dead-letter stream",
+            order_id=fields.get(b"o", b"")[:200].decode(errors="replace"),
+            entry=entry_id.decode(errors="replace"),
+            stream=dead,
+            error=error,
+        )
 
     async def backlog(self) -> int:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -126,15 +126,19 @@ class DeadlineScheduler:
         every shard fails, the failure is the session's (supervise backs off)."""
         groups = self.store.by_shard(due)
         replies = await asyncio.gather(
-            *(self.store.sweep(group, self.batch) for group in groups), return_exceptions=True
+            *(self.store.try_sweep(group, self.batch) for group in groups), return_exceptions=True
         )
         failed: list[tuple[list[int], BaseException]] = []
         for group, reply in zip(groups, replies, strict=True):
             if isinstance(reply, BaseException):
                 failed.append((group, reply))
-            else:
-                self._absorb(reply)
-                self._recovered(group)
+                continue
+            swept = [result for result in reply if isinstance(result, SweepResult)]
+            self._absorb(swept)
+            self._recovered([result.part for result in swept])
+            for part, result in zip(group, reply, strict=True):
+                if not isinstance(result, SweepResult):
+                    self._refused(part, result)
         for _, exc in failed:
             if not is_transient(exc):
                 raise exc
@@ -154,6 +158,19 @@ class DeadlineScheduler:
         now = time.monotonic()
         for part in parts:
             self._heads[part] = now + next(self._retries.setdefault(part, delays(5.0)))
+
+    def _refused(self, part: int, exc: Exception) -> None:
+        """The sweep script failed on what it found in `part` (data no script
+        wrote, such as a key of the wrong type): an error line, and the part is
+        retried with backoff while the others go on (its orders' expired
+        events still cancel them one by one)."""
+        if part not in self._retries:
+            log.error(
+                "the sweep failed on the data of a part; retrying it with backoff, the others go on",
+                part=part,
+                error=describe(exc),
+            )
+        self._heads[part] = time.monotonic() + next(self._retries.setdefault(part, delays(5.0)))
 
     def _recovered(self, parts: list[int]) -> None:
         if any(part in self._retries for part in parts):

@@ -9,17 +9,18 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisClusterException
+from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 
 from listener.config import Settings
 from listener.connection import RedisClient, connect_redis
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.orders import Operation, Order, Reason, Status
 from listener.scripts import Scripts
+from listener.supervise import is_transient
 
 ScriptCall = tuple[AsyncScript, list[str], list[Any]]
 
@@ -69,8 +70,22 @@ _SCRIPT_OF: dict[Operation, tuple[str, str | None]] = {
 }
 
 
-def _text(value: Any, errors: str = "strict") -> str:
+def _text(value: Any, errors: str = "replace") -> str:
+    # a record written by hand may hold any bytes: shown, never a decoding error
     return value.decode(errors=errors) if isinstance(value, bytes) else str(value)
+
+
+def _ms(value: Any) -> int:
+    """A time in ms that a script took from an order record as it was stored:
+    one written by hand may say `1e12` or worse; that must not end the caller
+    (it only labels a log line and the lag metric)."""
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return int(float(value))
+        except (ValueError, OverflowError):
+            return 0
 
 
 class Store:
@@ -90,7 +105,7 @@ class Store:
 
     # -- running scripts in pipelines ----------------------------------------
 
-    async def run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
+    async def run_scripts(self, calls: Sequence[ScriptCall], *, settle: bool = False) -> list[Any]:
         """EVALSHA each call in one pipelined round trip, in order.
 
         redis-py's own script pipelining sends SCRIPT EXISTS before every
@@ -98,6 +113,9 @@ class Store:
         scripts are loaded once; a call answered NOSCRIPT (Redis restarted
         or flushed its script cache) is loaded and sent again, alone, so a
         call that ran is never run twice.
+
+        An error reply is raised; with `settle`, one that is not an outage (a
+        script refusing the data it found) is returned in its call's place.
         """
         replies = await self._evalsha(calls)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
@@ -108,7 +126,7 @@ class Store:
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         for reply in replies:
-            if isinstance(reply, Exception):
+            if isinstance(reply, Exception) and not (settle and not is_transient(reply)):
                 raise reply
         return replies
 
@@ -190,11 +208,28 @@ class Store:
 
     async def apply_many(self, operation: Operation, order_ids: Sequence[str]) -> list[TransitionResult]:
         """The same operation on many orders, pipelined (one script call each)."""
-        out: list[TransitionResult] = []
+        return cast("list[TransitionResult]", await self._many(operation, order_ids, settle=False))
+
+    async def try_many(
+        self, operation: Operation, order_ids: Sequence[str]
+    ) -> list[TransitionResult | ResponseError]:
+        """`apply_many`, where an order whose script answered an error (its
+        record is malformed, say) gets that error in its place instead of
+        failing the others; outages are raised."""
+        return await self._many(operation, order_ids, settle=True)
+
+    async def _many(
+        self, operation: Operation, order_ids: Sequence[str], *, settle: bool
+    ) -> list[TransitionResult | ResponseError]:
+        out: list[TransitionResult | ResponseError] = []
         for start in range(0, len(order_ids), 500):
             chunk = order_ids[start : start + 500]
-            replies = await self.run_scripts([self._transition_call(operation, oid) for oid in chunk])
-            out += [self._result(oid, reply) for oid, reply in zip(chunk, replies, strict=True)]
+            calls = [self._transition_call(operation, oid) for oid in chunk]
+            replies = await self.run_scripts(calls, settle=settle)
+            out += [
+                reply if isinstance(reply, ResponseError) else self._result(oid, reply)
+                for oid, reply in zip(chunk, replies, strict=True)
+            ]
         return out
 
     # -- deadline index ------------------------------------------------------
@@ -216,6 +251,17 @@ class Store:
 
     async def sweep(self, parts: Iterable[int], limit: int) -> list[SweepResult]:
         """Cancel what is due in each part (up to `limit` each), in one round trip."""
+        return cast("list[SweepResult]", await self._sweep(parts, limit, settle=False))
+
+    async def try_sweep(self, parts: Iterable[int], limit: int) -> list[SweepResult | ResponseError]:
+        """`sweep`, where a part whose script answered an error (a key of the
+        part holding the wrong type, say) gets that error in its place instead
+        of failing the others; outages are raised."""
+        return await self._sweep(parts, limit, settle=True)
+
+    async def _sweep(
+        self, parts: Iterable[int], limit: int, *, settle: bool
+    ) -> list[SweepResult | ResponseError]:
         chosen = list(parts)
         replies = await self.run_scripts(
             [
@@ -225,11 +271,16 @@ class Store:
                     [self.layout.base(part), limit, self.retention_ms],
                 )
                 for part in chosen
-            ]
+            ],
+            settle=settle,
         )
-        results = []
-        for part, (now, nxt, flat, micros, bad) in zip(chosen, replies, strict=True):
-            cancelled = [(_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+        results: list[SweepResult | ResponseError] = []
+        for part, reply in zip(chosen, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                results.append(reply)
+                continue
+            now, nxt, flat, micros, bad = reply
+            cancelled = [(_text(flat[i]), _ms(flat[i + 1])) for i in range(0, len(flat), 2)]
             # (such an id may be any bytes: it is shown, never used as a key again)
             dropped = [(_text(bad[i], "backslashreplace"), _text(bad[i + 1])) for i in range(0, len(bad), 2)]
             nxt_ms = int(nxt)

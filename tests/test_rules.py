@@ -81,7 +81,7 @@ def test_event_payload_and_time_format() -> None:
     event = StatusEvent("A-1", "created", None, "created", 1, 1795564800123, 1795564800123, 1795566600123)
     body = event.as_dict()
     assert body == {
-        "event_id": event_id("A-1", 1795564800123, 1),
+        "event_id": event_id("A-1", 1795564800123, 1, "created", "created"),
         "order_id": "A-1",
         "status": "created",
         "previous": None,
@@ -90,6 +90,7 @@ def test_event_payload_and_time_format() -> None:
         "version": 1,
         "deadline": iso_ms(1795566600123),
     }
+    assert body["event_id"] == "A-1/1795564800123/1/created/created"
     assert iso_ms(0) == "1970-01-01T00:00:00.000Z"
     assert iso_ms(1795564800123).endswith(".123Z")
     assert event.topic("orders") == "orders/A-1/status"

@@ -322,6 +322,12 @@ local function transition(spec)
   end
   version = tonumber(version)
   reason = reason or ''
+  -- Reads of the keys it may write, so one of the wrong type (written by
+  -- hand) fails the script here, before it wrote anything.
+  redis.call('XLEN', outbox)
+  if status == 'created' then
+    redis.call('ZCARD', index)
+  end
   local now = now_ms()
   if status == 'created' and tonumber(deadline) <= now then
     unpend(timer, index, bkey, id, in_bucket)

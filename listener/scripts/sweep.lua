@@ -41,14 +41,9 @@ local now, micros = now_ms()
 local due = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, limit)
 local cancelled, dropped = {}, {}
 if #due > 0 then
-  -- Memory-freeing writes first (see lib.lua): cancellations go on when Redis is full.
-  local timers = {}
-  for i, id in ipairs(due) do
-    timers[i] = base .. 't:' .. id
-  end
-  redis.call('DEL', unpack(timers))
-  redis.call('ZREM', index, unpack(due))
-  -- Read every record, free the bucket fields (one HDEL per bucket), then write.
+  -- Every read first, so a key of the wrong type (written by hand) fails the
+  -- script before it wrote anything: the outbox, then each record.
+  redis.call('XLEN', outbox)
   local records, bucket_keys, bucket_ids = {}, {}, {}
   for i, id in ipairs(due) do
     local problem
@@ -83,6 +78,13 @@ if #due > 0 then
       dropped[#dropped + 1] = problem
     end
   end
+  -- Memory-freeing writes next (see lib.lua): cancellations go on when Redis is full.
+  local timers = {}
+  for i, id in ipairs(due) do
+    timers[i] = base .. 't:' .. id
+  end
+  redis.call('DEL', unpack(timers))
+  redis.call('ZREM', index, unpack(due))
   for _, bkey in ipairs(bucket_keys) do
     redis.call('HDEL', bkey, unpack(bucket_ids[bkey]))
   end
