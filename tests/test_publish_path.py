@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import signal
@@ -23,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from listener.config import Settings, load_settings
+from listener.config import Settings
 from listener.events import StatusEvent, iso_ms
 from listener.fastpath import paho_io
 from listener.mqtt import MqttLink, Publisher
@@ -160,9 +161,7 @@ async def test_lanes_over_connections_arrive_complete_and_in_order(
     if not fast:
         monkeypatch.setattr(paho_io, "usable", lambda: False)
     tag = f"pp{protocol.replace('.', '')}c{connections}{'f' if fast else 's'}"
-    config = load_settings(
-        **{**settings.model_dump(), "mqtt_protocol": protocol, "mqtt_connections": connections}
-    )
+    config = dataclasses.replace(settings, mqtt_protocol=protocol, mqtt_connections=connections)
     events = events_for(tag, orders=300, versions=3)
     async with running(config) as link:
         current = await link.connection()
@@ -190,7 +189,7 @@ def small_broker(workdir: Path) -> Any:
 async def test_the_brokers_receive_maximum_bounds_what_is_in_flight(
     settings: Settings, small_broker: ServerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = load_settings(**{**settings.model_dump(), "mqtt_url": f"mqtt://127.0.0.1:{small_broker.port}"})
+    config = dataclasses.replace(settings, mqtt_url=f"mqtt://127.0.0.1:{small_broker.port}")
     highest = 0
     send = Publisher.send
 
@@ -212,7 +211,7 @@ async def test_a_lost_connection_fails_a_waiting_publish_at_once(settings: Setti
     broker = mosquitto(workdir / f"lost-{random.randrange(10**9)}")
     broker.start()
     try:
-        config = load_settings(**{**settings.model_dump(), "mqtt_url": f"mqtt://127.0.0.1:{broker.port}"})
+        config = dataclasses.replace(settings, mqtt_url=f"mqtt://127.0.0.1:{broker.port}")
         async with running(config) as link:
             assert broker.proc is not None
             broker.proc.send_signal(signal.SIGSTOP)  # takes the publish, never acknowledges it
