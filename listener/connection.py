@@ -26,8 +26,8 @@ from listener.errors import ConfigError
 
 
 def _log() -> Any:
-    """The logger, imported when there is something to log: structlog (and the
-    rich it loads) would double what a short command spends before it runs."""
+    """The logger, imported when there is something to log: loading structlog
+    (and the rich it loads) costs a short command more than its own work."""
     from listener import logs
 
     return logs.get("listener.connection")
