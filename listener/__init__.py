@@ -1,21 +1,49 @@
 """order-expiry-listener: cancels unpaid orders at their deadline and announces it over MQTT.
 
 The producer API (`OrderClient`) and the error family are importable from here.
+They are loaded on first use (PEP 562): `import listener` alone, as every
+`order-listener` command does, loads nothing else, so `--help` does not wait
+for the Redis client or the logging library.
 """
 
-from listener.api import BulkResult, Change, OrderClient
-from listener.config import Settings, load_settings
-from listener.errors import (
-    BadInput,
-    ConfigError,
-    ListenerError,
-    OrderExists,
-    Refused,
-    Unavailable,
-    UnknownOrder,
-)
-from listener.orders import Order, Reason, Status
-from listener.store import CreateResult
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from listener.api import BulkResult, Change, OrderClient
+    from listener.config import Settings, load_settings
+    from listener.errors import (
+        BadInput,
+        ConfigError,
+        ListenerError,
+        OrderExists,
+        Refused,
+        Unavailable,
+        UnknownOrder,
+    )
+    from listener.orders import Order, Reason, Status
+    from listener.store import CreateResult
+
+_HOME = {
+    "BadInput": "listener.errors",
+    "BulkResult": "listener.api",
+    "Change": "listener.api",
+    "ConfigError": "listener.errors",
+    "CreateResult": "listener.store",
+    "ListenerError": "listener.errors",
+    "Order": "listener.orders",
+    "OrderClient": "listener.api",
+    "OrderExists": "listener.errors",
+    "Reason": "listener.orders",
+    "Refused": "listener.errors",
+    "Settings": "listener.config",
+    "Status": "listener.orders",
+    "Unavailable": "listener.errors",
+    "UnknownOrder": "listener.errors",
+    "load_settings": "listener.config",
+}
 
 __all__ = [
     "BadInput",
@@ -35,3 +63,16 @@ __all__ = [
     "UnknownOrder",
     "load_settings",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'listener' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})

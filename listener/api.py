@@ -9,6 +9,7 @@
 Every call is one atomic script in Redis; the daemon publishes the events.
 Errors: BadInput (malformed id or timeout), OrderExists, UnknownOrder,
 Refused (the status forbids it; nothing changed), Unavailable (Redis down).
+`create_many` and `change_many` do many orders in pipelined round trips.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from typing import Any
 import redis.exceptions
 
 from listener.config import Settings, load_settings, redis_target
-from listener.connection import RedisClient, open_redis
-from listener.errors import OrderExists, Refused, Unavailable, UnknownOrder
+from listener.connection import RedisClient, open_redis, redis_lost
+from listener.errors import BadInput, OrderExists, Refused, Unavailable, UnknownOrder
 from listener.orders import Operation, Order, parse_timeout, validate_order_id
 from listener.store import CreateResult, Store, TransitionResult
-from listener.supervise import is_transient
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,24 @@ _UNAVAILABLE = (
     OSError,
     redis.exceptions.SlotNotCoveredError,  # a Redis Cluster in the middle of a failover
 )
+
+
+# What a producer may ask (the clock and logistics do the rest).
+_CALLER_OPERATIONS = ("pay", "cancel", "deliver", "refund")
+
+
+def _outcome(operation: Operation, result: TransitionResult) -> Change | UnknownOrder | Refused:
+    if result.outcome == "unknown":
+        return UnknownOrder(result.order_id)
+    if result.outcome in ("refused", "notdue"):
+        return Refused(result.order_id, str(operation), result.status, result.reason)
+    return Change(
+        order_id=result.order_id,
+        status=result.status,
+        version=result.version,
+        reason=result.reason,
+        changed=result.outcome == "done",
+    )
 
 
 class OrderClient:
@@ -106,7 +124,10 @@ class OrderClient:
         try:
             yield
         except _UNAVAILABLE as exc:
-            raise Unavailable(f"cannot reach Redis at {self._shown}: {exc}") from None
+            raise Unavailable(
+                f"cannot reach Redis at {self._shown}: {exc}; start redis-server there, or point "
+                "ORDER_LISTENER_REDIS_URL (--redis-url) at the Redis to use"
+            ) from None
         except redis.exceptions.OutOfMemoryError:
             raise Unavailable(
                 f"Redis at {self._shown} is full (maxmemory reached, noeviction): nothing was written; "
@@ -117,9 +138,12 @@ class OrderClient:
         except redis.exceptions.AuthenticationError as exc:
             raise Unavailable(f"Redis at {self._shown} refused our credentials: {exc}") from None
         except redis.exceptions.RedisClusterException as exc:
-            if not is_transient(exc):  # cross-slot and the like: a bug, keep its traceback
+            if not redis_lost(exc):  # cross-slot and the like: a bug, keep its traceback
                 raise
-            raise Unavailable(f"cannot reach the Redis Cluster at {self._shown}: {exc}") from None
+            raise Unavailable(
+                f"cannot reach the Redis Cluster at {self._shown}: {exc}; check that its nodes are up, "
+                "or point ORDER_LISTENER_REDIS_URL (--redis-url) at a node of the cluster to use"
+            ) from None
 
     # -- create ------------------------------------------------------------
 
@@ -163,18 +187,28 @@ class OrderClient:
         validate_order_id(order_id)
         store = await self.opened()
         async with self._reaching_redis():
-            result: TransitionResult = await store.apply(operation, order_id)
-        if result.outcome == "unknown":
-            raise UnknownOrder(order_id)
-        if result.outcome in ("refused", "notdue"):
-            raise Refused(order_id, str(operation), result.status, result.reason)
-        return Change(
-            order_id=order_id,
-            status=result.status,
-            version=result.version,
-            reason=result.reason,
-            changed=result.outcome == "done",
-        )
+            result = await store.apply(operation, order_id)
+        outcome = _outcome(operation, result)
+        if not isinstance(outcome, Change):
+            raise outcome
+        return outcome
+
+    async def change_many(
+        self, operation: str, order_ids: Iterable[str]
+    ) -> list[Change | UnknownOrder | Refused]:
+        """`operation` ("pay", "cancel", "deliver" or "refund") on many orders,
+        in pipelined round trips, in the order given. Every id is validated
+        first: one bad id raises BadInput and nothing is written. Each result
+        is the Change, or the error that the single call would have raised
+        (nothing changed for that order)."""
+        if operation not in _CALLER_OPERATIONS:
+            raise BadInput(f"operation {operation!r} is not one of {', '.join(_CALLER_OPERATIONS)}")
+        chosen = Operation(operation)
+        ids = [validate_order_id(order_id) for order_id in order_ids]
+        store = await self.opened()
+        async with self._reaching_redis():
+            results = await store.apply_many(chosen, ids)
+        return [_outcome(chosen, result) for result in results]
 
     async def pay(self, order_id: str) -> Change:
         """created -> paid; the timer stops. Repeated on a paid or delivered order."""

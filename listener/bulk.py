@@ -1,14 +1,17 @@
-"""Bulk input (`create -`): one order a line, ``ORDER_ID [TIMEOUT]``. Pure parsing.
+"""Bulk input read from stdin with ``-``. Pure parsing.
 
-Blank lines and lines starting with ``#`` are skipped. A malformed line (bad
-id, bad timeout, extra fields) is reported with its line number and nothing
-at all is written, so a fixed file can simply be loaded again. An id that
-appears twice is refused on its second line, like an id that exists in Redis.
+`create -`: one order a line, ``ORDER_ID [TIMEOUT]``; `pay -`, `cancel -`,
+`deliver -`, `refund -`: one ``ORDER_ID`` a line. Blank lines and lines
+starting with ``#`` are skipped. A malformed line (bad id, bad timeout, extra
+fields) is reported with its line number and nothing at all is written, so a
+fixed file can simply be loaded again. For `create`, an id that appears twice
+is refused on its second line, like an id that exists in Redis; a transition
+of an id seen before is applied again, and reported as the repeat it is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from listener.errors import BadInput
@@ -39,14 +42,43 @@ class Parsed:
     repeated: list[Problem] = field(default_factory=list)  # an id seen on an earlier line
 
 
+@dataclass(frozen=True)
+class IdLine:
+    number: int
+    order_id: str
+
+
+@dataclass
+class ParsedIds:
+    lines: list[IdLine] = field(default_factory=list)
+    bad: list[Problem] = field(default_factory=list)  # malformed: nothing is written
+
+
+def _records(text_lines: Iterable[str]) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each line that is not blank or a comment."""
+    for number, raw in enumerate(text_lines, start=1):
+        text = raw.strip()
+        if text and not text.startswith("#"):
+            yield number, text.split()
+
+
+def parse_ids(text_lines: Iterable[str]) -> ParsedIds:
+    parsed = ParsedIds()
+    for number, fields in _records(text_lines):
+        if len(fields) > 1:
+            parsed.bad.append(Problem(number, fields[0], f"expected one ORDER_ID, got {len(fields)} fields"))
+            continue
+        try:
+            parsed.lines.append(IdLine(number, validate_order_id(fields[0])))
+        except BadInput as exc:
+            parsed.bad.append(Problem(number, fields[0], str(exc)))
+    return parsed
+
+
 def parse_lines(text_lines: Iterable[str], default_timeout_ms: int) -> Parsed:
     parsed = Parsed()
     first_seen: dict[str, int] = {}
-    for number, raw in enumerate(text_lines, start=1):
-        text = raw.strip()
-        if not text or text.startswith("#"):
-            continue
-        fields = text.split()
+    for number, fields in _records(text_lines):
         if len(fields) > 2:
             parsed.bad.append(
                 Problem(number, fields[0], f"expected 'ORDER_ID [TIMEOUT]', got {len(fields)} fields")

@@ -3,95 +3,51 @@
 Exit 0 success (also a repeated operation whose result already holds),
 1 refused (unknown order, transition not allowed, id taken, server unreachable),
 2 bad usage or bad input.
+
+Built on the standard library's argparse (a CLI framework that loads a
+validation library to convert each argument costs more than most commands
+take to run), and each command imports what it needs when it runs: the Redis
+client, the daemon, MQTT and the logging library; `--help` and `--version`
+need none of them. bench/cli_startup.py measures it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import signal
+import argparse
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-import redis.exceptions
-import typer
+from listener.errors import BadInput, ListenerError
 
-from listener import logs
-from listener.api import Change, OrderClient
-from listener.bulk import parse_lines
-from listener.config import Settings, load_settings, redact
-from listener.errors import BadInput, ListenerError, OrderExists, Unavailable
-from listener.events import iso_ms
-from listener.orders import Order, parse_timeout, validate_order_id
-from listener.scripts import NAMES as SCRIPT_NAMES
-from listener.scripts import source as script_source
-
-app = typer.Typer(
-    name="order-listener",
-    help="Cancels unpaid orders at their deadline and announces every status change over MQTT.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+if TYPE_CHECKING:
+    from listener.api import Change
+    from listener.config import Settings
+    from listener.errors import Refused, UnknownOrder
+    from listener.orders import Order
 
 T = TypeVar("T")
-_flags: dict[str, Any] = {}
+_flags: dict[str, Any] = {}  # the global options given, before or after the command
+
+EXIT_CODES = """\
+exit status: 0 success (also a repeated operation whose result already holds),
+1 refused (unknown order, transition not allowed, id taken, server unreachable),
+2 bad usage or bad input"""
 
 
 def err(message: str) -> None:
-    typer.echo(f"order-listener: {message}", err=True)
+    print(f"order-listener: {message}", file=sys.stderr, flush=True)
+
+
+def out(text: str) -> None:
+    print(text, flush=True)
 
 
 def settings() -> Settings:
+    from listener.config import load_settings
+
     return load_settings(**_flags)
-
-
-def run_async(make: Callable[[], Awaitable[T]]) -> T:
-    """Run a coroutine and turn the error family into messages and exit codes."""
-    try:
-        return asyncio.run(_guard(make))
-    except ListenerError as exc:
-        err(str(exc))
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-
-
-async def _guard(make: Callable[[], Awaitable[T]]) -> T:
-    try:
-        return await make()
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise Unavailable(f"cannot reach Redis: {redact(str(exc))}") from None
-
-
-@app.callback()
-def main_options(
-    redis_url: Annotated[str | None, typer.Option(help="Redis URL [env ORDER_LISTENER_REDIS_URL]")] = None,
-    mqtt_url: Annotated[str | None, typer.Option(help="MQTT URL [env ORDER_LISTENER_MQTT_URL]")] = None,
-    mqtt_protocol: Annotated[
-        str | None, typer.Option(help="5 or 3.1.1 [env ORDER_LISTENER_MQTT_PROTOCOL]")
-    ] = None,
-    key_prefix: Annotated[str | None, typer.Option(help="[env ORDER_LISTENER_KEY_PREFIX]")] = None,
-    topic_prefix: Annotated[str | None, typer.Option(help="[env ORDER_LISTENER_TOPIC_PREFIX]")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error")] = None,
-    log_format: Annotated[str | None, typer.Option(help="auto|json|console")] = None,
-) -> None:
-    _flags.update(
-        redis_url=redis_url,
-        mqtt_url=mqtt_url,
-        mqtt_protocol=mqtt_protocol,
-        key_prefix=key_prefix,
-        topic_prefix=topic_prefix,
-        log_level=log_level,
-        log_format=log_format,
-    )
-
-
-def _configure_logs(config: Settings) -> None:
-    logs.configure(config.log_level, config.log_format)
 
 
 def _settings_or_exit() -> Settings:
@@ -99,18 +55,55 @@ def _settings_or_exit() -> Settings:
         return settings()
     except ListenerError as exc:
         err(str(exc))
-        raise typer.Exit(exc.exit_code) from None
+        raise SystemExit(exc.exit_code) from None
+
+
+def _bad_input(exc: BadInput) -> SystemExit:
+    err(str(exc))
+    return SystemExit(2)
+
+
+def run_async(make: Callable[[], Awaitable[T]], config: Settings | None = None) -> T:
+    """Run a coroutine and turn the error family into messages and exit codes."""
+    import asyncio
+
+    try:
+        return asyncio.run(_guard(make, config))
+    except ListenerError as exc:
+        err(str(exc))
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+async def _guard(make: Callable[[], Awaitable[T]], config: Settings | None) -> T:
+    import redis.exceptions
+
+    from listener.config import redact
+    from listener.errors import Unavailable
+
+    try:
+        return await make()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        where = f" at {redact(config.redis_url)}" if config is not None else ""
+        raise Unavailable(
+            f"cannot reach Redis{where}: {redact(str(exc))}; start redis-server there, or point "
+            "ORDER_LISTENER_REDIS_URL (--redis-url) at the Redis to use"
+        ) from None
 
 
 # -- run ----------------------------------------------------------------------
 
 
-@app.command()
-def run() -> None:
-    """Run the daemon in the foreground (what the systemd service runs)."""
-    config = _settings_or_exit()
-    _configure_logs(config)
+def cmd_run(args: argparse.Namespace) -> None:
+    import asyncio
+    import signal
+
+    config = _settings_or_exit()  # a bad setting is refused before the daemon's modules load
+    from listener import logs
     from listener.daemon import Daemon
+
+    logs.configure(config.log_level, config.log_format)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -131,34 +124,39 @@ def run() -> None:
         await Daemon(config).run(stop)
 
     try:
-        run_async(main)
+        run_async(main, config)
     except asyncio.CancelledError:
-        raise typer.Exit(130) from None
+        raise SystemExit(130) from None
 
 
 # -- create and transitions --------------------------------------------------------
 
 
 def _deadline_text(deadline_ms: int) -> str:
+    from listener.events import iso_ms
+
     left = deadline_ms / 1000 - time.time()
     return f"{iso_ms(deadline_ms)} (in {left:.1f} s)" if left >= 0 else iso_ms(deadline_ms)
 
 
-@app.command()
-def create(
-    order_ids: Annotated[
-        list[str], typer.Argument(help="order ids, or - to read 'ORDER_ID [TIMEOUT]' lines from stdin")
-    ],
-    timeout: Annotated[
-        str | None,
-        typer.Option(help="seconds to pay (0.1 .. 2592000); default ORDER_LISTENER_DEFAULT_TIMEOUT"),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-) -> None:
-    """Create orders waiting for payment, each with its timer."""
+def _bad_lines(problems: Sequence[object], nothing: str) -> SystemExit:
+    """Malformed stdin lines: each one (up to 100), then what happened: exit 2."""
+    for problem in problems[:100]:
+        err(str(problem))
+    if len(problems) > 100:
+        err(f"... and {len(problems) - 100} more bad lines")
+    err(f"{len(problems)} bad line(s): {nothing}; fix them and load the file again")
+    return SystemExit(2)
+
+
+def cmd_create(args: argparse.Namespace) -> None:
+    from listener.orders import parse_timeout, validate_order_id
+
+    order_ids: list[str] = args.order_ids
+    as_json: bool = args.json
     config = _settings_or_exit()
     try:
-        timeout_ms = parse_timeout(timeout) if timeout is not None else config.default_timeout_ms
+        timeout_ms = parse_timeout(args.timeout) if args.timeout is not None else config.default_timeout_ms
         if order_ids == ["-"]:
             _create_bulk(config, timeout_ms, as_json)
             return
@@ -167,24 +165,29 @@ def create(
         for order_id in order_ids:
             validate_order_id(order_id)
     except BadInput as exc:
-        err(str(exc))
-        raise typer.Exit(2) from None
+        raise _bad_input(exc) from None
 
     async def go() -> None:
+        import json
+
+        from listener.api import OrderClient
+        from listener.errors import OrderExists
+        from listener.events import iso_ms
+
         async with OrderClient(config) as client:
             result = await client.create_prepared([(oid, timeout_ms) for oid in order_ids])
         for made in result.created:
             assert made.deadline_ms is not None
             if not as_json:
-                typer.echo(f"created {made.order_id}, deadline {_deadline_text(made.deadline_ms)}")
+                out(f"created {made.order_id}, deadline {_deadline_text(made.deadline_ms)}")
         if as_json:
-            out: dict[str, object]
+            shown: dict[str, object]
             if len(order_ids) == 1 and result.created:
                 made = result.created[0]
                 assert made.deadline_ms is not None
-                out = {"order_id": made.order_id, "status": "created", "deadline": iso_ms(made.deadline_ms)}
+                shown = {"order_id": made.order_id, "status": "created", "deadline": iso_ms(made.deadline_ms)}
             else:
-                out = {
+                shown = {
                     "created": [
                         {"order_id": m.order_id, "deadline": iso_ms(m.deadline_ms or 0)}
                         for m in result.created
@@ -193,26 +196,27 @@ def create(
                         {"order_id": m.order_id, "status": m.existing_status} for m in result.existing
                     ],
                 }
-            typer.echo(json.dumps(out))
+            out(json.dumps(shown))
         if result.existing:
             for taken in result.existing:
                 err(str(OrderExists(taken.order_id, taken.existing_status or "?")))
-            raise typer.Exit(1)
+            raise SystemExit(1)
 
-    run_async(go)
+    run_async(go, config)
 
 
 def _create_bulk(config: Settings, timeout_ms: int, as_json: bool) -> None:
+    from listener.bulk import parse_lines
+
     parsed = parse_lines(sys.stdin, timeout_ms)
     if parsed.bad:
-        for problem in parsed.bad[:100]:
-            err(str(problem))
-        if len(parsed.bad) > 100:
-            err(f"... and {len(parsed.bad) - 100} more bad lines")
-        err(f"{len(parsed.bad)} bad line(s): nothing was created; fix them and load the file again")
-        raise typer.Exit(2)
+        raise _bad_lines(parsed.bad, "nothing was created")
 
     async def go() -> None:
+        import json
+
+        from listener.api import OrderClient
+
         started = time.perf_counter()
         async with OrderClient(config) as client:
             result = await client.create_prepared([(line.order_id, line.timeout_ms) for line in parsed.lines])
@@ -232,63 +236,80 @@ def _create_bulk(config: Settings, timeout_ms: int, as_json: bool) -> None:
         ]
         refused.sort(key=lambda item: int(str(item["line"])))
         if as_json:
-            typer.echo(
+            out(
                 json.dumps({"created": len(result.created), "refused": refused, "seconds": round(elapsed, 3)})
             )
         else:
-            typer.echo(f"created {len(result.created)} orders in {elapsed:.2f} s")
+            out(f"created {len(result.created)} orders in {elapsed:.2f} s")
         for item in refused[:100]:
             err(f"line {item['line']}: {item['error']}; nothing changed for it")
         if refused:
             err(f"{len(refused)} line(s) refused; the other {len(result.created)} orders were created")
-            raise typer.Exit(1)
+            raise SystemExit(1)
 
-    run_async(go)
+    run_async(go, config)
 
 
-def _transition(name: str, order_id: str) -> None:
-    config = _settings_or_exit()
-    try:
-        validate_order_id(order_id)
-    except BadInput as exc:
-        err(str(exc))
-        raise typer.Exit(2) from None
-
-    async def go() -> Change:
-        async with OrderClient(config) as client:
-            method: Callable[[str], Awaitable[Change]] = getattr(client, name)
-            return await method(order_id)
-
-    change = run_async(go)
+def _change_text(change: Change) -> str:
     if change.changed:
-        typer.echo(f"{order_id}: {change.status} (version {change.version}, reason {change.reason})")
-    else:
-        typer.echo(f"{order_id}: already {change.status} (version {change.version}); nothing changed")
+        return f"{change.order_id}: {change.status} (version {change.version}, reason {change.reason})"
+    return f"{change.order_id}: already {change.status} (version {change.version}); nothing changed"
 
 
-_TRANSITIONS = {
-    "pay": "created -> paid: the payment arrived; the timer stops.",
-    "cancel": "created -> cancelled (reason customer).",
-    "deliver": "paid -> delivered: shipping confirmed.",
-    "refund": "paid or delivered -> refunded -> cancelled (reason refund).",
-}
+def cmd_transition(args: argparse.Namespace) -> None:
+    """pay, cancel, deliver or refund on the ids given, or on those read from
+    stdin (`-`), all in pipelined round trips: a result per id, on stdout,
+    refusals on stderr (with their line numbers for stdin)."""
+    from listener.bulk import parse_ids
+    from listener.orders import validate_order_id
+
+    name: str = args.command
+    order_ids: list[str] = args.order_ids
+    config = _settings_or_exit()
+    numbers: list[int] | None = None
+    try:
+        if order_ids == ["-"]:
+            parsed = parse_ids(sys.stdin)
+            if parsed.bad:
+                raise _bad_lines(parsed.bad, "nothing was changed")
+            order_ids = [line.order_id for line in parsed.lines]
+            numbers = [line.number for line in parsed.lines]
+        elif "-" in order_ids:
+            raise BadInput("'-' (read stdin) cannot be mixed with order ids")
+        for order_id in order_ids:
+            validate_order_id(order_id)
+    except BadInput as exc:
+        raise _bad_input(exc) from None
+
+    async def go() -> list[Change | UnknownOrder | Refused]:
+        from listener.api import OrderClient
+
+        async with OrderClient(config) as client:
+            return await client.change_many(name, order_ids)
+
+    results = run_async(go, config) if order_ids else []
+    refused = 0
+    for index, result in enumerate(results):
+        if isinstance(result, ListenerError):
+            refused += 1
+            err(
+                str(result) if numbers is None else f"line {numbers[index]}: {result}; nothing changed for it"
+            )
+        else:
+            out(_change_text(result))
+    if refused:
+        if len(results) > 1:
+            what = "line(s)" if numbers is not None else "order(s)"
+            err(f"{refused} {what} refused; the other {len(results) - refused} went through")
+        raise SystemExit(1)
 
 
-def _transition_command(name: str) -> Callable[[str], None]:
-    def command(order_id: str) -> None:
-        _transition(name, order_id)
-
-    return command
-
-
-for _name, _help in _TRANSITIONS.items():
-    app.command(name=_name, help=_help)(_transition_command(_name))
-
-
-# -- show, check, watch ---------------------------------------------------------
+# -- show, check, watch, demo, scripts -------------------------------------------
 
 
 def order_dict(order: Order) -> dict[str, object]:
+    from listener.events import iso_ms
+
     return {
         "order_id": order.order_id,
         "status": str(order.status),
@@ -300,94 +321,233 @@ def order_dict(order: Order) -> dict[str, object]:
     }
 
 
-@app.command()
-def show(
-    order_id: str,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-) -> None:
-    """An order's status, version, last reason, timestamps and deadline."""
+def cmd_show(args: argparse.Namespace) -> None:
+    from listener.orders import validate_order_id
+
+    order_id: str = args.order_id
     config = _settings_or_exit()
     try:
         validate_order_id(order_id)
     except BadInput as exc:
-        err(str(exc))
-        raise typer.Exit(2) from None
+        raise _bad_input(exc) from None
 
     async def go() -> Order:
+        from listener.api import OrderClient
+
         async with OrderClient(config) as client:
             return await client.get(order_id)
 
-    order = run_async(go)
-    if as_json:
-        typer.echo(json.dumps(order_dict(order)))
+    order = run_async(go, config)
+    if args.json:
+        import json
+
+        out(json.dumps(order_dict(order)))
         return
     shown = order_dict(order)
     if order.pending:
         shown["deadline"] = _deadline_text(order.deadline_ms)
     for key, value in shown.items():
-        typer.echo(f"{key:>9}: {value}")
+        out(f"{key:>9}: {value}")
 
 
-@app.command()
-def check() -> None:
-    """Check Redis (reachable, keyspace notifications, persistence, eviction) and MQTT."""
-    config = _settings_or_exit()
+def cmd_check(args: argparse.Namespace) -> None:
     from listener.doctor import run_checks
 
-    problems = run_async(lambda: run_checks(config, typer.echo))
+    config = _settings_or_exit()
+    problems = run_async(lambda: run_checks(config, out), config)
     if problems:
         err(f"{problems} problem(s) found; see the fixes above")
-        raise typer.Exit(1)
+        raise SystemExit(1)
 
 
-@app.command()
-def watch(
-    count: Annotated[int, typer.Option(help="stop after this many events (0: run until Ctrl-C)")] = 0,
-    seconds: Annotated[float, typer.Option(help="stop after this many seconds (0: never)")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="print each event's JSON as is")] = False,
-) -> None:
-    """Print status events as they are published."""
-    config = _settings_or_exit()
+def cmd_watch(args: argparse.Namespace) -> None:
     from listener.watch import watch_events
 
+    config = _settings_or_exit()
     try:
-        run_async(lambda: watch_events(config, count=count, seconds=seconds, raw=as_json))
-    except typer.Exit as done:
-        if done.exit_code != 130:
+        run_async(lambda: watch_events(config, count=args.count, seconds=args.seconds, raw=args.json), config)
+    except SystemExit as done:
+        if done.code != 130:  # Ctrl-C is how a watch ends
             raise
 
 
-@app.command()
-def demo(
-    orders: Annotated[int, typer.Option(help="sample orders to create")] = 40,
-    paid: Annotated[int, typer.Option(help="how many of them get paid")] = 10,
-    timeout: Annotated[float, typer.Option(help="their payment window, seconds")] = 3.0,
-) -> None:
-    """The whole loop on one machine: embedded Redis and MQTT unless configured."""
+def cmd_demo(args: argparse.Namespace) -> None:
+    if args.paid > args.orders or args.orders < 1 or args.timeout < 0.1:
+        err("use --orders >= 1, --paid <= --orders and --timeout >= 0.1")
+        raise SystemExit(2)
     from listener.demo import run_demo
 
-    if paid > orders or orders < 1 or timeout < 0.1:
-        err("use --orders >= 1, --paid <= --orders and --timeout >= 0.1")
-        raise typer.Exit(2)
-    code = run_demo(_flags, orders=orders, paid=paid, timeout=timeout)
-    raise typer.Exit(code)
+    raise SystemExit(run_demo(_flags, orders=args.orders, paid=args.paid, timeout=args.timeout))
 
 
-@app.command()
-def scripts(
-    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(SCRIPT_NAMES)}")],
-) -> None:
-    """Print a Lua script exactly as the daemon loads it (for producers in other languages).
+def cmd_scripts(args: argparse.Namespace) -> None:
+    """The loaded text byte for byte (no newline added), so SCRIPT LOAD of it gives the daemon's SHA1."""
+    from listener.scripts import NAMES, source
 
-    The output is the loaded text byte for byte (no newline added), so SCRIPT LOAD
-    of it gives the daemon's SHA1.
-    """
-    if name not in SCRIPT_NAMES:
-        err(f"no script {name!r}; choose one of {', '.join(SCRIPT_NAMES)}")
-        raise typer.Exit(2)
-    sys.stdout.buffer.write(script_source(name).encode())  # the bytes whose SHA1 Redis computes
+    name: str = args.name
+    if name not in NAMES:
+        err(f"no script {name!r}; choose one of {', '.join(NAMES)}")
+        raise SystemExit(2)
+    sys.stdout.buffer.write(source(name).encode())  # the bytes whose SHA1 Redis computes
     sys.stdout.flush()
 
 
-def main() -> None:
-    app()
+# -- the parser -------------------------------------------------------------------
+
+
+class _Version(argparse.Action):
+    """`--version`: the installed distribution's version, looked up only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **_: Any) -> None:
+        super().__init__(
+            option_strings,
+            dest=argparse.SUPPRESS,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help="print the version",
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("order-expiry-listener")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            number = "unknown (not installed)"
+        out(f"order-listener {number}")
+        parser.exit()
+
+
+# name, metavar, help; flags given before and after the command (SUPPRESS: an
+# option not given after the command leaves one given before it alone)
+_GLOBAL_OPTIONS = (
+    ("redis_url", "URL", "Redis URL [env ORDER_LISTENER_REDIS_URL]"),
+    ("mqtt_url", "URL", "MQTT URL [env ORDER_LISTENER_MQTT_URL]"),
+    ("mqtt_protocol", "VERSION", "5 or 3.1.1 [env ORDER_LISTENER_MQTT_PROTOCOL]"),
+    ("key_prefix", "PREFIX", "first part of every Redis key [env ORDER_LISTENER_KEY_PREFIX]"),
+    ("topic_prefix", "PREFIX", "events go to PREFIX/<order id>/status [env ORDER_LISTENER_TOPIC_PREFIX]"),
+    ("log_level", "LEVEL", "debug, info, warning or error [env ORDER_LISTENER_LOG_LEVEL]"),
+    ("log_format", "FORMAT", "auto, json or console [env ORDER_LISTENER_LOG_FORMAT]"),
+)
+
+_TRANSITIONS = {
+    "pay": "created -> paid: the payment arrived; the timer stops.",
+    "cancel": "created -> cancelled (reason customer).",
+    "deliver": "paid -> delivered: shipping confirmed.",
+    "refund": "paid or delivered -> refunded -> cancelled (reason refund).",
+}
+
+SCRIPT_NAMES = "create, pay, cancel, expire, deliver, refund, sweep, lease or release"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("global options (before or after the command)")
+    for name, metavar, text in _GLOBAL_OPTIONS:
+        group.add_argument(
+            f"--{name.replace('_', '-')}", metavar=metavar, help=text, default=argparse.SUPPRESS
+        )
+
+    parser = argparse.ArgumentParser(
+        prog="order-listener",
+        usage="%(prog)s [--version] [GLOBAL OPTIONS] COMMAND [OPTIONS] [ARGUMENTS]",
+        description="Cancels unpaid orders at their deadline and announces every status change over MQTT.",
+        epilog=f"Run 'order-listener COMMAND --help' for a command's options.\n\n{EXIT_CODES}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    parser.add_argument("--version", action=_Version)
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", title="commands", prog="order-listener"
+    )
+
+    def command(
+        name: str, run: Callable[[argparse.Namespace], None], text: str, arguments: str = ""
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=text,
+            description=text,
+            usage=f"%(prog)s [OPTIONS]{' ' + arguments if arguments else ''}",
+            parents=[common],
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.set_defaults(run=run)
+        return sub
+
+    command("run", cmd_run, "Run the daemon in the foreground (what the systemd service runs).")
+
+    create = command(
+        "create", cmd_create, "Create orders waiting for payment, each with its timer.", "ORDER_ID... | -"
+    )
+    create.add_argument(
+        "order_ids",
+        nargs="+",
+        metavar="ORDER_ID",
+        help="order ids, or - to read 'ORDER_ID [TIMEOUT]' lines from stdin",
+    )
+    create.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        help="seconds to pay (0.1 .. 2592000); default ORDER_LISTENER_DEFAULT_TIMEOUT",
+    )
+    create.add_argument("--json", action="store_true", help="print one JSON object")
+
+    for name, text in _TRANSITIONS.items():
+        transition = command(name, cmd_transition, text, "ORDER_ID... | -")
+        transition.add_argument(
+            "order_ids",
+            nargs="+",
+            metavar="ORDER_ID",
+            help="order ids, or - to read one ORDER_ID a line from stdin",
+        )
+
+    show = command(
+        "show", cmd_show, "An order's status, version, last reason, timestamps and deadline.", "ORDER_ID"
+    )
+    show.add_argument("order_id", metavar="ORDER_ID")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+
+    command(
+        "check", cmd_check, "Check Redis (reachable, keyspace notifications, persistence, eviction) and MQTT."
+    )
+
+    watch = command("watch", cmd_watch, "Print status events as they are published.")
+    watch.add_argument(
+        "--count", type=int, default=0, help="stop after this many events (0: run until Ctrl-C)"
+    )
+    watch.add_argument("--seconds", type=float, default=0.0, help="stop after this many seconds (0: never)")
+    watch.add_argument("--json", action="store_true", help="print each event's JSON as is")
+
+    demo = command(
+        "demo", cmd_demo, "The whole loop on one machine: embedded Redis and MQTT unless configured."
+    )
+    demo.add_argument("--orders", type=int, default=40, help="sample orders to create (default 40)")
+    demo.add_argument("--paid", type=int, default=10, help="how many of them get paid (default 10)")
+    demo.add_argument("--timeout", type=float, default=3.0, help="their payment window, seconds (default 3)")
+
+    scripts = command(
+        "scripts",
+        cmd_scripts,
+        "Print a Lua script exactly as the daemon loads it (for producers in other languages).",
+        "NAME",
+    )
+    scripts.add_argument("name", metavar="NAME", help=SCRIPT_NAMES)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        raise SystemExit(2)
+    _flags.update({name: getattr(args, name) for name, _, _ in _GLOBAL_OPTIONS if hasattr(args, name)})
+    try:
+        args.run(args)
+    except BrokenPipeError:  # `order-listener ... | head`: the reader has all it wants
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise SystemExit(1) from None

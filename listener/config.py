@@ -2,19 +2,24 @@
 
 Nothing deeper than the command line reads ``os.environ``. Every setting is
 ``ORDER_LISTENER_<NAME>`` so a systemd ``EnvironmentFile=`` works as is.
+
+A plain dataclass checked by hand, not a settings library: every command
+reads the settings, and loading such a library would cost a command line that
+answers at once more than the rest of its work. A bad value is refused with
+the variable's name, the value (passwords hidden) and what is allowed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 from urllib.parse import unquote, urlsplit
-
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from listener.errors import ConfigError
 from listener.orders import MAX_TIMEOUT_MS, MIN_TIMEOUT_MS
@@ -22,6 +27,13 @@ from listener.orders import MAX_TIMEOUT_MS, MIN_TIMEOUT_MS
 ENV_PREFIX = "ORDER_LISTENER_"
 _TOPIC_LEVEL = re.compile(r"[^#+\x00]+(/[^#+\x00]+)*")
 _KEY_PREFIX = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MQTT_PROTOCOLS = ("5", "3.1.1")
+
+
+class FastPathSetting(StrEnum):
+    AUTO = "auto"  # each fast path runs where its versions and checks allow (listener/fastpath/)
+    OFF = "off"  # every fast path takes the libraries' public way
 
 
 class LogFormat(StrEnum):
@@ -30,35 +42,32 @@ class LogFormat(StrEnum):
     CONSOLE = "console"
 
 
-class FastPathSetting(StrEnum):
-    AUTO = "auto"  # each fast path runs where its versions and checks allow (listener/fastpath/)
-    OFF = "off"  # every fast path takes the libraries' public way
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon and the commands can be told. Defaults run on one laptop.
 
-
-class Settings(BaseSettings):
-    """Everything the daemon and the commands can be told. Defaults run on one laptop."""
-
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+    Built by `load_settings` (environment plus flags); constructing it, or
+    `dataclasses.replace` on it, checks every value the same way (text from
+    the environment is converted) and raises ConfigError naming each bad one.
+    """
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     mqtt_url: str = "mqtt://127.0.0.1:1883"
-    mqtt_protocol: str = Field(default="5", pattern=r"^(5|3\.1\.1)$")
+    mqtt_protocol: str = "5"
     mqtt_client_id: str = ""
     topic_prefix: str = "orders"
     logistics_topic: str = "logistics/+/status"
     default_timeout: float = 1800.0
     key_prefix: str = "order"
-    # whole ms from 1 ms to 100 years: what the scripts take (lib.lua, MAX_RETENTION_MS)
-    retention: float = Field(default=7 * 24 * 3600.0, ge=0.001, le=100 * 365 * 24 * 3600.0)
-    log_level: str = Field(default="info", pattern=r"^(?i)(debug|info|warning|error)$")
+    retention: float = 7 * 24 * 3600.0
+    log_level: str = "info"
     log_format: LogFormat = LogFormat.AUTO
-    sweep_batch: int = Field(default=1000, ge=1, le=5000)
-    publish_batch: int = Field(default=500, ge=1, le=10000)
-    mqtt_connections: int = Field(default=1, ge=1, le=16)  # the outbox lanes are spread over them
-    shutdown_timeout: float = Field(default=10.0, gt=0)
-    resync_interval: float = Field(default=5.0, gt=0)
+    sweep_batch: int = 1000
+    publish_batch: int = 500
+    mqtt_connections: int = 1  # the outbox lanes are spread over them
+    shutdown_timeout: float = 10.0
+    resync_interval: float = 5.0
     metrics_addr: str = ""  # host:port for /metrics and /healthz; empty: off
-    fast_paths: FastPathSetting = FastPathSetting.AUTO
     # TLS (rediss://, mqtts://): CA bundle to trust (default: the system's),
     # and a client certificate + key where the server asks for one.
     redis_tls_ca: str = ""
@@ -67,67 +76,23 @@ class Settings(BaseSettings):
     mqtt_tls_ca: str = ""
     mqtt_tls_cert: str = ""
     mqtt_tls_key: str = ""
+    fast_paths: FastPathSetting = FastPathSetting.AUTO
 
-    @field_validator(
-        "redis_tls_ca", "redis_tls_cert", "redis_tls_key", "mqtt_tls_ca", "mqtt_tls_cert", "mqtt_tls_key"
-    )
-    @classmethod
-    def _readable_file(cls, value: str) -> str:
-        if value and not os.access(value, os.R_OK):
-            raise ValueError(f"cannot read {value!r}: give the path of a PEM file this user can read")
-        return value
+    def __post_init__(self) -> None:
+        problems = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            try:
+                object.__setattr__(self, field.name, _CHECKS[field.name](value))
+            except ValueError as exc:
+                problems.append(f"{ENV_PREFIX}{field.name.upper()}: {exc}")
+        if problems:
+            raise ConfigError("bad configuration:\n  " + "\n  ".join(problems))
 
-    @field_validator("metrics_addr")
-    @classmethod
-    def _metrics_addr(cls, value: str) -> str:
-        if value:
-            from listener.metrics import parse_addr
-
-            parse_addr(value)
-        return value
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_url(cls, value: str) -> str:
-        redis_target(value)
-        return value
-
-    @field_validator("mqtt_url")
-    @classmethod
-    def _mqtt_url(cls, value: str) -> str:
-        mqtt_target(value)
-        return value
-
-    @field_validator("default_timeout")
-    @classmethod
-    def _timeout(cls, value: float) -> float:
-        if not MIN_TIMEOUT_MS <= round(value * 1000) <= MAX_TIMEOUT_MS:
-            raise ValueError("must be 0.1 to 2592000 seconds (30 days)")
-        return value
-
-    @field_validator("topic_prefix")
-    @classmethod
-    def _topic_prefix(cls, value: str) -> str:
-        if not _TOPIC_LEVEL.fullmatch(value):
-            raise ValueError("must be a topic without wildcards (+, #), e.g. 'orders' or 'shop/orders'")
-        return value
-
-    @field_validator("logistics_topic")
-    @classmethod
-    def _logistics_topic(cls, value: str) -> str:
-        levels = value.split("/")
-        if levels.count("+") != 1 or "#" in value or any(("+" in lv and lv != "+") for lv in levels):
-            raise ValueError(
-                "must have exactly one '+' level, where the order id is, e.g. 'logistics/+/status'"
-            )
-        return value
-
-    @field_validator("key_prefix")
-    @classmethod
-    def _key_prefix(cls, value: str) -> str:
-        if not _KEY_PREFIX.fullmatch(value):
-            raise ValueError("must be 1-64 letters, digits, '-', '_', '.'")
-        return value
+    def __repr__(self) -> str:
+        shown = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        shown |= {"redis_url": redact(self.redis_url), "mqtt_url": redact(self.mqtt_url)}
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
 
     @property
     def default_timeout_ms(self) -> int:
@@ -140,16 +105,151 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: Any) -> Settings:
     """Environment plus flags (`overrides`, None means not given), or ConfigError."""
-    given = {name: value for name, value in overrides.items() if value is not None}
-    try:
-        return Settings(**given)
-    except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            name = str(error["loc"][0]) if error["loc"] else "?"
-            message = str(error["msg"]).removeprefix("Value error, ")
-            lines.append(f"{ENV_PREFIX}{name.upper()}: {message}")
-        raise ConfigError("bad configuration:\n  " + "\n  ".join(lines)) from None
+    names = {field.name for field in dataclasses.fields(Settings)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    # Names match whatever their case, as systemd and shells may write them.
+    env = {key.upper(): value for key, value in os.environ.items() if key.upper().startswith(ENV_PREFIX)}
+    given: dict[str, Any] = {
+        name: env[f"{ENV_PREFIX}{name.upper()}"] for name in names if f"{ENV_PREFIX}{name.upper()}" in env
+    }
+    given |= {name: value for name, value in overrides.items() if value is not None}
+    return Settings(**given)
+
+
+# -- the checks: each takes the value (text from the environment, or a Python
+# value), returns it converted, or raises ValueError saying what is allowed ----
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be text (got {value!r})")
+    return value
+
+
+def _number(kind: type[int] | type[float], low: float, high: float, allowed: str) -> Callable[[Any], Any]:
+    """A number from `low` (excluded for floats at 0) to `high`."""
+
+    def check(value: Any) -> int | float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = kind(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be {allowed} (got {value!r})") from None
+        above_low = number > low if kind is float and low == 0 else number >= low
+        if not (math.isfinite(number) and above_low and number <= high):
+            raise ValueError(f"must be {allowed} (got {value!r})")
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"must be {allowed} (got {value!r})")
+        return number
+
+    return check
+
+
+def _one_of(allowed: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)} (got {value!r})")
+        return text
+
+    return check
+
+
+def _log_format(value: Any) -> LogFormat:
+    text = _one_of(tuple(LogFormat))(value)
+    return LogFormat(text)
+
+
+def _readable_file(value: Any) -> str:
+    path = _text(value)
+    if path and not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read {path!r}: give the path of a PEM file this user can read")
+    return path
+
+
+def _metrics_addr(value: Any) -> str:
+    text = _text(value)
+    if text:
+        parse_addr(text)
+    return text
+
+
+def _redis_url(value: Any) -> str:
+    redis_target(_text(value))
+    return str(value)
+
+
+def _mqtt_url(value: Any) -> str:
+    mqtt_target(_text(value))
+    return str(value)
+
+
+def _timeout(value: Any) -> float:
+    seconds = float(_number(float, 0, math.inf, "0.1 to 2592000 seconds (30 days)")(value))
+    if not MIN_TIMEOUT_MS <= round(seconds * 1000) <= MAX_TIMEOUT_MS:
+        raise ValueError(f"must be 0.1 to 2592000 seconds (30 days) (got {value!r})")
+    return seconds
+
+
+def _topic_prefix(value: Any) -> str:
+    text = _text(value)
+    if not _TOPIC_LEVEL.fullmatch(text):
+        raise ValueError(
+            f"must be a topic without wildcards (+, #), e.g. 'orders' or 'shop/orders' (got {text!r})"
+        )
+    return text
+
+
+def _logistics_topic(value: Any) -> str:
+    text = _text(value)
+    levels = text.split("/")
+    if levels.count("+") != 1 or "#" in text or any(("+" in lv and lv != "+") for lv in levels):
+        raise ValueError(
+            "must have exactly one '+' level, where the order id is, "
+            f"e.g. 'logistics/+/status' (got {text!r})"
+        )
+    return text
+
+
+def _key_prefix(value: Any) -> str:
+    text = _text(value)
+    if not _KEY_PREFIX.fullmatch(text):
+        raise ValueError(f"must be 1-64 letters, digits, '-', '_', '.' (got {text!r})")
+    return text
+
+
+_SECONDS = _number(float, 0, math.inf, "a number of seconds above 0")
+
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "redis_url": _redis_url,
+    "mqtt_url": _mqtt_url,
+    "mqtt_protocol": _one_of(MQTT_PROTOCOLS),
+    "mqtt_client_id": _text,
+    "topic_prefix": _topic_prefix,
+    "logistics_topic": _logistics_topic,
+    "default_timeout": _timeout,
+    "key_prefix": _key_prefix,
+    # whole ms from 1 ms to 100 years: what the scripts take (lib.lua, MAX_RETENTION_MS)
+    "retention": _number(float, 0.001, 100 * 365 * 24 * 3600.0, "0.001 to 3153600000 seconds (100 years)"),
+    "log_level": _one_of(LOG_LEVELS),
+    "log_format": _log_format,
+    "sweep_batch": _number(int, 1, 5000, "a whole number from 1 to 5000"),
+    "publish_batch": _number(int, 1, 10000, "a whole number from 1 to 10000"),
+    "mqtt_connections": _number(int, 1, 16, "a whole number from 1 to 16"),
+    "shutdown_timeout": _SECONDS,
+    "resync_interval": _SECONDS,
+    "metrics_addr": _metrics_addr,
+    "redis_tls_ca": _readable_file,
+    "redis_tls_cert": _readable_file,
+    "redis_tls_key": _readable_file,
+    "mqtt_tls_ca": _readable_file,
+    "mqtt_tls_cert": _readable_file,
+    "mqtt_tls_key": _readable_file,
+    "fast_paths": lambda value: FastPathSetting(_one_of(tuple(FastPathSetting))(value)),
+}
 
 
 @dataclass(frozen=True)
@@ -213,6 +313,14 @@ def redis_target(url: str) -> RedisTarget:
         if path:
             db = _db_number(path, shown)
     return RedisTarget(url=url, db=db, tls=parts.scheme == "rediss", shown=shown)
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """host:port (ORDER_LISTENER_METRICS_ADDR); an empty host listens on all addresses."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:9464)")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _db_number(text: str, shown: str) -> int:

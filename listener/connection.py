@@ -21,13 +21,57 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from listener import logs
 from listener.config import Settings, redis_target
 from listener.errors import ConfigError
 
-log = logs.get("listener.connection")
+
+def _log() -> Any:
+    """The logger, imported when there is something to log: loading structlog
+    (and the rich it loads) costs a short command more than its own work."""
+    from listener import logs
+
+    return logs.get("listener.connection")
+
 
 RedisClient = Redis | RedisCluster
+
+# Losing Redis is normal: these end a session (the daemon backs off and goes
+# on), and tell a producer that Redis is unavailable, not that it sent a bug.
+REDIS_TRANSIENT: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    redis_errors.TryAgainError,
+    redis_errors.OutOfMemoryError,  # maxmemory reached: back off until memory is freed
+    redis_errors.BusyLoadingError,
+    # Redis Cluster: a failover or resharding under way (CLUSTERDOWN,
+    # MASTERDOWN, slots not covered yet); the client finds the new topology
+    redis_errors.ClusterError,
+    redis_errors.SlotNotCoveredError,
+    # refused by the ACL or the password: an operator can fix it while we wait
+    redis_errors.NoPermissionError,
+    redis_errors.AuthenticationError,
+)
+
+# Error replies that say the node changed role under us (a failover): a
+# blocked XREAD is answered "UNBLOCKED ... (master -> replica?)".
+TRANSIENT_REPLIES = ("UNBLOCKED", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "READONLY")
+
+
+def redis_lost(exc: BaseException) -> bool:
+    """Redis lost, or in the middle of a failover (not a refusal, not a bug)."""
+    if isinstance(exc, REDIS_TRANSIENT):
+        return True
+    if isinstance(exc, redis_errors.RedisClusterException):
+        # "Redis Cluster cannot be connected ...": no node reachable now. The
+        # class also covers misuse (cross-slot, no way to dispatch): bugs.
+        return "cannot be connected" in str(exc)
+    if not isinstance(exc, redis_errors.ResponseError):
+        return False
+    text = str(exc)
+    # in a pipeline: "Command # 2 (XREAD ...) of pipeline caused error: ('UNBLOCKED ...',)"
+    _, wrapped, reply = text.partition("of pipeline caused error: (")
+    return (reply.strip("'\"") if wrapped else text).startswith(TRANSIENT_REPLIES)
 
 
 def _options(settings: Settings, timeout: float) -> dict[str, Any]:
@@ -105,7 +149,7 @@ async def is_cluster(settings: Settings) -> bool:
             return True
         if not isinstance(exc, redis_errors.NoPermissionError):
             raise
-        log.warning(
+        _log().warning(
             "cannot ask Redis whether it is a cluster (INFO not allowed); assuming one server",
             fix="grant +info to this user (deploy/redis-users.acl)",
         )
@@ -123,7 +167,7 @@ async def open_cluster(settings: Settings, *, timeout: float = 5.0) -> RedisClus
     except BaseException:
         await cluster.aclose()
         raise
-    log.info("connected to a Redis Cluster", primaries=[node.name for node in cluster.get_primaries()])
+    _log().info("connected to a Redis Cluster", primaries=[node.name for node in cluster.get_primaries()])
     return cluster
 
 

@@ -42,7 +42,8 @@ log = logs.get("listener.daemon")
 class NotificationCheck:
     ok: bool
     current: str | None  # None: CONFIG GET not allowed
-    message: str
+    message: str  # what was found
+    fix: str = ""  # what to change, when not ok
 
 
 async def check_notifications(redis: RedisClient) -> NotificationCheck:
@@ -58,7 +59,12 @@ async def check_notifications(redis: RedisClient) -> NotificationCheck:
         return NotificationCheck(
             True, ",".join(settings), f"keyspace notifications on, on all {len(checks)} cluster nodes"
         )
-    return NotificationCheck(False, bad[0].current, "; ".join(check.message for check in bad))
+    return NotificationCheck(
+        False,
+        bad[0].current,
+        "; ".join(check.message for check in bad),
+        "; ".join(dict.fromkeys(check.fix for check in bad if check.fix)),
+    )
 
 
 async def _check_node(redis: RedisClient, node: ClusterNode | None) -> NotificationCheck:
@@ -73,13 +79,18 @@ async def _check_node(redis: RedisClient, node: ClusterNode | None) -> Notificat
             raise  # one Redis: an outage, retried by the caller
         # one node of a cluster (a replica that died, an address we cannot
         # reach): that node's problem, not a reason to wait
-        return NotificationCheck(False, None, f"{where}cannot reach the node to check it ({exc})")
+        return NotificationCheck(
+            False,
+            None,
+            f"{where}cannot reach the node to check it ({exc})",
+            "make sure every node of the cluster is up and reachable from here",
+        )
     except redis_errors.ResponseError as exc:  # ACL or a managed Redis without CONFIG
         return NotificationCheck(
             False,
             None,
-            f"{where}cannot read notify-keyspace-events ({exc}); make sure it contains 'E' and 'x' "
-            "(e.g. notify-keyspace-events Ex in redis.conf)",
+            f"{where}cannot read notify-keyspace-events ({exc})",
+            "make sure it contains 'E' and 'x' (e.g. notify-keyspace-events Ex in redis.conf)",
         )
     current = str(reply.get("notify-keyspace-events", ""))
     flags = set(current)
@@ -92,10 +103,10 @@ async def _check_node(redis: RedisClient, node: ClusterNode | None) -> Notificat
         False,
         current,
         f"{where}keyspace notifications for expired keys are off (notify-keyspace-events is "
-        f"{current!r}). Fix: redis-cli CONFIG SET notify-keyspace-events {wanted} "
+        f"{current!r}); until they are on, cancellations come from the deadline index only",
+        f"redis-cli CONFIG SET notify-keyspace-events {wanted} "
         f"and put 'notify-keyspace-events {wanted}' in redis.conf so it survives a restart "
-        "(on Redis Cluster: on every node). Until then cancellations come from the "
-        "deadline index only.",
+        "(on Redis Cluster: on every node)",
     )
 
 
@@ -106,8 +117,17 @@ class Daemon:
         self.settings = settings
         self._detect = redis is None
         self.layout = KeyLayout(settings.key_prefix)
-        self.redis_service = Service("redis")
-        self.mqtt_service = Service("mqtt")
+        self.redis_service = Service(
+            "redis",
+            url=redis_target(settings.redis_url).shown,
+            fix="start Redis there, or point ORDER_LISTENER_REDIS_URL at it (check: order-listener check)",
+        )
+        self.mqtt_service = Service(
+            "mqtt",
+            url=mqtt_target(settings.mqtt_url).shown,
+            fix="start the broker there, or point ORDER_LISTENER_MQTT_URL at it; older brokers: "
+            "ORDER_LISTENER_MQTT_PROTOCOL=3.1.1 (check: order-listener check)",
+        )
         self.fast_paths = FastPaths(enabled=settings.fast_paths is FastPathSetting.AUTO)
         self.metrics = Metrics([self.redis_service, self.mqtt_service], self.fast_paths)
         self.ready = asyncio.Event()
@@ -266,7 +286,7 @@ class Daemon:
         if result.ok:
             log.info("keyspace notifications checked", setting=result.current)
         else:
-            log.error("keyspace notifications", problem=result.message)
+            log.error("keyspace notifications", problem=result.message, fix=result.fix)
 
     async def _watchdog(self) -> None:
         usec = os.environ.get("WATCHDOG_USEC")

@@ -72,7 +72,9 @@ async def _check_redis(settings: Settings, report: _Report) -> None:
         if notifications.ok:
             report.ok(f"redis: {notifications.message}")
         else:
-            report.problem("redis: expired events are not published", notifications.message)
+            report.problem(
+                f"redis: expired events are not published: {notifications.message}", notifications.fix
+            )
         try:
             appendonly = (await redis.config_get("appendonly")).get("appendonly")
             policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy")

@@ -268,17 +268,19 @@ class Outbox:
                     return
                 if sent:
                     continue
-                if pump.open:
-                    await _changed(publishers, POLL_S if (room and not pump.queued()) else 1.0)
-                    if pump.open and pump.idle_for() > PUBLISH_TIMEOUT:
-                        log.warning("no PUBACK from the broker; sending again", seconds=PUBLISH_TIMEOUT)
-                        for publisher in publishers:
-                            publisher.forget(pump)
-                        pump.reset()
-                elif not got and pump.queued() and not room:
+                if not room:
+                    # the window is full (of this reader's publishes or another
+                    # lane's, on a cluster), or the connection is going
                     await _changed(publishers, 1.0)
+                elif pump.open:
+                    await _changed(publishers, POLL_S if not pump.queued() else 1.0)
                 elif not got and pump.queued():
                     await asyncio.sleep(0.2)  # held, but the lease is being renewed
+                if pump.open and pump.idle_for() > PUBLISH_TIMEOUT:
+                    log.warning("no PUBACK from the broker; sending again", seconds=PUBLISH_TIMEOUT)
+                    for publisher in publishers:
+                        publisher.forget(pump)
+                    pump.reset()
         finally:
             deletes = pump.take_deletes()
             if deletes:  # what the broker has must not go out again

@@ -339,6 +339,8 @@ class Pump:
                     self.order[item.key].append(item)
             queue.extendleft(reversed(kept))
             for index, (events, items) in batches.items():
+                if not self.open:
+                    self.last_ack = time.monotonic()  # the broker's silence is counted from here
                 self.open += len(events)
                 publishers[index].send(events, items, self)
                 sent += len(events)

@@ -15,52 +15,23 @@ from typing import TypeVar
 
 import aiomqtt
 import backoff
-import redis.exceptions
 
 from listener import logs
+from listener.connection import REDIS_TRANSIENT, redis_lost
 
 log = logs.get("listener.supervise")
 
-# Losing a server is normal: these end a session, never the daemon.
-TRANSIENT: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.OutOfMemoryError,  # maxmemory reached: back off until memory is freed
-    redis.exceptions.BusyLoadingError,
-    # Redis Cluster: a failover or resharding under way (CLUSTERDOWN,
-    # MASTERDOWN, slots not covered yet); the client finds the new topology
-    redis.exceptions.ClusterError,
-    redis.exceptions.SlotNotCoveredError,
-    # refused by the ACL or the password: an operator can fix it while we wait
-    redis.exceptions.NoPermissionError,
-    redis.exceptions.AuthenticationError,
-    aiomqtt.MqttError,
-    OSError,
-)
-
-# Error replies that say the node changed role under us (a failover): a
-# blocked XREAD is answered "UNBLOCKED ... (master -> replica?)".
-TRANSIENT_REPLIES = ("UNBLOCKED", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "READONLY")
+# Losing a server is normal: these end a session, never the daemon. What
+# losing Redis looks like is told in connection.py (the producer API needs it
+# too, without MQTT); here the broker and the network join it.
+TRANSIENT: tuple[type[BaseException], ...] = (*REDIS_TRANSIENT, aiomqtt.MqttError, OSError)
 
 # NOSCRIPT after a Redis restart is handled where scripts are called (store.py).
 
 
 def is_transient(exc: BaseException) -> bool:
     """Losing a server, or a server in the middle of a failover."""
-    if isinstance(exc, TRANSIENT):
-        return True
-    if isinstance(exc, redis.exceptions.RedisClusterException):
-        # "Redis Cluster cannot be connected ...": no node reachable now. The
-        # class also covers misuse (cross-slot, no way to dispatch): bugs.
-        return "cannot be connected" in str(exc)
-    if not isinstance(exc, redis.exceptions.ResponseError):
-        return False
-    text = str(exc)
-    # in a pipeline: "Command # 2 (XREAD ...) of pipeline caused error: ('UNBLOCKED ...',)"
-    _, wrapped, reply = text.partition("of pipeline caused error: (")
-    return (reply.strip("'\"") if wrapped else text).startswith(TRANSIENT_REPLIES)
+    return isinstance(exc, TRANSIENT) or redis_lost(exc)
 
 
 T = TypeVar("T")
@@ -76,8 +47,10 @@ def describe(exc: BaseException) -> str:
 class Service:
     """The state of one dependency ("redis" or "mqtt"), shared by every task using it."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, url: str = "", fix: str = "") -> None:
         self.name = name
+        self.url = url  # where it is (password hidden), and what to do while it is down: for the warning
+        self.fix = fix
         self.up = False
         self.generation = 0  # rises each time the service comes (back) up
         self.reconnects = 0
@@ -102,11 +75,13 @@ class Service:
     def failed(self, exc: BaseException, task: str) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
+            where = {"url": self.url, "fix": self.fix} if self.url else {}
             log.warning(
                 f"{self.name} unavailable; retrying with backoff",
                 service=self.name,
                 task=task,
                 error=describe(exc),
+                **where,
             )
         self.up = False
 

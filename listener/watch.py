@@ -9,7 +9,7 @@ import sys
 
 import aiomqtt
 
-from listener.config import Settings
+from listener.config import Settings, mqtt_target
 from listener.errors import Unavailable
 from listener.mqtt import default_client_id, make_client
 
@@ -46,5 +46,9 @@ async def watch_events(settings: Settings, *, count: int = 0, seconds: float = 0
                         if count and seen >= count:
                             break
     except aiomqtt.MqttError as exc:
-        raise Unavailable(f"cannot reach the MQTT broker: {exc}") from None
+        raise Unavailable(
+            f"cannot reach the MQTT broker at {mqtt_target(settings.mqtt_url).shown}: {exc}; start the "
+            "broker there, or point ORDER_LISTENER_MQTT_URL (--mqtt-url) at it "
+            "(older brokers: ORDER_LISTENER_MQTT_PROTOCOL=3.1.1)"
+        ) from None
     return seen

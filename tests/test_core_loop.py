@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections import Counter
@@ -14,7 +15,7 @@ from redis.asyncio import Redis
 
 from listener import expiry
 from listener.api import OrderClient
-from listener.config import Settings, load_settings
+from listener.config import Settings
 from listener.daemon import Daemon
 from listener.fastpath import hiredis_drain
 from listener.keys import KeyLayout
@@ -159,7 +160,7 @@ async def test_expired_event_alone_cancels(
     """The keyspace fast path works by itself: with the order taken out of the
     deadline index, only Redis' expired event can cancel it; also where the
     listener does not take messages from redis-py's parser buffer."""
-    daemon = await start_daemon(load_settings(**{**settings.model_dump(), "fast_paths": fast_paths}))
+    daemon = await start_daemon(dataclasses.replace(settings, fast_paths=fast_paths))
     drain = daemon.fast_paths.get(hiredis_drain.NAME)
     assert drain is not None and drain.fast == (fast_paths == "auto")
     await cancelled_by_its_expired_event(settings, redis, subscriber, "via-event")

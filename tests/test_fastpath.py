@@ -9,6 +9,7 @@ Each test sets the mode it is about, so this file is not in CI's second pass
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
 import io
@@ -57,7 +58,7 @@ def path_lines(lines: Lines, event: str = "fast path") -> list[dict[str, Any]]:
 
 
 def with_mode(settings: Settings, mode: str) -> Settings:
-    return load_settings(**{**settings.model_dump(), "fast_paths": mode})
+    return dataclasses.replace(settings, fast_paths=mode)
 
 
 def gauge(daemon: Daemon, mode: str) -> float:

@@ -7,6 +7,7 @@ that deduplicate by event_id still see it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 from collections import defaultdict
@@ -18,7 +19,7 @@ import pytest
 from redis.asyncio import Redis
 
 from listener.api import OrderClient
-from listener.config import Settings, load_settings
+from listener.config import Settings
 from listener.daemon import Daemon
 from listener.keys import KeyLayout
 from listener.servers import ServerProcess, redis_server
@@ -42,9 +43,7 @@ async def test_a_cancellation_after_a_lost_payment_has_its_own_event_id(
     start_daemon: Callable[..., Awaitable[Daemon]],
     subscriber: Subscriber,
 ) -> None:
-    config = load_settings(
-        **{**settings.model_dump(), "redis_url": f"redis://127.0.0.1:{snapshot_redis.port}/0"}
-    )
+    config = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{snapshot_redis.port}/0")
     layout = KeyLayout(config.key_prefix)
     daemon = await start_daemon(config)
     ids = [f"lost-{i:02d}" for i in range(10)]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from listener.api import OrderClient
-from listener.config import FastPathSetting, Settings, load_settings
+from listener.config import FastPathSetting, Settings
 from listener.daemon import Daemon
 from listener.servers import ServerProcess, free_port
 from tests.conftest import Subscriber, wait_until
@@ -40,7 +41,7 @@ async def test_metrics_and_health(
     mqtt_server_proc: ServerProcess,
 ) -> None:
     port = free_port()
-    config = load_settings(**{**settings.model_dump(), "metrics_addr": f"127.0.0.1:{port}"})
+    config = dataclasses.replace(settings, metrics_addr=f"127.0.0.1:{port}")
     daemon = await start_daemon(config)
     await asyncio.wait_for(daemon.http_ready.wait(), 5)
 
@@ -94,7 +95,7 @@ async def test_dashboard_and_alerts_name_only_exported_metrics(
     settings: Settings, start_daemon: Callable[..., Awaitable[Daemon]], subscriber: Subscriber
 ) -> None:
     port = free_port()
-    config = load_settings(**{**settings.model_dump(), "metrics_addr": f"127.0.0.1:{port}"})
+    config = dataclasses.replace(settings, metrics_addr=f"127.0.0.1:{port}")
     daemon = await start_daemon(config)
     await asyncio.wait_for(daemon.http_ready.wait(), 5)
     async with OrderClient(settings) as client:  # so that labelled series exist

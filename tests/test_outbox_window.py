@@ -5,6 +5,7 @@ full, and `check` reports what such a broker holds back."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 from collections.abc import Awaitable, Callable, Iterator
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from listener.api import OrderClient
-from listener.config import Settings, load_settings
+from listener.config import Settings
 from listener.daemon import Daemon
 from listener.servers import ServerProcess, mosquitto
 from tests.conftest import CliResult, env_for, wait_until, watch_topic
@@ -32,7 +33,7 @@ def stock_broker(workdir: Path) -> Iterator[ServerProcess]:
 
 
 def on_broker(settings: Settings, broker: ServerProcess) -> Settings:
-    return load_settings(**{**settings.model_dump(), "mqtt_url": f"mqtt://127.0.0.1:{broker.port}"})
+    return dataclasses.replace(settings, mqtt_url=f"mqtt://127.0.0.1:{broker.port}")
 
 
 async def test_a_cancellation_overtakes_a_created_backlog_and_keeps_its_order(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import signal
@@ -23,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from listener.config import Settings, load_settings
+from listener.config import Settings
 from listener.events import StatusEvent, iso_ms
 from listener.fastpath import paho_io
 from listener.mqtt import MqttLink, Publisher
@@ -161,13 +162,11 @@ async def test_lanes_over_connections_arrive_complete_and_in_order(
     fast: bool,
 ) -> None:
     tag = f"pp{protocol.replace('.', '')}c{connections}{'f' if fast else 's'}"
-    config = load_settings(
-        **{
-            **settings.model_dump(),
-            "mqtt_protocol": protocol,
-            "mqtt_connections": connections,
-            "fast_paths": "auto" if fast else "off",
-        }
+    config = dataclasses.replace(
+        settings,
+        mqtt_protocol=protocol,
+        mqtt_connections=connections,
+        fast_paths="auto" if fast else "off",
     )
     events = events_for(tag, orders=300, versions=3)
     async with running(config) as link:
@@ -196,7 +195,7 @@ def small_broker(workdir: Path) -> Any:
 async def test_the_brokers_receive_maximum_bounds_what_is_in_flight(
     settings: Settings, small_broker: ServerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = load_settings(**{**settings.model_dump(), "mqtt_url": f"mqtt://127.0.0.1:{small_broker.port}"})
+    config = dataclasses.replace(settings, mqtt_url=f"mqtt://127.0.0.1:{small_broker.port}")
     highest = 0
     send = Publisher.send
 
@@ -218,7 +217,7 @@ async def test_a_lost_connection_fails_a_waiting_publish_at_once(settings: Setti
     broker = mosquitto(workdir / f"lost-{random.randrange(10**9)}")
     broker.start()
     try:
-        config = load_settings(**{**settings.model_dump(), "mqtt_url": f"mqtt://127.0.0.1:{broker.port}"})
+        config = dataclasses.replace(settings, mqtt_url=f"mqtt://127.0.0.1:{broker.port}")
         async with running(config) as link:
             assert broker.proc is not None
             broker.proc.send_signal(signal.SIGSTOP)  # takes the publish, never acknowledges it
@@ -240,7 +239,7 @@ async def test_the_paho_fast_path_is_checked_and_falls_back_for_good_on_a_failur
     """A paho that changed under the same names: the first read of the fast
     path fails. The link gives the path up for good (registry, one reconnect)
     and publishes on through paho's public `publish`; nothing is lost."""
-    config = load_settings(**{**settings.model_dump(), "fast_paths": "auto"})
+    config = dataclasses.replace(settings, fast_paths="auto")
     failures = 0
     take_acks = paho_io.FastPaho._take_acks
 

@@ -3,6 +3,7 @@ The daemon survives, loses nothing, and says what is wrong."""
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 from collections import Counter
@@ -13,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from listener.api import OrderClient
-from listener.config import Settings, load_settings
+from listener.config import Settings
 from listener.daemon import Daemon
 from listener.errors import Unavailable
 from listener.servers import ServerProcess, mosquitto
@@ -72,10 +73,8 @@ async def test_broker_refusing_publishes_loses_nothing(
     start_daemon: Callable[..., Awaitable[Daemon]],
 ) -> None:
     broker, acl = acl_broker
-    config = load_settings(
-        **{**settings.model_dump(), "mqtt_url": f"mqtt://daemon:d-pw@127.0.0.1:{broker.port}"}
-    )
-    shop = load_settings(**{**settings.model_dump(), "mqtt_url": f"mqtt://shop:s-pw@127.0.0.1:{broker.port}"})
+    config = dataclasses.replace(settings, mqtt_url=f"mqtt://daemon:d-pw@127.0.0.1:{broker.port}")
+    shop = dataclasses.replace(settings, mqtt_url=f"mqtt://shop:s-pw@127.0.0.1:{broker.port}")
     async with watch_topic(shop, "orders/+/status", "acl-shop") as seen:
         daemon = await start_daemon(config)
         async with OrderClient(settings) as client:
@@ -110,13 +109,11 @@ async def test_daemon_user_without_xtrim_deletes_published_entries_with_xdel(
     await redis.execute_command("ACL", "SETUSER", *rules.replace(" +xtrim ", " ").split()[1:])
     await redis.acl_log_reset()
     try:
-        config = load_settings(
-            **{
-                **settings.model_dump(),
-                "redis_url": settings.redis_url.replace(
-                    "redis://", f"redis://order-listener:{PASSWORDS['order-listener']}@"
-                ),
-            }
+        config = dataclasses.replace(
+            settings,
+            redis_url=settings.redis_url.replace(
+                "redis://", f"redis://order-listener:{PASSWORDS['order-listener']}@"
+            ),
         )
         daemon = await start_daemon(config)
         async with OrderClient(settings) as client:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 import redis.exceptions as redis_errors
+import structlog
 
+from listener.config import Settings
+from listener.daemon import Daemon
 from listener.supervise import Service, is_transient, supervise
+from tests.conftest import wait_until
 
 
 @pytest.mark.parametrize(
@@ -88,3 +94,19 @@ async def test_a_bug_is_raised_not_retried() -> None:
     with pytest.raises(ValueError, match="a bug"):
         await supervise("lane", service, body)
     assert body.calls == 1
+
+
+async def test_the_outage_warning_names_where_and_what_to_do(
+    settings: Settings, start_daemon: Callable[..., Awaitable[Daemon]]
+) -> None:
+    """A daemon whose broker is unreachable says which URL (password hidden)
+    and what to do, once, while it retries."""
+    config = dataclasses.replace(settings, mqtt_url="mqtt://shop:pw-1234@127.0.0.1:1")
+    with structlog.testing.capture_logs() as captured:
+        await start_daemon(config, wait_ready=False)
+        await wait_until(lambda: any(e.get("service") == "mqtt" for e in captured), 10, "the mqtt warning")
+    (warning,) = [e for e in captured if e.get("service") == "mqtt" and e["log_level"] == "warning"]
+    assert warning["event"] == "mqtt unavailable; retrying with backoff"
+    assert warning["url"] == "mqtt://shop:***@127.0.0.1:1"
+    assert "ORDER_LISTENER_MQTT_URL" in warning["fix"]
+    assert "pw-1234" not in repr(captured)

@@ -4,6 +4,7 @@ never reach the logs or `check`."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -142,7 +143,7 @@ async def test_whole_loop_over_tls_with_client_certificates(
 async def test_without_client_certificate_the_servers_refuse(
     tls_settings: Settings, tls_servers: tuple[Certs, ServerProcess, ServerProcess]
 ) -> None:
-    plain = load_settings(**{**tls_settings.model_dump(), "redis_tls_cert": "", "redis_tls_key": ""})
+    plain = dataclasses.replace(tls_settings, redis_tls_cert="", redis_tls_key="")
     client = OrderClient(plain)
     try:
         with pytest.raises(Unavailable, match="cannot reach Redis"):

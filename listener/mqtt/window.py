@@ -136,6 +136,7 @@ class Publisher:
     async def changed(self, timeout: float | None) -> bool:
         """Wait until a PUBACK arrives or the connection is lost (True), or `timeout` passes (False)."""
         if self._lost:
+            await asyncio.sleep(0.01)  # the link is replacing the connection: let it
             return True
         waiter = self._loop.create_future()
         self._waiters.append(waiter)
