@@ -16,11 +16,10 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 
 from listener.config import Settings
-from listener.connection import RedisClient, connect_redis
+from listener.connection import REDIS_TRANSIENT, RedisClient, connect_redis, redis_lost
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.orders import Operation, Order, Reason, Status
 from listener.scripts import Scripts
-from listener.supervise import is_transient
 
 ScriptCall = tuple[AsyncScript, list[str], list[Any]]
 
@@ -68,6 +67,11 @@ _SCRIPT_OF: dict[Operation, tuple[str, str | None]] = {
     Operation.REFUND: ("refund", Reason.REFUND),
     Operation.LOGISTICS_RETURNED: ("refund", Reason.RETURNED),
 }
+
+
+def _redis_transient(exc: BaseException) -> bool:
+    """Redis lost or failing over (the producer API's view: no MQTT here)."""
+    return isinstance(exc, REDIS_TRANSIENT) or redis_lost(exc)
 
 
 def _text(value: Any, errors: str = "replace") -> str:
@@ -126,7 +130,7 @@ class Store:
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         for reply in replies:
-            if isinstance(reply, Exception) and not (settle and not is_transient(reply)):
+            if isinstance(reply, Exception) and not (settle and not _redis_transient(reply)):
                 raise reply
         return replies
 

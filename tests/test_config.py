@@ -41,7 +41,7 @@ def test_every_bad_value_is_named_with_what_is_allowed(monkeypatch: pytest.Monke
         "bad configuration:",
         "  ORDER_LISTENER_REDIS_URL: 'redis://u:***@127.0.0.1/0' has a port that is not a number 1-65535",
         "  ORDER_LISTENER_MQTT_PROTOCOL: must be one of 5, 3.1.1 (got '4')",
-        "  ORDER_LISTENER_RETENTION: must be a number of seconds above 0 (got '0')",
+        "  ORDER_LISTENER_RETENTION: must be 0.001 to 3153600000 seconds (100 years) (got '0')",
         "  ORDER_LISTENER_PUBLISH_BATCH: must be a whole number from 1 to 10000 (got '10001')",
         "  ORDER_LISTENER_MQTT_CONNECTIONS: must be a whole number from 1 to 16 (got 2.5)",
         "  ORDER_LISTENER_RESYNC_INTERVAL: must be a number of seconds above 0 (got 'inf')",
