@@ -268,6 +268,7 @@ class Outbox:
                     return
                 if sent:
                     continue
+                room = any(publisher.room for publisher in publishers)  # PUBACKs came while reading
                 if not room:
                     # the window is full (of this reader's publishes or another
                     # lane's, on a cluster), or the connection is going

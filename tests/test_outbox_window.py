@@ -84,3 +84,35 @@ async def test_check_names_a_small_receive_maximum_and_a_tuned_broker_passes(
         tuned_broker.stop()
     assert tuned.code == 0, tuned.out
     assert "ok    mqtt: the broker allows 65535 QoS 1 messages in flight" in tuned.out
+
+
+async def test_a_window_of_one_never_stalls_between_publishes(
+    settings: Settings, workdir: Path, start_daemon: Callable[..., Awaitable[Daemon]]
+) -> None:
+    """A broker that allows one message in flight, orders due in clumps: every
+    PUBACK lets the next event go at once, and a full window is never waited
+    on longer than its PUBACK takes."""
+    broker = mosquitto(workdir / f"one-{random.randrange(10**9)}", extra_conf="max_inflight_messages 1\n")
+    broker.start()
+    try:
+        config = on_broker(settings, broker)
+        await start_daemon(config)
+        tag = f"one{random.randrange(10**6)}"
+        async with (
+            watch_topic(config, f"{config.topic_prefix}/+/status", f"{tag}-watch") as seen,
+            OrderClient(config) as orders,
+        ):
+            deadlines: dict[str, int] = {}
+            for n in range(40):
+                result = await orders.create(f"{tag}-{n}", timeout=0.4 + (n // 4) * 0.15)  # clumps of 4
+                assert result.deadline_ms is not None
+                deadlines[result.order_id] = result.deadline_ms
+            await wait_until(
+                lambda: sum(r.event["status"] == "cancelled" for r in seen) >= 40, 20, "all cancelled"
+            )
+        lags = sorted(
+            r.at * 1000 - deadlines[r.event["order_id"]] for r in seen if r.event["status"] == "cancelled"
+        )
+        assert lags[-1] < 500, f"a cancellation waited {lags[-1]:.0f} ms"
+    finally:
+        broker.stop()
