@@ -61,9 +61,10 @@ MAX_PENDING = 20_000
 BATCH = 500
 TOPOLOGY_EVERY = 2.0  # seconds between looks at a cluster's primaries
 # How long an expired event waits for the scheduler's own cancellation of its
-# order to be known before the expire script runs for it. With 5 ms, at 2,000
-# orders due a second, 13 % of the events ran the script for an order that the
-# scheduler had cancelled a little later than Redis' expiry announced its timer.
+# order to be known before the expire script runs for it: Redis' expiry often
+# announces a timer a moment before the sweep that cancels its order is known
+# here, and a much shorter wait runs the script for nothing (docs/figures.md,
+# "Measurements behind design choices").
 GRACE = 0.1
 PING_EVERY = 15.0  # seconds between PINGs on a subscription (a dead connection fails the send)
 

@@ -29,7 +29,8 @@ A pending order (``created``, never changed since) has no hash of its own:
 its record is the field ``<id>`` of its bucket, the value ``<c>|<d>`` (below),
 status ``created``, version 1, reason ``created``, updated at its creation
 time. A bucket is a small listpack hash (a few hundred fields), so a pending
-order costs about 60 bytes there instead of about 150 for a hash of its own.
+order costs there a fraction of what a hash of its own would (docs/figures.md,
+"Memory per pending order").
 
 The first transition deletes the bucket field and writes the order's own hash
 ``order:{P}:o:<id>`` with all six fields (short names keep it a compact

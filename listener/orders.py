@@ -1,8 +1,8 @@
 """Order rules as plain data: statuses, reasons, the transition table, validation.
 
 No Redis and no MQTT here. The Lua scripts in `listener/scripts/` enforce the
-same table atomically; `tests/test_orders_model.py` and the property test check
-that both agree.
+same table atomically; `tests/test_rules.py` checks the table cell by cell and
+`tests/test_property.py` checks the scripts against a model built from it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The stored order record (keys.py, README "Redis key layout"): a pending
+"""The stored order record (keys.py, docs/reference.md "Redis key layout"): a pending
 order is one field of a listpack bucket hash `order:{P}:p:<B>`, value
 "<created entry id>|<deadline ms>", with no hash of its own; its first
 transition moves it out of the bucket into its own hash with all six fields.
@@ -50,12 +50,12 @@ async def assert_moved_out(
 
 
 def test_the_bucket_is_the_crc32_bits_above_the_part() -> None:
-    """What a producer in another language computes (README, Redis key layout)."""
+    """What a producer in another language computes (docs/reference.md, Redis key layout)."""
     layout = KeyLayout()
     crc = zlib.crc32(ID20.encode())
     assert layout.order(ID20) == f"order:{{{crc % 16}}}:o:{ID20}"
     assert layout.bucket(ID20) == f"order:{{{crc % 16}}}:p:{(crc >> 4) % 256}"
-    assert layout.bucket(ID20) == "order:{14}:p:143"  # the README's example
+    assert layout.bucket(ID20) == "order:{14}:p:143"  # the example in docs/reference.md
     assert (PARTS, BUCKETS) == (16, 256)
     used = {(part_of(f"id-{n}"), bucket_of(f"id-{n}")) for n in range(200_000)}
     assert len(used) == PARTS * BUCKETS  # every bucket of every part is used
