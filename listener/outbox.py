@@ -82,9 +82,8 @@ class Outbox:
         self.valid_until = [0.0] * PARTS  # monotonic time our lease surely lasts
         self.published = 0
         self.stopping = asyncio.Event()
-        self._created_gate = asyncio.Semaphore(1)
-        # Delete what was read in order with XTRIM MINID (a few hundredths of a
-        # microsecond an entry) instead of XDEL (about 2.6 us); False once Redis
+        # Delete what was read in order with XTRIM MINID (far cheaper for Redis
+        # than XDEL of every id: docs/figures.md); False once Redis
         # refused XTRIM (an ACL from before it was needed). Not on a Redis
         # Cluster: its client follows a failover within a session, and a new
         # primary that lost writes and whose clock lags could give new entries
@@ -376,7 +375,7 @@ class Outbox:
             self.trim = False
             log.warning(
                 "Redis refused XTRIM: published entries are deleted with XDEL, which costs "
-                "Redis about 100 times as much",
+                "Redis far more",
                 fix="add +xtrim to the daemon's Redis user (see deploy/redis-users.acl)",
             )
 

@@ -19,7 +19,7 @@ end
 local part = whole(ARGV[2], 0, 15)
 if not part or tostring(part) ~= ARGV[2] then
   return refuse('create', 'ARGV[2] (part)', ARGV[2],
-    'must be a whole number from 0 to 15 (crc32(order id) % 16, see README, Redis key layout)')
+    'must be a whole number from 0 to 15 (crc32(order id) % 16, see docs/reference.md, Redis key layout)')
 end
 local prefix, index_part = split_key(index, 'deadlines')
 if not prefix or index_part ~= part then
@@ -46,7 +46,7 @@ for i = 1, (#ARGV - 2) / 2 do
   local crc = crc32(id)
   if crc % 16 ~= part then
     return refuse('create', 'ARGV[' .. (1 + 2 * i) .. '] (order id)', id, 'belongs to part ' .. crc % 16 ..
-      ', not ' .. part .. ' (P = crc32(id) % 16, see README, Redis key layout)')
+      ', not ' .. part .. ' (P = crc32(id) % 16, see docs/reference.md, Redis key layout)')
   end
   if KEYS[1 + 2 * i] ~= base .. 'o:' .. id then
     return refuse('create', 'KEYS[' .. (1 + 2 * i) .. '] (order hash)', KEYS[1 + 2 * i],

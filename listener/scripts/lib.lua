@@ -269,7 +269,7 @@ local function check_transition(spec)
   local prefix, part = split_key(KEYS[1], 'o:' .. id)
   if not prefix or part ~= crc % 16 then
     return refuse(name, 'KEYS[1] (order hash)', KEYS[1], 'must be <prefix>:{' .. crc % 16 .. '}:o:' .. id ..
-      ' (P = crc32(id) % 16, see README, Redis key layout)')
+      ' (P = crc32(id) % 16, see docs/reference.md, Redis key layout)')
   end
   local base = prefix .. ':{' .. part .. '}:'
   for i, rest in ipairs({'o:' .. id, 't:' .. id, 'deadlines', 'outbox'}) do
