@@ -1,0 +1,1120 @@
+"""A chaos soak: orders live and die around their deadlines while faults hit
+the daemons, Redis and the broker; then the invariants a subscriber relies on.
+
+    .venv/bin/python bench/chaos.py [--minutes 10] [--seed N] [--daemons 2] [--rate 10]
+
+Not part of the test suite: it runs for minutes and its faults are random
+(seeded: `--seed` repeats the same choices, though not the same timings).
+
+What runs, on free loopback ports in a temporary folder:
+
+- redis-server with the project's redis.conf (AOF on, fsync every second);
+- mosquitto, stock profile, with persistence (`durable`): the subscriber's
+  persistent session keeps what it missed while it was cut off, across a
+  broker restart, so what the subscriber lacks was never published;
+- `--daemons` daemons (`order-listener run`, 2 by default), each a process
+  of its own with /healthz on a port of its own;
+- a subscriber (aiomqtt, MQTT 3.1.1, clean_session False, QoS 1 on
+  `orders/+/status`, reconnecting) that records every payload it receives,
+  duplicates included;
+- a producer (the Python API, `OrderClient`) that creates `--rate` orders a
+  second with timeouts of 0.5 to 3 s and, for each, one plan: let it expire;
+  pay it close to its deadline (racing the expiry); pay it early (sometimes
+  twice); cancel it (sometimes close to the deadline). Paid orders are then
+  delivered, refunded, or both. Every call is recorded with its result; a call
+  that failed with Redis unreachable counts as unacknowledged (it may or may
+  not have been applied).
+
+Every few seconds (`--fault-gap`) one fault, chosen at random, each logged
+with its time:
+
+- daemon-kill: a daemon killed with SIGKILL, restarted after up to 2 s;
+- redis-restart: Redis stopped with SIGTERM (it writes its AOF) and started;
+- redis-kill: Redis killed with SIGKILL and started (the AOF keeps every
+  acknowledged write: a crash of the process alone loses nothing);
+- broker-restart: mosquitto stopped (SIGTERM) for up to 3 s and started;
+- lost-write: SAVE, the snapshot copied aside; writes go on for a moment;
+  Redis killed with SIGKILL, its AOF removed and the old snapshot put back:
+  the writes acknowledged since the snapshot are gone, as after a failover to
+  a replica that had not replicated them. (Redis 7 starting with the AOF on
+  and no AOF would start empty: it is started once with the AOF off, to load
+  the snapshot, and the AOF is then turned on again with CONFIG SET.)
+
+After each fault the soak waits until every daemon's /healthz answers 200
+and the subscriber has an event of a transition made after the fault: that
+is the daemons' recovery, timed and printed.
+
+Then the faults and the producer stop; the soak waits until every deadline
+has passed, the outbox streams are empty, no order is pending and the
+subscriber has been quiet for 3 s, reads every order back and checks:
+
+1. every order that exists ends in one state (not `created`, not
+   `refunded`) and the last event received for it (highest version, then
+   latest receipt) has that status, version and reason;
+2. per order, the first receipts of its event_ids never go down in version,
+   except where a lost write explains it: the order's announced transitions
+   at and above some version all happened within a lost write's window, and
+   the order then went another way at that version (reported as "rewound by
+   a lost write", not as an anomaly);
+3. no event_id names two different transitions (order, status, previous,
+   reason, version); one transition announced with two different times
+   happened twice, which only a lost write explains;
+4. nothing lost: every order that exists has, in the events received, an
+   unbroken history from `created` (version 1) to its final state, each
+   event's `previous` the status of the one before; acknowledged changes are
+   in that history unless a lost write's window holds them; an order whose
+   acknowledged creation is gone is counted apart when a lost write's window
+   holds it, an anomaly otherwise;
+5. no history both paid and cancelled by timeout; no order cancelled twice
+   under different event_ids unless a lost write undid one of them;
+
+and also: every payload is valid against the shipped JSON schema and on its
+order's topic, no dead letters, no daemon exited by itself, every daemon
+stops with status 0 at the end, and no producer call failed with anything
+but the documented errors.
+
+It prints the faults as they happen, then the figures and the anomalies by
+kind (up to 10 examples each), and exits 1 if there is any anomaly. The work
+folder (server and daemon logs) is removed unless `--keep` or an anomaly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import jsonschema
+from lag import clear_listener_env, daemon_command
+from redis.asyncio import Redis
+
+from listener.api import Change, OrderClient
+from listener.config import load_settings
+from listener.errors import OrderExists, Refused, Unavailable, UnknownOrder
+from listener.keys import PARTS, KeyLayout
+from listener.orders import Order
+from listener.servers import ServerProcess, free_port, mosquitto, redis_server
+from listener.store import CreateResult
+
+TOPIC = "orders/+/status"
+ORDER_PREFIX = "chaos-"
+TIMEOUTS = (0.5, 3.0)  # seconds: each order's payment window
+FAULT_KINDS = ("daemon-kill", "redis-restart", "redis-kill", "broker-restart", "lost-write")
+RECOVERY_LIMIT = 30.0  # seconds for the daemons to be healthy and publishing after a fault
+QUIET = 3.0  # seconds without a receipt before the subscriber counts as drained
+SETTLE_LIMIT = 180.0  # seconds for everything to settle after the producer stopped
+SLACK_MS = 5  # clock reading vs the Redis clock in a script (same host, ms rounding)
+EXAMPLES = 10
+SCHEMA = Path(__file__).resolve().parent.parent / "listener" / "schemas" / "status-event.schema.json"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def unix_ms(iso: str) -> int:
+    """An event's time (``2026-11-24T15:00:00.123Z``) as Unix ms."""
+    return round(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+# -- what the soak records ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """One message as the subscriber got it (redeliveries included)."""
+
+    index: int
+    received_ms: int
+    topic: str
+    payload: bytes
+    event: dict[str, Any] | None  # None: not a JSON object
+
+
+@dataclass(frozen=True)
+class Call:
+    """One producer call and what came of it."""
+
+    op: str
+    order_id: str
+    sent_ms: int
+    done_ms: int
+    outcome: str  # done, already, refused, unknown, exists, unavailable, error
+    status: str = ""
+    version: int = 0
+    detail: str = ""
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.outcome not in ("unavailable", "error")
+
+
+@dataclass
+class Fault:
+    kind: str
+    start_ms: int
+    detail: str = ""
+    end_ms: int = 0
+    recovered_s: float | None = None
+
+
+@dataclass(frozen=True)
+class LostWindow:
+    """What a lost-write fault may have undone: anything Redis did after SAVE
+    was sent (snapshot_ms) and before it was killed (kill_ms)."""
+
+    snapshot_ms: int
+    kill_ms: int
+
+    def holds(self, ms: int) -> bool:
+        return self.snapshot_ms - SLACK_MS <= ms <= self.kill_ms + SLACK_MS
+
+
+@dataclass
+class Findings:
+    """Anomalies (the product broke a promise) and what lost writes explain,
+    each by kind with its examples."""
+
+    anomalies: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    explained: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def anomaly(self, kind: str, example: str) -> None:
+        self.anomalies[kind].append(example)
+
+    def explain(self, kind: str, example: str) -> None:
+        self.explained[kind].append(example)
+
+    @property
+    def total(self) -> int:
+        return sum(len(examples) for examples in self.anomalies.values())
+
+
+# -- the daemons ----------------------------------------------------------------------
+
+
+@dataclass
+class DaemonSlot:
+    """One daemon process, restarted in place after a kill; /healthz on its port."""
+
+    index: int
+    env: dict[str, str]
+    workdir: Path
+    metrics_port: int
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    log: Path | None = None
+
+    def spawn(self) -> None:
+        self.starts += 1
+        self.log = self.workdir / f"daemon-{self.index}.{self.starts}.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                daemon_command(),
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    def exited(self) -> int | None:
+        """The exit status if the process ended, else None."""
+        return None if self.proc is None else self.proc.poll()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, wait: float = 20.0) -> int | None:
+        """SIGTERM and wait: the exit status (None: it had to be killed)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return None
+        return self.proc.returncode
+
+    def tail(self, lines: int = 8) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    async def healthy(self) -> bool:
+        return await http_status(self.metrics_port, "/healthz") == 200
+
+
+async def http_status(port: int, path: str) -> int:
+    """The HTTP status of GET `path` on 127.0.0.1:`port` (0: no answer)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+    except (OSError, TimeoutError):
+        return 0
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        line = await asyncio.wait_for(reader.readline(), 2.0)
+        parts = line.split()
+        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
+    except (OSError, TimeoutError):
+        return 0
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+# -- the subscriber ---------------------------------------------------------------------
+
+
+class Subscriber:
+    """A persistent session (clean_session False), QoS 1, reconnecting: what it
+    misses while cut off, the broker keeps for it."""
+
+    def __init__(self, port: int, identifier: str) -> None:
+        self.port = port
+        self.identifier = identifier
+        self.receipts: list[Receipt] = []
+        self.latest_at_ms = 0  # the latest `at` of any event received
+        self.last_receipt = time.monotonic()
+        self.connects = 0
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    "127.0.0.1",
+                    self.port,
+                    identifier=self.identifier,
+                    protocol=aiomqtt.ProtocolVersion.V311,
+                    clean_session=False,
+                    keepalive=5,
+                ) as client:
+                    await client.subscribe(TOPIC, qos=1)
+                    self.connects += 1
+                    self.ready.set()
+                    async for message in client.messages:
+                        payload = message.payload
+                        raw = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+                        self.record(str(message.topic), raw)
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.2)
+
+    def record(self, topic: str, payload: bytes) -> None:
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            event = None
+        self.receipts.append(Receipt(len(self.receipts), now_ms(), topic, payload, event))
+        self.last_receipt = time.monotonic()
+        if event is not None and isinstance(event.get("at"), str):
+            with contextlib.suppress(ValueError):
+                self.latest_at_ms = max(self.latest_at_ms, unix_ms(event["at"]))
+
+    @property
+    def quiet_for(self) -> float:
+        return time.monotonic() - self.last_receipt
+
+
+# -- the producer -------------------------------------------------------------------------
+
+# (plan, weight): what the producer does with a new order
+PLANS = (("expire", 25), ("race-pay", 30), ("pay", 25), ("cancel", 20))
+
+
+class Producer:
+    """Creates orders at a steady rate and plays each one's plan; records every call."""
+
+    def __init__(self, client: OrderClient, rng: random.Random, rate: float, findings: Findings) -> None:
+        self.client = client
+        self.rng = rng
+        self.rate = rate
+        self.findings = findings
+        self.calls: list[Call] = []
+        self.attempted: list[str] = []  # every id a create was sent for
+        self.plans: Counter[str] = Counter()
+        self.last_create = 0.0  # time.time() of the last create sent
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tick = 1.0 / self.rate
+        next_at = time.monotonic()
+        number = 0
+        while not stop.is_set():
+            number += 1
+            order_id = f"{ORDER_PREFIX}{number:06d}"
+            task = asyncio.create_task(self.life(order_id, random.Random(self.rng.getrandbits(64))))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            next_at += tick
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        if self.tasks:  # the plans under way end within seconds
+            await asyncio.gather(*self.tasks)
+
+    async def life(self, order_id: str, rng: random.Random) -> None:
+        timeout = round(rng.uniform(*TIMEOUTS), 3)
+        plan = rng.choices([p for p, _ in PLANS], weights=[w for _, w in PLANS])[0]
+        self.plans[plan] += 1
+        self.attempted.append(order_id)
+        self.last_create = time.time()
+        created = await self.call("create", order_id, lambda: self.client.create(order_id, timeout))
+        if not isinstance(created, CreateResult) or created.deadline_ms is None:
+            return
+        deadline = created.deadline_ms / 1000
+        if plan == "race-pay":
+            await sleep_until(deadline + rng.uniform(-0.2, 0.05))
+            await self.paid_life(order_id, rng)
+        elif plan == "pay":
+            await sleep_until(deadline - timeout * rng.uniform(0.4, 0.9))
+            await self.paid_life(order_id, rng, repeat=rng.random() < 0.3)
+        elif plan == "cancel":
+            close = rng.random() < 0.5
+            at = deadline + rng.uniform(-0.15, 0.05) if close else deadline - timeout * rng.uniform(0.2, 0.8)
+            await sleep_until(at)
+            await self.call("cancel", order_id, lambda: self.client.cancel(order_id))
+
+    async def paid_life(self, order_id: str, rng: random.Random, repeat: bool = False) -> None:
+        paid = await self.call("pay", order_id, lambda: self.client.pay(order_id))
+        if not isinstance(paid, Change):
+            return
+        if repeat:  # a retried pay: changes nothing
+            await self.call("pay", order_id, lambda: self.client.pay(order_id))
+        after = rng.random()
+        if after < 0.4:
+            await asyncio.sleep(rng.uniform(0.1, 1.0))
+            delivered = await self.call("deliver", order_id, lambda: self.client.deliver(order_id))
+            if isinstance(delivered, Change) and rng.random() < 0.3:
+                await asyncio.sleep(rng.uniform(0.1, 1.0))
+                await self.call("refund", order_id, lambda: self.client.refund(order_id))
+        elif after < 0.65:
+            await asyncio.sleep(rng.uniform(0.1, 1.0))
+            await self.call("refund", order_id, lambda: self.client.refund(order_id))
+
+    async def call(self, op: str, order_id: str, action: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one API call and record it; the result, or None if it raised."""
+        sent = now_ms()
+
+        def record(outcome: str, status: str = "", version: int = 0, detail: str = "") -> None:
+            self.calls.append(Call(op, order_id, sent, now_ms(), outcome, status, version, detail))
+
+        try:
+            result = await action()
+        except UnknownOrder:
+            record("unknown")
+        except Refused as exc:
+            record("refused", exc.status, detail=str(exc.reason or ""))
+        except OrderExists as exc:
+            record("exists", exc.status)
+        except Unavailable as exc:  # Redis down: not acknowledged, may have been applied
+            record("unavailable", detail=str(exc)[:200])
+        except Exception as exc:  # anything else is not what the API documents
+            record("error", detail=repr(exc)[:200])
+            self.findings.anomaly("producer call failed unexpectedly", f"{op} {order_id}: {exc!r}"[:300])
+        else:
+            if isinstance(result, Change):
+                record("done" if result.changed else "already", result.status, result.version)
+            elif isinstance(result, CreateResult):
+                record("done", "created", 1)
+            return result
+        return None
+
+
+async def sleep_until(unix_s: float) -> None:
+    await asyncio.sleep(max(0.0, unix_s - time.time()))
+
+
+# -- the soak: servers, daemons, faults ---------------------------------------------
+
+
+@dataclass
+class Soak:
+    args: argparse.Namespace
+    workdir: Path
+    redis: ServerProcess
+    broker: ServerProcess
+    daemons: list[DaemonSlot]
+    subscriber: Subscriber
+    findings: Findings
+    rng: random.Random
+    admin: Redis
+    faults: list[Fault] = field(default_factory=list)
+    lost: list[LostWindow] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    restarting: set[int] = field(default_factory=set)  # daemons we killed and restart
+
+    def stamp(self) -> str:
+        return f"+{time.monotonic() - self.started:7.1f} s"
+
+    # -- faults --
+
+    async def faults_loop(self, stop: asyncio.Event, kinds: Sequence[str]) -> None:
+        low, high = self.args.fault_gap
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.rng.uniform(low, high))
+            if stop.is_set():
+                return
+            fault = Fault(self.rng.choice(kinds), now_ms())
+            self.faults.append(fault)
+            try:
+                await getattr(self, "fault_" + fault.kind.replace("-", "_"))(fault)
+            except Exception as exc:  # the soak's own trouble (a server that did not come back)
+                self.findings.anomaly("fault injection failed", f"{fault.kind}: {exc!r}")
+                fault.detail += f" FAILED: {exc!r}"
+            fault.end_ms = now_ms()
+            await self.recovery(fault)
+            shown = "no recovery" if fault.recovered_s is None else f"recovered in {fault.recovered_s:.1f} s"
+            print(f"  {self.stamp()}  {fault.kind:<15} {fault.detail}; {shown}", flush=True)
+
+    async def fault_daemon_kill(self, fault: Fault) -> None:
+        slot = self.rng.choice(self.daemons)
+        down = self.rng.uniform(0.0, 2.0)
+        pid = slot.pid
+        self.restarting.add(slot.index)
+        try:
+            slot.kill()
+            await asyncio.sleep(down)
+            slot.spawn()
+        finally:
+            self.restarting.discard(slot.index)
+        fault.detail = f"daemon {slot.index} (pid {pid}) SIGKILL, down {down:.1f} s, now pid {slot.pid}"
+
+    async def fault_redis_restart(self, fault: Fault) -> None:
+        down = self.rng.uniform(0.2, 2.0)
+        await asyncio.to_thread(self.redis.stop)
+        await asyncio.sleep(down)
+        await self.start_redis()
+        fault.detail = f"SIGTERM, down {down:.1f} s"
+
+    async def fault_redis_kill(self, fault: Fault) -> None:
+        down = self.rng.uniform(0.2, 2.0)
+        await asyncio.to_thread(self.redis.kill)
+        await asyncio.sleep(down)
+        await self.start_redis()
+        fault.detail = f"SIGKILL, down {down:.1f} s"
+
+    async def fault_broker_restart(self, fault: Fault) -> None:
+        down = self.rng.uniform(0.5, 3.0)
+        await asyncio.to_thread(self.broker.stop)
+        await asyncio.sleep(down)
+        await asyncio.to_thread(self.broker.start)
+        fault.detail = f"mosquitto SIGTERM, down {down:.1f} s"
+
+    async def fault_lost_write(self, fault: Fault) -> None:
+        dump = self.redis.workdir / "dump.rdb"
+        aside = self.redis.workdir / "snapshot-aside.rdb"
+        snapshot_ms = now_ms()
+        await self.admin.save()
+        shutil.copy(dump, aside)
+        writes = self.rng.uniform(0.3, 2.0)
+        await asyncio.sleep(writes)  # acknowledged writes the snapshot does not have
+        kill_ms = now_ms()
+        await asyncio.to_thread(self.redis.kill)
+        self.lost.append(LostWindow(snapshot_ms, kill_ms))
+        shutil.rmtree(self.redis.workdir / "appendonlydir", ignore_errors=True)
+        shutil.copy(aside, dump)
+        await self.start_redis(from_snapshot=True)
+        fault.detail = f"snapshot, {writes:.1f} s of writes, SIGKILL, AOF removed, snapshot restored"
+
+    async def start_redis(self, *, from_snapshot: bool = False) -> None:
+        """Start Redis and wait until it answers. From a snapshot: with the AOF
+        off (Redis 7 would start empty with it on and no AOF), then on again,
+        waiting for the rewrite that makes the AOF hold everything."""
+        argv = self.redis.argv
+        if from_snapshot:
+            self.redis.argv = [*argv, "--appendonly", "no"]
+        try:
+            await asyncio.to_thread(self.redis.start)
+        finally:
+            self.redis.argv = argv
+        await until(self.redis_answers, 30, "Redis to load")
+        if from_snapshot:
+            await self.admin.config_set("appendonly", "yes")
+            await until(self.aof_rewritten, 30, "the AOF rewrite after the restore")
+
+    async def redis_answers(self) -> bool:
+        try:
+            return bool(await self.admin.ping())
+        except Exception:  # refused, or LOADING
+            return False
+
+    async def aof_rewritten(self) -> bool:
+        info = await self.admin.info("persistence")
+        return (
+            info.get("aof_enabled") == 1
+            and info.get("aof_rewrite_in_progress") == 0
+            and info.get("aof_rewrite_scheduled") == 0
+            and (self.redis.workdir / "appendonlydir").exists()
+        )
+
+    async def recovery(self, fault: Fault) -> None:
+        """Every daemon healthy, and an event of a transition made after the
+        fault received: the time from the fault's end."""
+
+        async def recovered() -> bool:
+            healthy = [await slot.healthy() for slot in self.daemons]
+            return all(healthy) and self.subscriber.latest_at_ms > fault.end_ms
+
+        try:
+            await until(recovered, RECOVERY_LIMIT, "recovery")
+        except TimeoutError:
+            sick = [slot.index for slot in self.daemons if not await slot.healthy()]
+            self.findings.anomaly(
+                "no recovery after a fault",
+                f"{fault.kind} ({fault.detail}) at {fault.start_ms}: after {RECOVERY_LIMIT:.0f} s daemons "
+                f"not healthy: {sick}; latest event at {self.subscriber.latest_at_ms}",
+            )
+            return
+        fault.recovered_s = (now_ms() - fault.end_ms) / 1000
+
+    async def watch_daemons(self) -> None:
+        """A daemon that exits by itself is an anomaly: noted and restarted."""
+        while True:
+            for slot in self.daemons:
+                code = slot.exited()
+                if code is not None and slot.index not in self.restarting:
+                    self.findings.anomaly(
+                        "daemon exited by itself",
+                        f"daemon {slot.index} (pid {slot.pid}) exited {code}: {slot.tail(5)}",
+                    )
+                    print(
+                        f"  {self.stamp()}  daemon {slot.index} exited {code} by itself; restarted",
+                        flush=True,
+                    )
+                    slot.spawn()
+            await asyncio.sleep(0.5)
+
+    # -- the end --
+
+    async def settle(self, producer: Producer, layout: KeyLayout) -> None:
+        """Until every deadline passed, nothing is pending or unpublished and the
+        subscriber has been quiet for QUIET seconds."""
+        last_deadline = producer.last_create + TIMEOUTS[1] + 1.0
+        state: dict[str, int] = {}
+
+        async def settled() -> bool:
+            if time.time() < last_deadline:
+                return False
+            state["backlog"] = await backlog(self.admin, layout)
+            state["pending"] = await pending(self.admin, layout)
+            return state["backlog"] == 0 and state["pending"] == 0 and self.subscriber.quiet_for >= QUIET
+
+        try:
+            await until(settled, SETTLE_LIMIT, "the end")
+        except TimeoutError:
+            self.findings.anomaly(
+                "did not settle",
+                f"after {SETTLE_LIMIT:.0f} s: outbox backlog {state.get('backlog')}, "
+                f"pending orders {state.get('pending')}, "
+                f"subscriber quiet for {self.subscriber.quiet_for:.1f} s",
+            )
+        dead = await dead_letters(self.admin, layout)
+        if dead:
+            self.findings.anomaly("dead letters", f"{dead} entries in the outbox dead-letter streams")
+
+
+async def until(condition: Callable[[], Awaitable[bool]], limit: float, what: str) -> None:
+    """Poll `condition` every 50 ms; TimeoutError naming `what` after `limit` seconds."""
+    give_up = time.monotonic() + limit
+    while not await condition():
+        if time.monotonic() > give_up:
+            raise TimeoutError(f"waited {limit} s for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def backlog(redis: Redis, layout: KeyLayout) -> int:
+    """Outbox entries not yet published (the daemon deletes what the broker acknowledged)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for part in range(PARTS):
+            pipe.xlen(layout.outbox(part))
+            pipe.xlen(layout.outbox_created(part))
+        return sum(int(n) for n in await pipe.execute())
+
+
+async def pending(redis: Redis, layout: KeyLayout) -> int:
+    async with redis.pipeline(transaction=False) as pipe:
+        for part in range(PARTS):
+            pipe.zcard(layout.deadlines(part))
+        return sum(int(n) for n in await pipe.execute())
+
+
+async def dead_letters(redis: Redis, layout: KeyLayout) -> int:
+    async with redis.pipeline(transaction=False) as pipe:
+        for part in range(PARTS):
+            pipe.xlen(layout.dead_letters(layout.outbox(part)))
+            pipe.xlen(layout.dead_letters(layout.outbox_created(part)))
+        return sum(int(n) for n in await pipe.execute())
+
+
+# -- the checks ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """The first receipt of one event_id."""
+
+    event_id: str
+    order_id: str
+    status: str
+    previous: str | None
+    reason: str
+    version: int
+    at_ms: int
+    receipt: int
+
+    @property
+    def transition(self) -> tuple[str, str, str | None, str, int]:
+        return (self.order_id, self.status, self.previous, self.reason, self.version)
+
+    def __str__(self) -> str:
+        return (
+            f"v{self.version} {self.previous}->{self.status} ({self.reason}) {self.event_id} at {self.at_ms}"
+        )
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything recorded, for the checks."""
+
+    receipts: list[Receipt]
+    calls: list[Call]
+    attempted: list[str]
+    finals: dict[str, Order | None]
+    lost: list[LostWindow]
+
+
+def check_payloads(run: Run, findings: Findings) -> list[Event]:
+    """Each payload valid and on its order's topic; the events, one per event_id
+    at its first receipt. Also invariant 3: one event_id, one transition."""
+    validate = schema_validator()
+    first: dict[str, Event] = {}
+    transitions: dict[str, set[tuple[str, str, str | None, str, int]]] = defaultdict(set)
+    times: dict[str, set[int]] = defaultdict(set)
+    for receipt in run.receipts:
+        body = receipt.event
+        problem = "not a JSON object" if body is None else validate(body)
+        if body is None or problem:
+            findings.anomaly("malformed payload", f"{receipt.topic}: {problem}: {receipt.payload[:200]!r}")
+            continue
+        if receipt.topic != f"orders/{body['order_id']}/status":
+            findings.anomaly("event on another order's topic", f"{receipt.topic}: {body['event_id']}")
+        event = Event(
+            body["event_id"],
+            body["order_id"],
+            body["status"],
+            body["previous"],
+            body["reason"],
+            body["version"],
+            unix_ms(body["at"]),
+            receipt.index,
+        )
+        first.setdefault(event.event_id, event)
+        transitions[event.event_id].add(event.transition)
+        times[event.event_id].add(event.at_ms)
+    for event_id, named in transitions.items():
+        if len(named) > 1:
+            findings.anomaly("event_id names two transitions", f"{event_id}: {sorted(named, key=str)}")
+    for event_id, seen in times.items():
+        if len(seen) > 1:
+            shown = f"{event_id} at {sorted(seen)}"
+            if any(window.holds(min(seen)) for window in run.lost):
+                findings.explain("transition redone after a lost write", shown)
+            else:
+                findings.anomaly("transition done twice", shown)
+    return sorted(first.values(), key=lambda e: e.receipt)
+
+
+def schema_validator() -> Callable[[dict[str, Any]], str]:
+    """The shipped JSON schema as a check: '' or what is wrong."""
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+
+    def check(body: dict[str, Any]) -> str:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(body))
+        return "" if error is None else error.message
+
+    return check
+
+
+@dataclass
+class OrderStory:
+    """One order's events in receipt order, and the branch they leave: per
+    version the event the order's latest way went through."""
+
+    order_id: str
+    events: list[Event]
+    branch: dict[int, Event] = field(default_factory=dict)
+    undone: set[str] = field(default_factory=set)  # event_ids a lost write undid
+
+    def walk(self, lost: list[LostWindow], findings: Findings) -> None:
+        """Invariant 2: versions never go down, but where a lost write explains it."""
+        for event in self.events:
+            top = max(self.branch, default=0)
+            if event.version > top:
+                self.branch[event.version] = event  # a gap shows in the history check
+                continue
+            if event.version not in self.branch:
+                findings.anomaly(
+                    "events out of version order", f"{self.order_id}: {event} after v{top} {self.branch[top]}"
+                )
+                self.branch[event.version] = event
+                continue
+            # Another transition at a version already announced: the order went another way.
+            superseded = [self.branch[v] for v in sorted(self.branch) if v >= event.version]
+            shown = f"{self.order_id}: {' / '.join(map(str, superseded))}  then  {event}"
+            if all(undone_by_lost_write(old, event, lost) for old in superseded):
+                findings.explain("rewound by a lost write", shown)
+                self.undone.update(old.event_id for old in superseded)
+            else:
+                findings.anomaly("two transitions at one version", shown)
+            for version in [v for v in self.branch if v >= event.version]:
+                del self.branch[version]
+            self.branch[event.version] = event
+
+    def history(self, final: Order) -> tuple[list[Event], int | None]:
+        """The final state's history from the events received, walked back by
+        `previous` from the final state: (events from version 1 up, the first
+        version found missing or None)."""
+        status: str | None = str(final.status)
+        reason: str | None = str(final.reason)  # the final event's; before it, any
+        found: list[Event] = []
+        for version in range(final.version, 0, -1):
+            matches = [
+                e
+                for e in self.events
+                if e.version == version and e.status == status and reason in (None, e.reason)
+            ]
+            if not matches:
+                return found[::-1], version
+            event = matches[-1]
+            found.append(event)
+            status, reason = event.previous, None
+        return found[::-1], None
+
+
+def undone_by_lost_write(old: Event, new: Event, lost: list[LostWindow]) -> bool:
+    """`old` was done in a lost write's window and `new` after that write was lost."""
+    return any(window.holds(old.at_ms) and new.at_ms >= window.kill_ms - SLACK_MS for window in lost)
+
+
+def check_orders(run: Run, events: list[Event], findings: Findings) -> Counter[str]:
+    """Invariants 1, 2, 4 and 5, order by order; the final statuses."""
+    by_order: dict[str, list[Event]] = defaultdict(list)
+    for event in events:
+        by_order[event.order_id].append(event)
+    calls: dict[str, list[Call]] = defaultdict(list)
+    for call in run.calls:
+        calls[call.order_id].append(call)
+    statuses: Counter[str] = Counter()
+    for order_id in sorted(set(run.attempted) | set(by_order)):
+        story = OrderStory(order_id, by_order.get(order_id, []))
+        story.walk(run.lost, findings)
+        final = run.finals.get(order_id)
+        if final is None:
+            check_missing(order_id, calls[order_id], story, run, findings)
+            continue
+        statuses[str(final.status)] += 1
+        check_final(story, final, findings)
+        history, gap = story.history(final)
+        if gap is not None:
+            findings.anomaly(
+                "event lost",
+                f"{order_id} ends {final.status} v{final.version}: no event for v{gap}; "
+                f"got {[str(e) for e in story.events]}",
+            )
+            continue
+        check_history(story, history, calls[order_id], run.lost, findings)
+    return statuses
+
+
+def check_missing(order_id: str, calls: list[Call], story: OrderStory, run: Run, findings: Findings) -> None:
+    """An order not in Redis at the end: fine if its creation was never
+    acknowledged or a lost write's window holds it."""
+    created = [c for c in calls if c.op == "create" and c.outcome == "done"]
+    if not created:
+        if order_id not in run.attempted:
+            findings.anomaly("event of an order never created", f"{order_id}: {story.events[0]}")
+        return
+    if any(window.holds(created[0].done_ms) for window in run.lost):
+        findings.explain("creation undone by a lost write", f"{order_id} created at {created[0].done_ms}")
+    else:
+        findings.anomaly("acknowledged order missing", f"{order_id} created at {created[0].done_ms}")
+
+
+def check_final(story: OrderStory, final: Order, findings: Findings) -> None:
+    """Invariant 1: one final state, and the last event received says it."""
+    if final.status in ("created", "refunded"):
+        findings.anomaly(
+            "order not settled", f"{story.order_id} is {final.status} v{final.version} after its deadline"
+        )
+    if not story.branch:
+        return  # the history check reports the missing events
+    last = story.branch[max(story.branch)]
+    if (last.status, last.version, last.reason) != (final.status, final.version, final.reason):
+        findings.anomaly(
+            "last event disagrees with the final state",
+            f"{story.order_id} is {final.status} v{final.version} ({final.reason}); last event {last}",
+        )
+
+
+def check_history(
+    story: OrderStory, history: list[Event], calls: list[Call], lost: list[LostWindow], findings: Findings
+) -> None:
+    """Invariants 4 and 5 on the history of the final state."""
+    order_id = story.order_id
+    steps = {(e.status, e.reason) for e in history}
+    if ("paid", "paid") in steps and ("cancelled", "timeout") in steps:
+        findings.anomaly("paid and cancelled by timeout", f"{order_id}: {[str(e) for e in history]}")
+    cancellations = [e for e in story.events if e.status == "cancelled" and e.event_id not in story.undone]
+    if len(cancellations) > 1:
+        findings.anomaly("cancelled twice", f"{order_id}: {[str(e) for e in cancellations]}")
+    at_version = {e.version: e for e in history}
+    for call in calls:
+        if call.outcome != "done" or call.op == "create":
+            continue
+        kept = at_version.get(call.version)
+        if kept is not None and kept.status == call.status:
+            continue
+        shown = f"{order_id}: {call.op} acknowledged at {call.done_ms} as {call.status} v{call.version}; " + (
+            f"history has {kept}" if kept else "not in the history"
+        )
+        if any(window.holds(call.done_ms) for window in lost):
+            findings.explain("acknowledged change undone by a lost write", shown)
+        else:
+            findings.anomaly("acknowledged change lost", shown)
+
+
+# -- the report ---------------------------------------------------------------------------
+
+
+def print_report(
+    args: argparse.Namespace,
+    soak: Soak,
+    producer: Producer,
+    statuses: Counter[str],
+    events: list[Event],
+    minutes: float,
+) -> None:
+    findings = soak.findings
+    receipts = soak.subscriber.receipts
+    created = sum(1 for c in producer.calls if c.op == "create" and c.outcome == "done")
+    by_op: dict[str, Counter[str]] = defaultdict(Counter)
+    for call in producer.calls:
+        by_op[call.op][call.outcome] += 1
+    faults = Counter(f.kind for f in soak.faults)
+    recovered = [f.recovered_s for f in soak.faults if f.recovered_s is not None]
+    print()
+    print(f"chaos soak, seed {args.seed}")
+    print(
+        f"  minutes           {minutes:.1f} (faults and producer), "
+        f"{args.daemons} daemons, {args.rate:g} orders/s"
+    )
+    print(
+        f"  orders            {created} created (acknowledged) of {len(producer.attempted)} attempted; plans "
+        + ", ".join(f"{plan} {n}" for plan, n in sorted(producer.plans.items()))
+    )
+    print(f"  operations        {len(producer.calls)}")
+    for op in ("create", "pay", "cancel", "deliver", "refund"):
+        if op in by_op:
+            print(f"    {op:<9} " + ", ".join(f"{k} {n}" for k, n in sorted(by_op[op].items())))
+    print(
+        f"  faults            {len(soak.faults)}: "
+        + ", ".join(f"{k} {faults[k]}" for k in FAULT_KINDS if faults[k])
+    )
+    if recovered:
+        median = sorted(recovered)[len(recovered) // 2]
+        print(f"  recovery          median {median:.1f} s, max {max(recovered):.1f} s")
+    print(
+        f"  events received   {len(receipts)} ({len(events)} distinct event_ids, "
+        f"{len(receipts) - len(events)} duplicates); subscriber connected {soak.subscriber.connects} times"
+    )
+    print("  final states      " + ", ".join(f"{k} {n}" for k, n in sorted(statuses.items())))
+    print(f"  lost writes       {len(soak.lost)}")
+    for kind, examples in sorted(findings.explained.items()):
+        print(f"    {kind}: {len(examples)}")
+        for example in examples[:3]:
+            print(f"      {example}")
+    print(f"  anomalies         {findings.total}")
+    for kind, examples in sorted(findings.anomalies.items()):
+        print(f"    {kind}: {len(examples)}")
+        for example in examples[:EXAMPLES]:
+            print(f"      {example}")
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+async def read_finals(client: OrderClient, ids: Iterable[str]) -> dict[str, Order | None]:
+    """Every order as stored at the end (None: it does not exist)."""
+    finals: dict[str, Order | None] = {}
+    ids = list(ids)
+
+    async def one(order_id: str) -> None:
+        try:
+            finals[order_id] = await client.get(order_id)
+        except UnknownOrder:
+            finals[order_id] = None
+
+    for start in range(0, len(ids), 200):
+        await asyncio.gather(*(one(order_id) for order_id in ids[start : start + 200]))
+    return finals
+
+
+async def soak(args: argparse.Namespace, workdir: Path) -> int:
+    redis_proc = redis_server(workdir / "redis")
+    broker = mosquitto(workdir / "mosquitto", profile="stock", durable=True)
+    started: list[ServerProcess] = []
+    daemons: list[DaemonSlot] = []
+    tasks: list[asyncio.Task[None]] = []
+    findings = Findings()
+    try:
+        for server in (redis_proc, broker):
+            started.append(server)
+            await asyncio.to_thread(server.start)
+        redis_url = f"redis://127.0.0.1:{redis_proc.port}/0"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("ORDER_LISTENER_")},
+            "ORDER_LISTENER_REDIS_URL": redis_url,
+            "ORDER_LISTENER_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}",
+            "ORDER_LISTENER_LOG_FORMAT": "json",
+            "ORDER_LISTENER_RESYNC_INTERVAL": "1",
+            "ORDER_LISTENER_SHUTDOWN_TIMEOUT": "5",
+        }
+        for index in range(args.daemons):
+            port = free_port()
+            slot = DaemonSlot(
+                index, env | {"ORDER_LISTENER_METRICS_ADDR": f"127.0.0.1:{port}"}, workdir, port
+            )
+            daemons.append(slot)
+            slot.spawn()
+        subscriber = Subscriber(broker.port, f"chaos-subscriber-{args.seed}")
+        tasks.append(asyncio.create_task(subscriber.run()))
+        await asyncio.wait_for(subscriber.ready.wait(), 15)
+        admin = Redis(port=redis_proc.port, socket_timeout=10)
+        rng = random.Random(f"faults-{args.seed}")
+        state = Soak(args, workdir, redis_proc, broker, daemons, subscriber, findings, rng, admin)
+        await until(lambda: all_healthy(daemons), 60, "the daemons to be ready")
+        tasks.append(asyncio.create_task(state.watch_daemons()))
+        settings = load_settings(redis_url=redis_url, mqtt_url=f"mqtt://127.0.0.1:{broker.port}")
+        layout = KeyLayout(settings.key_prefix)
+        async with OrderClient(settings) as client:
+            producer = Producer(client, random.Random(f"orders-{args.seed}"), args.rate, findings)
+            stop = asyncio.Event()
+            print(f"faults (seed {args.seed}; the work folder is {workdir}):", flush=True)
+            producing = asyncio.create_task(producer.run(stop))
+            faulting = asyncio.create_task(state.faults_loop(stop, args.faults))
+            state.started = time.monotonic()
+            await asyncio.sleep(args.minutes * 60)
+            stop.set()
+            await faulting
+            await producing
+            minutes = (time.monotonic() - state.started) / 60
+            print(f"  {state.stamp()}  faults and producer stopped; settling", flush=True)
+            await state.settle(producer, layout)
+            finals = await read_finals(client, producer.attempted)
+        run = Run(
+            list(subscriber.receipts), list(producer.calls), list(producer.attempted), finals, state.lost
+        )
+        events = check_payloads(run, findings)
+        statuses = check_orders(run, events, findings)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        tasks.clear()
+        for slot in daemons:
+            code = await asyncio.to_thread(slot.stop)
+            if code != 0:
+                findings.anomaly(
+                    "daemon did not stop cleanly", f"daemon {slot.index} exit {code}: {slot.tail(5)}"
+                )
+        print_report(args, state, producer, statuses, events, minutes)
+        await admin.aclose()
+        return 1 if findings.total else 0
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for slot in daemons:
+            slot.kill()
+        for server in started:
+            await asyncio.to_thread(server.stop)
+
+
+async def all_healthy(daemons: list[DaemonSlot]) -> bool:
+    return all([await slot.healthy() for slot in daemons])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--minutes", type=float, default=10.0, help="how long faults and orders go on (10)")
+    parser.add_argument("--seed", type=int, default=None, help="the random choices (default: from the clock)")
+    parser.add_argument("--daemons", type=int, default=2, help="daemon processes (2)")
+    parser.add_argument("--rate", type=float, default=10.0, help="orders created a second (10)")
+    parser.add_argument(
+        "--fault-gap",
+        type=float,
+        nargs=2,
+        default=(2.0, 6.0),
+        metavar=("MIN", "MAX"),
+        help="seconds between one fault's recovery and the next fault (2 6)",
+    )
+    parser.add_argument(
+        "--faults",
+        default=",".join(FAULT_KINDS),
+        help=f"the kinds to choose from, comma-separated (all: {','.join(FAULT_KINDS)})",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work folder (logs) even without anomalies"
+    )
+    args = parser.parse_args(argv)
+    args.faults = [kind.strip() for kind in args.faults.split(",") if kind.strip()]
+    unknown = sorted(set(args.faults) - set(FAULT_KINDS))
+    if unknown or not args.faults:
+        parser.error(f"--faults: unknown {unknown}; choose from {', '.join(FAULT_KINDS)}")
+    if args.seed is None:
+        args.seed = int(time.time()) % 100_000
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    clear_listener_env()
+    workdir = Path(tempfile.mkdtemp(prefix="order-listener-chaos-"))
+    code = 2
+    try:
+        code = asyncio.run(soak(args, workdir))
+    finally:
+        if code == 0 and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"logs kept in {workdir}")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
