@@ -84,6 +84,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -94,13 +95,14 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import jsonschema
+from benchlib import print_setup
 from lag import clear_listener_env, daemon_command
 from redis.asyncio import Redis
 
@@ -108,7 +110,7 @@ from listener.api import Change, OrderClient
 from listener.config import load_settings
 from listener.errors import OrderExists, Refused, Unavailable, UnknownOrder
 from listener.keys import PARTS, KeyLayout
-from listener.orders import Order
+from listener.orders import Order, Reason, Status
 from listener.servers import ServerProcess, free_port, mosquitto, redis_server
 from listener.store import CreateResult
 
@@ -290,6 +292,10 @@ async def http_status(port: int, path: str) -> int:
 # -- the subscriber ---------------------------------------------------------------------
 
 
+QUIET_LOGGER = logging.getLogger("chaos.subscriber")
+QUIET_LOGGER.setLevel(logging.CRITICAL)
+
+
 class Subscriber:
     """A persistent session (clean_session False), QoS 1, reconnecting: what it
     misses while cut off, the broker keeps for it."""
@@ -313,6 +319,7 @@ class Subscriber:
                     protocol=aiomqtt.ProtocolVersion.V311,
                     clean_session=False,
                     keepalive=5,
+                    logger=QUIET_LOGGER,  # "connection reset" at each broker restart is expected
                 ) as client:
                     await client.subscribe(TOPIC, qos=1)
                     self.connects += 1
@@ -772,29 +779,64 @@ class OrderStory:
     undone: set[str] = field(default_factory=set)  # event_ids a lost write undid
 
     def walk(self, lost: list[LostWindow], findings: Findings) -> None:
-        """Invariant 2: versions never go down, but where a lost write explains it."""
+        """Invariant 2: versions never go down, and each event follows the one
+        before (its `previous` is that one's status), but where a lost write
+        explains it."""
         for event in self.events:
             top = max(self.branch, default=0)
             if event.version > top:
-                self.branch[event.version] = event  # a gap shows in the history check
-                continue
-            if event.version not in self.branch:
+                before = self.branch.get(event.version - 1)
+                if before is None or before.status == event.previous:
+                    self.branch[event.version] = event  # a gap shows in the history check
+                else:
+                    self.off_the_branch(event, before, lost, findings)
+            elif event.version not in self.branch:
                 findings.anomaly(
                     "events out of version order", f"{self.order_id}: {event} after v{top} {self.branch[top]}"
                 )
                 self.branch[event.version] = event
-                continue
-            # Another transition at a version already announced: the order went another way.
-            superseded = [self.branch[v] for v in sorted(self.branch) if v >= event.version]
-            shown = f"{self.order_id}: {' / '.join(map(str, superseded))}  then  {event}"
-            if all(undone_by_lost_write(old, event, lost) for old in superseded):
-                findings.explain("rewound by a lost write", shown)
-                self.undone.update(old.event_id for old in superseded)
             else:
-                findings.anomaly("two transitions at one version", shown)
-            for version in [v for v in self.branch if v >= event.version]:
-                del self.branch[version]
+                self.rewind(event, lost, findings)
+
+    def off_the_branch(self, event: Event, before: Event, lost: list[LostWindow], findings: Findings) -> None:
+        """An event that does not follow the one before: a late event of a way
+        that a lost write undid (a daemon that read it before the loss and
+        published it after), or an anomaly."""
+        shown = f"{self.order_id}: {event} after {before}"
+        if any(window.holds(event.at_ms) for window in lost):
+            findings.explain("late event of a way a lost write undid", shown)
+            self.undone.add(event.event_id)
+        else:
+            findings.anomaly("event does not follow the one before", shown)
             self.branch[event.version] = event
+
+    def rewind(self, event: Event, lost: list[LostWindow], findings: Findings) -> None:
+        """Another transition at a version already announced: the order went
+        another way. Only a lost write explains it."""
+        superseded = [self.branch[v] for v in sorted(self.branch) if v >= event.version]
+        shown = f"{self.order_id}: {' / '.join(map(str, superseded))}  then  {event}"
+        if all(undone_by_lost_write(old, event, lost) for old in superseded):
+            findings.explain("rewound by a lost write", shown)
+            self.undone.update(old.event_id for old in superseded)
+        else:
+            findings.anomaly("two transitions at one version", shown)
+        for version in [v for v in self.branch if v >= event.version]:
+            del self.branch[version]
+        self.branch[event.version] = event
+
+    def stayed_behind(self, final: Order, lost: list[LostWindow], findings: Findings) -> None:
+        """Events above the final version, all done in a lost write's window:
+        announced, then lost, and the order never moved again (a delivered
+        order whose refund was lost stays delivered). Taken off the branch."""
+        above = [self.branch[v] for v in sorted(self.branch) if v > final.version]
+        if above and all(any(window.holds(e.at_ms) for window in lost) for e in above):
+            shown = (
+                f"{self.order_id} is {final.status} v{final.version}; undone: {' / '.join(map(str, above))}"
+            )
+            findings.explain("announced, then undone by a lost write", shown)
+            self.undone.update(e.event_id for e in above)
+            for event in above:
+                del self.branch[event.version]
 
     def history(self, final: Order) -> tuple[list[Event], int | None]:
         """The final state's history from the events received, walked back by
@@ -835,6 +877,9 @@ def check_orders(run: Run, events: list[Event], findings: Findings) -> Counter[s
         story = OrderStory(order_id, by_order.get(order_id, []))
         story.walk(run.lost, findings)
         final = run.finals.get(order_id)
+        if final is not None:
+            story.stayed_behind(final, run.lost, findings)
+        check_outcomes(story, findings)
         if final is None:
             check_missing(order_id, calls[order_id], story, run, findings)
             continue
@@ -866,6 +911,19 @@ def check_missing(order_id: str, calls: list[Call], story: OrderStory, run: Run,
         findings.anomaly("acknowledged order missing", f"{order_id} created at {created[0].done_ms}")
 
 
+def check_outcomes(story: OrderStory, findings: Findings) -> None:
+    """Invariant 5: what a subscriber that deduplicates by event_id keeps of an
+    order (every event but those a lost write undid) is never both paid and
+    cancelled by timeout, and has at most one cancellation."""
+    kept = [e for e in story.events if e.event_id not in story.undone]
+    steps = {(e.status, e.reason) for e in kept}
+    if ("paid", "paid") in steps and ("cancelled", "timeout") in steps:
+        findings.anomaly("paid and cancelled by timeout", f"{story.order_id}: {[str(e) for e in kept]}")
+    cancellations = [e for e in kept if e.status == "cancelled"]
+    if len(cancellations) > 1:
+        findings.anomaly("cancelled twice", f"{story.order_id}: {[str(e) for e in cancellations]}")
+
+
 def check_final(story: OrderStory, final: Order, findings: Findings) -> None:
     """Invariant 1: one final state, and the last event received says it."""
     if final.status in ("created", "refunded"):
@@ -885,14 +943,8 @@ def check_final(story: OrderStory, final: Order, findings: Findings) -> None:
 def check_history(
     story: OrderStory, history: list[Event], calls: list[Call], lost: list[LostWindow], findings: Findings
 ) -> None:
-    """Invariants 4 and 5 on the history of the final state."""
+    """Invariant 4 on the history of the final state: acknowledged changes kept."""
     order_id = story.order_id
-    steps = {(e.status, e.reason) for e in history}
-    if ("paid", "paid") in steps and ("cancelled", "timeout") in steps:
-        findings.anomaly("paid and cancelled by timeout", f"{order_id}: {[str(e) for e in history]}")
-    cancellations = [e for e in story.events if e.status == "cancelled" and e.event_id not in story.undone]
-    if len(cancellations) > 1:
-        findings.anomaly("cancelled twice", f"{order_id}: {[str(e) for e in cancellations]}")
     at_version = {e.version: e for e in history}
     for call in calls:
         if call.outcome != "done" or call.op == "create":
@@ -966,6 +1018,209 @@ def print_report(
             print(f"      {example}")
 
 
+# -- the checks checked ---------------------------------------------------------------------
+
+CREATED_MS = 1_800_000_000_000
+
+# An event as (version, previous, status, reason, ms after the creation).
+Step = tuple[int, str | None, str, str, int]
+CREATED: Step = (1, None, "created", "created", 0)
+PAID: Step = (2, "created", "paid", "paid", 2000)
+DELIVERED: Step = (3, "paid", "delivered", "delivered", 3000)
+CUSTOMER: Step = (2, "created", "cancelled", "customer", 1000)
+TIMEOUT: Step = (2, "created", "cancelled", "timeout", 4000)
+# a lost write's window that holds PAID and DELIVERED, and ends before TIMEOUT
+WINDOW = LostWindow(CREATED_MS + 1500, CREATED_MS + 3500)
+LOST_DELIVERY = LostWindow(CREATED_MS + 2500, CREATED_MS + 3500)  # holds DELIVERED only
+
+
+def fake_receipt(index: int, step: Step, order_id: str = "o") -> Receipt:
+    """The payload the daemon would publish for `step`."""
+    version, previous, status, reason, after_ms = step
+    at = CREATED_MS + after_ms
+    body: dict[str, Any] = {
+        "event_id": f"{order_id}/{CREATED_MS}/{version}/{status}/{reason}",
+        "order_id": order_id,
+        "status": status,
+        "previous": previous,
+        "reason": reason,
+        "at": datetime.fromtimestamp(at / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+        "version": version,
+    }
+    if status == "created":
+        body["deadline"] = body["at"]
+    return Receipt(index, at, f"orders/{order_id}/status", json.dumps(body).encode(), body)
+
+
+def fake_call(op: str, done_after_ms: int, status: str, version: int) -> Call:
+    done = CREATED_MS + done_after_ms
+    return Call(op, "o", done - 10, done, "done", status, version)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A made-up run of one order "o" and the anomalies the checks must find in it."""
+
+    what: str
+    steps: list[Step]  # the events received, in this order
+    final: tuple[str, int, str] | None  # (status, version, reason) in Redis at the end; None: gone
+    expected: set[str]
+    calls: list[Call] = field(default_factory=list)
+    lost: list[LostWindow] = field(default_factory=list)
+
+    def findings(self) -> Findings:
+        receipts = [fake_receipt(i, step) for i, step in enumerate(self.steps)]
+        final = None
+        if self.final is not None:
+            status, version, reason = self.final
+            updated = CREATED_MS + 1000 * version
+            final = Order("o", Status(status), version, Reason(reason), CREATED_MS, updated, CREATED_MS + 500)
+        run = Run(receipts, self.calls, ["o"], {"o": final}, self.lost)
+        findings = Findings()
+        check_orders(run, check_payloads(run, findings), findings)
+        return findings
+
+
+CASES = [
+    Case("a clean life", [CREATED, PAID, DELIVERED], ("delivered", 3, "delivered"), set()),
+    Case("a redelivery", [CREATED, PAID, PAID], ("paid", 2, "paid"), set()),
+    Case(
+        "the last event lost",
+        [CREATED],
+        ("cancelled", 2, "timeout"),
+        {"event lost", "last event disagrees with the final state"},
+    ),
+    Case("the first event lost", [TIMEOUT], ("cancelled", 2, "timeout"), {"event lost"}),
+    Case(
+        "out of version order",
+        [CREATED, DELIVERED, PAID],
+        ("delivered", 3, "delivered"),
+        {"events out of version order"},
+    ),
+    Case(
+        "paid, then cancelled by timeout",
+        [CREATED, PAID, TIMEOUT],
+        ("cancelled", 2, "timeout"),
+        {"two transitions at one version", "paid and cancelled by timeout"},
+    ),
+    Case(
+        "cancelled twice",
+        [CREATED, CUSTOMER, TIMEOUT],
+        ("cancelled", 2, "timeout"),
+        {"two transitions at one version", "cancelled twice"},
+    ),
+    Case(
+        "the same after a lost write",
+        [CREATED, PAID, DELIVERED, TIMEOUT],
+        ("cancelled", 2, "timeout"),
+        set(),
+        lost=[WINDOW],
+    ),
+    Case(
+        "a late event of the lost way",
+        [CREATED, PAID, TIMEOUT, DELIVERED],
+        ("cancelled", 2, "timeout"),
+        set(),
+        lost=[WINDOW],
+    ),
+    Case(
+        "an event that does not follow",
+        [CREATED, TIMEOUT, DELIVERED],
+        ("cancelled", 2, "timeout"),
+        {"event does not follow the one before", "last event disagrees with the final state"},
+    ),
+    Case(
+        "the last events undone, no other way",
+        [CREATED, PAID, DELIVERED],
+        ("paid", 2, "paid"),
+        set(),
+        lost=[LOST_DELIVERY],
+    ),
+    Case(
+        "the same without a lost write",
+        [CREATED, PAID, DELIVERED],
+        ("paid", 2, "paid"),
+        {"last event disagrees with the final state"},
+    ),
+    Case("not settled", [CREATED], ("created", 1, "created"), {"order not settled"}),
+    Case(
+        "an acknowledged pay lost",
+        [CREATED, TIMEOUT],
+        ("cancelled", 2, "timeout"),
+        {"acknowledged change lost"},
+        calls=[fake_call("pay", 1000, "paid", 2)],
+    ),
+    Case(
+        "the same after a lost write",
+        [CREATED, TIMEOUT],
+        ("cancelled", 2, "timeout"),
+        set(),
+        calls=[fake_call("pay", 2000, "paid", 2)],
+        lost=[WINDOW],
+    ),
+    Case(
+        "an acknowledged order missing",
+        [CREATED],
+        None,
+        {"acknowledged order missing"},
+        calls=[fake_call("create", 0, "created", 1)],
+    ),
+    Case(
+        "the same after a lost write",
+        [CREATED],
+        None,
+        set(),
+        calls=[fake_call("create", 2000, "created", 1)],
+        lost=[WINDOW],
+    ),
+]
+
+
+def payload_findings(lost: list[LostWindow]) -> Findings:
+    """Payloads that break the rules: an event_id naming two transitions, one
+    transition at two times, a wrong topic, not JSON."""
+    paid = fake_receipt(0, PAID)
+    assert paid.event is not None
+    again = fake_receipt(1, (*PAID[:4], PAID[4] + 3000))
+    receipts = [
+        paid,
+        Receipt(2, 0, paid.topic, b"", {**paid.event, "status": "cancelled", "reason": "timeout"}),
+        again,
+        Receipt(3, 0, "orders/other/status", again.payload, again.event),
+        Receipt(4, 0, paid.topic, b"not json", None),
+    ]
+    findings = Findings()
+    check_payloads(Run(receipts, [], ["o"], {}, lost), findings)
+    return findings
+
+
+def self_check(quiet: bool = False) -> bool:
+    """Each check on made-up runs: it finds what it should, and nothing else."""
+    failed = 0
+    payload_kinds = {
+        "event_id names two transitions",
+        "transition done twice",
+        "event on another order's topic",
+        "malformed payload",
+    }
+    results = [(case.what, set(case.findings().anomalies), case.expected) for case in CASES]
+    results.append(("bad payloads", set(payload_findings([]).anomalies), payload_kinds))
+    results.append(
+        (
+            "the same after a lost write",
+            set(payload_findings([WINDOW]).anomalies),
+            payload_kinds - {"transition done twice"},
+        )
+    )
+    for what, found, expected in results:
+        ok = found == expected
+        failed += not ok
+        if not (quiet and ok):
+            shown = "ok" if ok else f"FAILED: found {sorted(found)}, expected {sorted(expected)}"
+            print(f"  {what:<40} {shown}")
+    return not failed
+
+
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -975,14 +1230,55 @@ async def read_finals(client: OrderClient, ids: Iterable[str]) -> dict[str, Orde
     ids = list(ids)
 
     async def one(order_id: str) -> None:
-        try:
-            finals[order_id] = await client.get(order_id)
-        except UnknownOrder:
-            finals[order_id] = None
+        for attempt in range(5):  # pooled connections from before a Redis restart fail once
+            try:
+                finals[order_id] = await client.get(order_id)
+                return
+            except UnknownOrder:
+                finals[order_id] = None
+                return
+            except Unavailable:
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.2)
 
-    for start in range(0, len(ids), 200):
-        await asyncio.gather(*(one(order_id) for order_id in ids[start : start + 200]))
+    for start in range(0, len(ids), 20):  # the client's connection pool is bounded
+        await asyncio.gather(*(one(order_id) for order_id in ids[start : start + 20]))
     return finals
+
+
+def daemon_env(redis_url: str, mqtt_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_LISTENER_")}
+    return env | {
+        "ORDER_LISTENER_REDIS_URL": redis_url,
+        "ORDER_LISTENER_MQTT_URL": mqtt_url,
+        "ORDER_LISTENER_LOG_FORMAT": "json",
+        "ORDER_LISTENER_RESYNC_INTERVAL": "1",
+        "ORDER_LISTENER_SHUTDOWN_TIMEOUT": "5",
+    }
+
+
+def save_run(path: Path, run: Run, faults: list[Fault]) -> None:
+    """Everything recorded, as JSON, for a look after the fact."""
+    record = {
+        "faults": [asdict(fault) for fault in faults],
+        "lost_windows": [asdict(window) for window in run.lost],
+        "calls": [asdict(call) for call in run.calls],
+        "finals": {
+            order_id: None if order is None else {k: str(v) for k, v in asdict(order).items()}
+            for order_id, order in run.finals.items()
+        },
+        "receipts": [
+            {
+                "index": r.index,
+                "received_ms": r.received_ms,
+                "topic": r.topic,
+                "payload": r.payload.decode(errors="replace"),
+            }
+            for r in run.receipts
+        ],
+    }
+    path.write_text(json.dumps(record))
 
 
 async def soak(args: argparse.Namespace, workdir: Path) -> int:
@@ -991,70 +1287,59 @@ async def soak(args: argparse.Namespace, workdir: Path) -> int:
     started: list[ServerProcess] = []
     daemons: list[DaemonSlot] = []
     tasks: list[asyncio.Task[None]] = []
-    findings = Findings()
     try:
         for server in (redis_proc, broker):
             started.append(server)
             await asyncio.to_thread(server.start)
-        redis_url = f"redis://127.0.0.1:{redis_proc.port}/0"
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("ORDER_LISTENER_")},
-            "ORDER_LISTENER_REDIS_URL": redis_url,
-            "ORDER_LISTENER_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}",
-            "ORDER_LISTENER_LOG_FORMAT": "json",
-            "ORDER_LISTENER_RESYNC_INTERVAL": "1",
-            "ORDER_LISTENER_SHUTDOWN_TIMEOUT": "5",
-        }
+        redis_url, mqtt_url = f"redis://127.0.0.1:{redis_proc.port}/0", f"mqtt://127.0.0.1:{broker.port}"
+        env = daemon_env(redis_url, mqtt_url)
         for index in range(args.daemons):
             port = free_port()
-            slot = DaemonSlot(
-                index, env | {"ORDER_LISTENER_METRICS_ADDR": f"127.0.0.1:{port}"}, workdir, port
+            daemons.append(
+                DaemonSlot(index, env | {"ORDER_LISTENER_METRICS_ADDR": f"127.0.0.1:{port}"}, workdir, port)
             )
-            daemons.append(slot)
-            slot.spawn()
+            daemons[-1].spawn()
         subscriber = Subscriber(broker.port, f"chaos-subscriber-{args.seed}")
         tasks.append(asyncio.create_task(subscriber.run()))
         await asyncio.wait_for(subscriber.ready.wait(), 15)
-        admin = Redis(port=redis_proc.port, socket_timeout=10)
-        rng = random.Random(f"faults-{args.seed}")
-        state = Soak(args, workdir, redis_proc, broker, daemons, subscriber, findings, rng, admin)
         await until(lambda: all_healthy(daemons), 60, "the daemons to be ready")
-        tasks.append(asyncio.create_task(state.watch_daemons()))
-        settings = load_settings(redis_url=redis_url, mqtt_url=f"mqtt://127.0.0.1:{broker.port}")
-        layout = KeyLayout(settings.key_prefix)
-        async with OrderClient(settings) as client:
-            producer = Producer(client, random.Random(f"orders-{args.seed}"), args.rate, findings)
-            stop = asyncio.Event()
-            print(f"faults (seed {args.seed}; the work folder is {workdir}):", flush=True)
-            producing = asyncio.create_task(producer.run(stop))
-            faulting = asyncio.create_task(state.faults_loop(stop, args.faults))
-            state.started = time.monotonic()
-            await asyncio.sleep(args.minutes * 60)
-            stop.set()
-            await faulting
-            await producing
-            minutes = (time.monotonic() - state.started) / 60
-            print(f"  {state.stamp()}  faults and producer stopped; settling", flush=True)
-            await state.settle(producer, layout)
-            finals = await read_finals(client, producer.attempted)
-        run = Run(
-            list(subscriber.receipts), list(producer.calls), list(producer.attempted), finals, state.lost
+        admin = Redis(port=redis_proc.port, socket_timeout=10)
+        state = Soak(
+            args,
+            workdir,
+            redis_proc,
+            broker,
+            daemons,
+            subscriber,
+            Findings(),
+            random.Random(f"faults-{args.seed}"),
+            admin,
         )
-        events = check_payloads(run, findings)
-        statuses = check_orders(run, events, findings)
-        for task in tasks:
+        tasks.append(asyncio.create_task(state.watch_daemons()))
+        settings = load_settings(redis_url=redis_url, mqtt_url=mqtt_url)
+        async with OrderClient(settings) as client:
+            producer = Producer(client, random.Random(f"orders-{args.seed}"), args.rate, state.findings)
+            minutes = await produce_with_faults(state, producer)
+            await state.settle(producer, KeyLayout(settings.key_prefix))
+            finals = await read_finals(client, producer.attempted)
+        for task in tasks:  # the daemon watch ends before the daemons are stopped
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        tasks.clear()
         for slot in daemons:
             code = await asyncio.to_thread(slot.stop)
             if code != 0:
-                findings.anomaly(
+                state.findings.anomaly(
                     "daemon did not stop cleanly", f"daemon {slot.index} exit {code}: {slot.tail(5)}"
                 )
-        print_report(args, state, producer, statuses, events, minutes)
         await admin.aclose()
-        return 1 if findings.total else 0
+        run = Run(
+            list(subscriber.receipts), list(producer.calls), list(producer.attempted), finals, state.lost
+        )
+        save_run(workdir / "run.json", run, state.faults)
+        events = check_payloads(run, state.findings)
+        statuses = check_orders(run, events, state.findings)
+        print_report(args, state, producer, statuses, events, minutes)
+        return 1 if state.findings.total else 0
     finally:
         for task in tasks:
             task.cancel()
@@ -1063,6 +1348,22 @@ async def soak(args: argparse.Namespace, workdir: Path) -> int:
             slot.kill()
         for server in started:
             await asyncio.to_thread(server.stop)
+
+
+async def produce_with_faults(state: Soak, producer: Producer) -> float:
+    """The producer and the faults for --minutes; the minutes they ran."""
+    stop_faults, stop_orders = asyncio.Event(), asyncio.Event()
+    print("faults:", flush=True)
+    state.started = time.monotonic()
+    producing = asyncio.create_task(producer.run(stop_orders))
+    faulting = asyncio.create_task(state.faults_loop(stop_faults, state.args.faults))
+    await asyncio.sleep(state.args.minutes * 60)
+    stop_faults.set()
+    await faulting  # a fault under way ends with its recovery, which needs new orders' events
+    stop_orders.set()
+    await producing  # the plans under way end
+    print(f"  {state.stamp()}  faults and producer stopped; settling", flush=True)
+    return (time.monotonic() - state.started) / 60
 
 
 async def all_healthy(daemons: list[DaemonSlot]) -> bool:
@@ -1091,6 +1392,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the work folder (logs) even without anomalies"
     )
+    parser.add_argument(
+        "--self-check", action="store_true", help="only run the checks on made-up runs (a few ms)"
+    )
     args = parser.parse_args(argv)
     args.faults = [kind.strip() for kind in args.faults.split(",") if kind.strip()]
     unknown = sorted(set(args.faults) - set(FAULT_KINDS))
@@ -1103,8 +1407,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.self_check:
+        sys.exit(0 if self_check() else 1)
+    if not self_check(quiet=True):
+        raise SystemExit("the checks failed on made-up runs: see --self-check")
     clear_listener_env()
+    print_setup(
+        "chaos soak",
+        [
+            ("seed", str(args.seed)),
+            ("run", f"{args.minutes:g} min, {args.rate:g} orders/s, {args.daemons} daemons"),
+            ("faults", ", ".join(args.faults)),
+            ("Redis", "the project's redis.conf (AOF on, fsync every second)"),
+            (
+                "broker",
+                "mosquitto, stock profile with persistence (the subscriber's session keeps what it missed)",
+            ),
+        ],
+    )
     workdir = Path(tempfile.mkdtemp(prefix="order-listener-chaos-"))
+    print(f"work folder: {workdir}", flush=True)
     code = 2
     try:
         code = asyncio.run(soak(args, workdir))
