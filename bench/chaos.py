@@ -1007,6 +1007,10 @@ def print_report(
     )
     print("  final states      " + ", ".join(f"{k} {n}" for k, n in sorted(statuses.items())))
     print(f"  lost writes       {len(soak.lost)}")
+    print_findings(findings)
+
+
+def print_findings(findings: Findings) -> None:
     for kind, examples in sorted(findings.explained.items()):
         print(f"    {kind}: {len(examples)}")
         for example in examples[:3]:
@@ -1264,9 +1268,9 @@ def save_run(path: Path, run: Run, faults: list[Fault]) -> None:
         "faults": [asdict(fault) for fault in faults],
         "lost_windows": [asdict(window) for window in run.lost],
         "calls": [asdict(call) for call in run.calls],
+        "attempted": run.attempted,
         "finals": {
-            order_id: None if order is None else {k: str(v) for k, v in asdict(order).items()}
-            for order_id, order in run.finals.items()
+            order_id: None if order is None else asdict(order) for order_id, order in run.finals.items()
         },
         "receipts": [
             {
@@ -1279,6 +1283,53 @@ def save_run(path: Path, run: Run, faults: list[Fault]) -> None:
         ],
     }
     path.write_text(json.dumps(record))
+
+
+def load_run(path: Path) -> Run:
+    """A run saved by save_run, to check again (--check-run)."""
+    record = json.loads(path.read_text())
+    receipts = []
+    for r in record["receipts"]:
+        raw = r["payload"].encode()
+        receipt = Receipt(r["index"], r["received_ms"], r["topic"], raw, None)
+        with contextlib.suppress(ValueError):
+            body = json.loads(raw)
+            receipt = Receipt(
+                r["index"], r["received_ms"], r["topic"], raw, body if isinstance(body, dict) else None
+            )
+        receipts.append(receipt)
+    finals = {
+        order_id: None
+        if o is None
+        else Order(
+            o["order_id"],
+            Status(o["status"]),
+            int(o["version"]),
+            Reason(o["reason"]),
+            int(o["created_ms"]),
+            int(o["updated_ms"]),
+            int(o["deadline_ms"]),
+        )
+        for order_id, o in record["finals"].items()
+    }
+    return Run(
+        receipts,
+        [Call(**c) for c in record["calls"]],
+        record.get("attempted", list(finals)),
+        finals,
+        [LostWindow(**w) for w in record["lost_windows"]],
+    )
+
+
+def check_run(path: Path) -> int:
+    """Check a saved run again; 1 if any anomaly."""
+    run = load_run(path)
+    findings = Findings()
+    events = check_payloads(run, findings)
+    statuses = check_orders(run, events, findings)
+    print(f"{path}: {len(run.receipts)} receipts, {len(events)} events, final states {dict(statuses)}")
+    print_findings(findings)
+    return 1 if findings.total else 0
 
 
 async def soak(args: argparse.Namespace, workdir: Path) -> int:
@@ -1395,6 +1446,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--self-check", action="store_true", help="only run the checks on made-up runs (a few ms)"
     )
+    parser.add_argument("--check-run", type=Path, help="only check a run saved before (its run.json) again")
     args = parser.parse_args(argv)
     args.faults = [kind.strip() for kind in args.faults.split(",") if kind.strip()]
     unknown = sorted(set(args.faults) - set(FAULT_KINDS))
@@ -1409,6 +1461,8 @@ def main() -> None:
     args = parse_args()
     if args.self_check:
         sys.exit(0 if self_check() else 1)
+    if args.check_run:
+        sys.exit(check_run(args.check_run))
     if not self_check(quiet=True):
         raise SystemExit("the checks failed on made-up runs: see --self-check")
     clear_listener_env()
