@@ -864,7 +864,13 @@ def undone_by_lost_write(old: Event, new: Event, lost: list[LostWindow]) -> bool
     return any(window.holds(old.at_ms) and new.at_ms >= window.kill_ms - SLACK_MS for window in lost)
 
 
-def check_orders(run: Run, events: list[Event], findings: Findings) -> Counter[str]:
+@dataclass
+class Tally:
+    statuses: Counter[str] = field(default_factory=Counter)  # final statuses
+    timeout_lags_ms: list[int] = field(default_factory=list)  # `at` of a timeout cancellation - deadline
+
+
+def check_orders(run: Run, events: list[Event], findings: Findings) -> Tally:
     """Invariants 1, 2, 4 and 5, order by order; the final statuses."""
     by_order: dict[str, list[Event]] = defaultdict(list)
     for event in events:
@@ -872,9 +878,10 @@ def check_orders(run: Run, events: list[Event], findings: Findings) -> Counter[s
     calls: dict[str, list[Call]] = defaultdict(list)
     for call in run.calls:
         calls[call.order_id].append(call)
-    statuses: Counter[str] = Counter()
+    tally = Tally()
     for order_id in sorted(set(run.attempted) | set(by_order)):
         story = OrderStory(order_id, by_order.get(order_id, []))
+        check_calls(order_id, calls[order_id], run.lost, findings)
         story.walk(run.lost, findings)
         final = run.finals.get(order_id)
         if final is not None:
@@ -883,7 +890,7 @@ def check_orders(run: Run, events: list[Event], findings: Findings) -> Counter[s
         if final is None:
             check_missing(order_id, calls[order_id], story, run, findings)
             continue
-        statuses[str(final.status)] += 1
+        tally.statuses[str(final.status)] += 1
         check_final(story, final, findings)
         history, gap = story.history(final)
         if gap is not None:
@@ -894,7 +901,38 @@ def check_orders(run: Run, events: list[Event], findings: Findings) -> Counter[s
             )
             continue
         check_history(story, history, calls[order_id], run.lost, findings)
-    return statuses
+        for event in history:
+            if event.reason == "timeout":
+                tally.timeout_lags_ms.append(event.at_ms - final.deadline_ms)
+                if event.at_ms < final.deadline_ms:
+                    findings.anomaly(
+                        "cancelled before its deadline", f"{order_id}: deadline {final.deadline_ms}, {event}"
+                    )
+    return tally
+
+
+def check_calls(order_id: str, calls: list[Call], lost: list[LostWindow], findings: Findings) -> None:
+    """The producer plays one order's calls one after the other: after an
+    acknowledged change, a call answered "unknown order" or "refused" means
+    the change went back, which only a lost write explains. (A refusal right
+    after the creation is a pay or cancel that lost the race with the expiry.)"""
+    before: Call | None = None  # the last acknowledged change
+    for call in sorted(calls, key=lambda c: c.sent_ms):
+        if call.outcome == "done":
+            before = call
+            continue
+        if before is None or call.outcome not in ("unknown", "refused"):
+            continue
+        if call.outcome == "refused" and before.op == "create":
+            continue
+        shown = (
+            f"{order_id}: {call.op} answered {call.outcome} {call.status} {call.detail} at {call.done_ms}, "
+            f"after {before.op} acknowledged as {before.status} v{before.version} at {before.done_ms}"
+        )
+        if any(window.holds(before.done_ms) for window in lost):
+            findings.explain("a change went back with a lost write", shown)
+        else:
+            findings.anomaly("an acknowledged change went back", shown)
 
 
 def check_missing(order_id: str, calls: list[Call], story: OrderStory, run: Run, findings: Findings) -> None:
@@ -968,7 +1006,7 @@ def print_report(
     args: argparse.Namespace,
     soak: Soak,
     producer: Producer,
-    statuses: Counter[str],
+    tally: Tally,
     events: list[Event],
     minutes: float,
 ) -> None:
@@ -1005,7 +1043,13 @@ def print_report(
         f"  events received   {len(receipts)} ({len(events)} distinct event_ids, "
         f"{len(receipts) - len(events)} duplicates); subscriber connected {soak.subscriber.connects} times"
     )
-    print("  final states      " + ", ".join(f"{k} {n}" for k, n in sorted(statuses.items())))
+    print("  final states      " + ", ".join(f"{k} {n}" for k, n in sorted(tally.statuses.items())))
+    if tally.timeout_lags_ms:
+        lags = sorted(tally.timeout_lags_ms)
+        print(
+            f"  timeout cancels   {len(lags)}, at - deadline: p50 {lags[len(lags) // 2]} ms, "
+            f"p99 {lags[len(lags) * 99 // 100]} ms, max {lags[-1]} ms (outages included)"
+        )
     print(f"  lost writes       {len(soak.lost)}")
     print_findings(findings)
 
@@ -1056,9 +1100,9 @@ def fake_receipt(index: int, step: Step, order_id: str = "o") -> Receipt:
     return Receipt(index, at, f"orders/{order_id}/status", json.dumps(body).encode(), body)
 
 
-def fake_call(op: str, done_after_ms: int, status: str, version: int) -> Call:
+def fake_call(op: str, done_after_ms: int, status: str, version: int, outcome: str = "done") -> Call:
     done = CREATED_MS + done_after_ms
-    return Call(op, "o", done - 10, done, "done", status, version)
+    return Call(op, "o", done - 10, done, outcome, status, version)
 
 
 @dataclass(frozen=True)
@@ -1087,6 +1131,27 @@ class Case:
 
 CASES = [
     Case("a clean life", [CREATED, PAID, DELIVERED], ("delivered", 3, "delivered"), set()),
+    Case(
+        "cancelled before its deadline",
+        [CREATED, (2, "created", "cancelled", "timeout", 300)],
+        ("cancelled", 2, "timeout"),
+        {"cancelled before its deadline"},
+    ),
+    Case(
+        "a refusal after an acknowledged pay",
+        [CREATED, PAID],
+        ("paid", 2, "paid"),
+        {"an acknowledged change went back"},
+        calls=[fake_call("pay", 2000, "paid", 2), fake_call("deliver", 2600, "created", 0, "refused")],
+    ),
+    Case(
+        "the same after a lost write",
+        [CREATED, PAID],
+        ("paid", 2, "paid"),
+        set(),
+        calls=[fake_call("pay", 2000, "paid", 2), fake_call("deliver", 3600, "created", 0, "refused")],
+        lost=[WINDOW],
+    ),
     Case("a redelivery", [CREATED, PAID, PAID], ("paid", 2, "paid"), set()),
     Case(
         "the last event lost",
@@ -1326,8 +1391,8 @@ def check_run(path: Path) -> int:
     run = load_run(path)
     findings = Findings()
     events = check_payloads(run, findings)
-    statuses = check_orders(run, events, findings)
-    print(f"{path}: {len(run.receipts)} receipts, {len(events)} events, final states {dict(statuses)}")
+    tally = check_orders(run, events, findings)
+    print(f"{path}: {len(run.receipts)} receipts, {len(events)} events, final states {dict(tally.statuses)}")
     print_findings(findings)
     return 1 if findings.total else 0
 
@@ -1388,8 +1453,8 @@ async def soak(args: argparse.Namespace, workdir: Path) -> int:
         )
         save_run(workdir / "run.json", run, state.faults)
         events = check_payloads(run, state.findings)
-        statuses = check_orders(run, events, state.findings)
-        print_report(args, state, producer, statuses, events, minutes)
+        tally = check_orders(run, events, state.findings)
+        print_report(args, state, producer, tally, events, minutes)
         return 1 if state.findings.total else 0
     finally:
         for task in tasks:
