@@ -44,38 +44,49 @@ After each fault the soak waits until every daemon's /healthz answers 200
 and the subscriber has an event of a transition made after the fault: that
 is the daemons' recovery, timed and printed.
 
-Then the faults and the producer stop; the soak waits until every deadline
-has passed, the outbox streams are empty, no order is pending and the
-subscriber has been quiet for 3 s, reads every order back and checks:
+Then the faults stop (the last one ends with its recovery, while orders
+still come), then the producer; the soak waits until every deadline has
+passed, the outbox streams are empty, no order is pending and the subscriber
+has been quiet for 3 s, reads every order back and checks:
 
 1. every order that exists ends in one state (not `created`, not
    `refunded`) and the last event received for it (highest version, then
    latest receipt) has that status, version and reason;
-2. per order, the first receipts of its event_ids never go down in version,
+2. per order, the first receipts of its event_ids never go down in version
+   and each follows the one before (its `previous` is that one's status),
    except where a lost write explains it: the order's announced transitions
    at and above some version all happened within a lost write's window, and
-   the order then went another way at that version (reported as "rewound by
-   a lost write", not as an anomaly);
+   the order then went another way at that version ("rewound by a lost
+   write"), or stayed at the lower version for good ("announced, then undone
+   by a lost write"), or a daemon published such a transition late ("late
+   event of a way a lost write undid");
 3. no event_id names two different transitions (order, status, previous,
    reason, version); one transition announced with two different times
    happened twice, which only a lost write explains;
 4. nothing lost: every order that exists has, in the events received, an
    unbroken history from `created` (version 1) to its final state, each
    event's `previous` the status of the one before; acknowledged changes are
-   in that history unless a lost write's window holds them; an order whose
-   acknowledged creation is gone is counted apart when a lost write's window
-   holds it, an anomaly otherwise;
-5. no history both paid and cancelled by timeout; no order cancelled twice
-   under different event_ids unless a lost write undid one of them;
+   in that history, and no later call of the producer finds the order
+   unknown or in an earlier state, unless a lost write's window holds the
+   change; an order whose acknowledged creation is gone is counted apart
+   when a lost write's window holds it, an anomaly otherwise;
+5. what a subscriber deduplicating by event_id keeps of an order (all but
+   what a lost write undid) is never both paid and cancelled by timeout and
+   has at most one cancellation;
 
-and also: every payload is valid against the shipped JSON schema and on its
-order's topic, no dead letters, no daemon exited by itself, every daemon
-stops with status 0 at the end, and no producer call failed with anything
-but the documented errors.
+and also: no order cancelled by timeout before its deadline, every payload
+valid against the shipped JSON schema and on its order's topic, no dead
+letters, no daemon exited by itself, every daemon stops with status 0 at the
+end, and no producer call failed with anything but the documented errors.
+What a lost write explains is counted and shown apart, with examples: it is
+what a subscriber sees after such a failover, not a broken promise.
 
 It prints the faults as they happen, then the figures and the anomalies by
 kind (up to 10 examples each), and exits 1 if there is any anomaly. The work
-folder (server and daemon logs) is removed unless `--keep` or an anomaly.
+folder (server and daemon logs, and run.json: every receipt, call, final
+state and fault) is removed unless `--keep` or an anomaly. Every run first
+checks its checks on made-up runs (`--self-check` shows them);
+`--check-run FOLDER/run.json` checks a saved run again.
 """
 
 from __future__ import annotations
@@ -171,6 +182,7 @@ class Call:
 class Fault:
     kind: str
     start_ms: int
+    at_s: float  # seconds into the soak
     detail: str = ""
     end_ms: int = 0
     recovered_s: float | None = None
@@ -487,7 +499,7 @@ class Soak:
                 await asyncio.wait_for(stop.wait(), self.rng.uniform(low, high))
             if stop.is_set():
                 return
-            fault = Fault(self.rng.choice(kinds), now_ms())
+            fault = Fault(self.rng.choice(kinds), now_ms(), time.monotonic() - self.started)
             self.faults.append(fault)
             try:
                 await getattr(self, "fault_" + fault.kind.replace("-", "_"))(fault)
@@ -497,7 +509,7 @@ class Soak:
             fault.end_ms = now_ms()
             await self.recovery(fault)
             shown = "no recovery" if fault.recovered_s is None else f"recovered in {fault.recovered_s:.1f} s"
-            print(f"  {self.stamp()}  {fault.kind:<15} {fault.detail}; {shown}", flush=True)
+            print(f"  +{fault.at_s:7.1f} s  {fault.kind:<15} {fault.detail}; {shown}", flush=True)
 
     async def fault_daemon_kill(self, fault: Fault) -> None:
         slot = self.rng.choice(self.daemons)
