@@ -880,6 +880,7 @@ def undone_by_lost_write(old: Event, new: Event, lost: list[LostWindow]) -> bool
 class Tally:
     statuses: Counter[str] = field(default_factory=Counter)  # final statuses
     timeout_lags_ms: list[int] = field(default_factory=list)  # `at` of a timeout cancellation - deadline
+    unacknowledged_kept: int = 0  # orders whose create failed (Redis unreachable) but was applied
 
 
 def check_orders(run: Run, events: list[Event], findings: Findings) -> Tally:
@@ -903,6 +904,8 @@ def check_orders(run: Run, events: list[Event], findings: Findings) -> Tally:
             check_missing(order_id, calls[order_id], story, run, findings)
             continue
         tally.statuses[str(final.status)] += 1
+        if not any(c.op == "create" and c.outcome == "done" for c in calls[order_id]):
+            tally.unacknowledged_kept += 1
         check_final(story, final, findings)
         history, gap = story.history(final)
         if gap is not None:
@@ -1037,7 +1040,8 @@ def print_report(
         f"{args.daemons} daemons, {args.rate:g} orders/s"
     )
     print(
-        f"  orders            {created} created (acknowledged) of {len(producer.attempted)} attempted; plans "
+        f"  orders            {created} created (acknowledged) of {len(producer.attempted)} attempted "
+        f"(and {tally.unacknowledged_kept} unacknowledged but stored); plans "
         + ", ".join(f"{plan} {n}" for plan, n in sorted(producer.plans.items()))
     )
     print(f"  operations        {len(producer.calls)}")
