@@ -14,7 +14,7 @@ def add_broker_arg(parser: argparse.ArgumentParser) -> None:
         choices=BROKER_PROFILES,
         default="stock",
         help="stock (default): mosquitto's defaults, as shops run it (Nagle on, 20 in flight); "
-        "tuned: set_tcp_nodelay true, max_inflight_messages 0",
+        "tuned: set_tcp_nodelay true, max_inflight_messages 0, max_queued_messages 0",
     )
 
 
@@ -26,6 +26,6 @@ def bench_broker(workdir: Path, profile: str, extra_conf: str = "") -> ServerPro
 def broker_line(profile: str) -> tuple[str, str]:
     text = {
         "stock": "mosquitto, stock (its defaults: Nagle on, max_inflight_messages 20)",
-        "tuned": "mosquitto, tuned (set_tcp_nodelay true, max_inflight_messages 0)",
+        "tuned": "mosquitto, tuned (set_tcp_nodelay true, max_inflight_messages 0, max_queued_messages 0)",
     }
     return ("broker", text[profile])

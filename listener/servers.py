@@ -185,8 +185,9 @@ def mosquitto(
 
     `profile` "stock" keeps mosquitto's defaults, as a shop's broker usually
     runs: Nagle's algorithm on, 20 messages in flight (announced to MQTT 5
-    clients as Receive Maximum 20). "tuned" sets `set_tcp_nodelay true` and
-    `max_inflight_messages 0`. `durable` adds persistence (queued QoS 1
+    clients as Receive Maximum 20), at most 1,000 queued messages for a subscriber
+    beyond those in flight. "tuned" sets `set_tcp_nodelay true`,
+    `max_inflight_messages 0` and `max_queued_messages 0`. `durable` adds persistence (queued QoS 1
     messages of persistent sessions survive a restart) and no queue limit,
     which the tests of restarts need; benchmarks run without it."""
     if profile not in BROKER_PROFILES:
@@ -207,6 +208,8 @@ def mosquitto(
         ]
     if profile == "tuned":
         lines += ["max_inflight_messages 0", "set_tcp_nodelay true"]
+        if not durable:
+            lines.append("max_queued_messages 0")
     if os.geteuid() == 0:
         # as root, mosquitto would switch to user `mosquitto`, which cannot
         # read or write our private work folder (persistence, certificates)
