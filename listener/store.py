@@ -16,11 +16,10 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 
 from listener.config import Settings
-from listener.connection import RedisClient, connect_redis
+from listener.connection import RedisClient, connect_redis, redis_lost
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.orders import Operation, Order, Reason, Status
 from listener.scripts import Scripts
-from listener.supervise import is_transient
 
 ScriptCall = tuple[AsyncScript, list[str], list[Any]]
 
@@ -126,7 +125,7 @@ class Store:
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         for reply in replies:
-            if isinstance(reply, Exception) and not (settle and not is_transient(reply)):
+            if isinstance(reply, Exception) and not (settle and not redis_lost(reply)):
                 raise reply
         return replies
 
