@@ -14,13 +14,26 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-
-REPO_REDIS_CONF = Path(__file__).resolve().parent.parent / "redis.conf"
 
 
 class ServerError(RuntimeError):
     pass
+
+
+def redis_conf() -> Path:
+    """The project's redis.conf as the package holds it. `listener/redis.conf`
+    is a symlink to the repository's top-level redis.conf (the one users read
+    and copy), so a checkout or an editable install reads that file and a
+    wheel or sdist carries a copy of it (package data, see pyproject.toml)."""
+    conf = Path(str(resources.files("listener") / "redis.conf"))
+    if not conf.is_file():
+        raise ServerError(
+            f"the package has no redis.conf ({conf} is missing or a broken link): "
+            "reinstall order-expiry-listener (its wheel carries listener/redis.conf)"
+        )
+    return conf
 
 
 def free_port() -> int:
@@ -125,27 +138,13 @@ def redis_binary() -> tuple[str, str]:
 def redis_server(
     workdir: Path, port: int | None = None, *, conf: Path | None = None, extra: list[str] | None = None
 ) -> ServerProcess:
-    """A redis-server on 127.0.0.1 with the project's redis.conf (when found),
-    its AOF and logs in `workdir`."""
+    """A redis-server on 127.0.0.1 with `conf` (default: the project's
+    redis.conf), its AOF and logs in `workdir`."""
     binary, kind = redis_binary()
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "redis.log"
-    conf = conf if conf is not None else (REPO_REDIS_CONF if REPO_REDIS_CONF.exists() else None)
-    argv = [binary]
-    if conf is not None:
-        argv.append(str(conf))
-    else:  # the essentials of redis.conf
-        argv += [
-            "--notify-keyspace-events",
-            "Ex",
-            "--appendonly",
-            "yes",
-            "--maxmemory-policy",
-            "noeviction",
-            "--hz",
-            "50",
-        ]
+    argv = [binary, str(conf if conf is not None else redis_conf())]
     argv += [
         "--port",
         str(port),
