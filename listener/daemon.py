@@ -154,7 +154,7 @@ class Daemon:
             self.redis_service,
             batch=settings.sweep_batch,
             resync_interval=settings.resync_interval,
-            on_cancelled=lambda _order_id, deadline, at: self.metrics.cancelled(deadline, at),
+            on_cancelled=self._count_cancelled,
             on_dropped=lambda _order_id, _problem: self.metrics.malformed_records.inc(),
         )
         self.listener = ExpiryListener(
@@ -166,6 +166,7 @@ class Daemon:
             self.redis_service,
             settings,
             self.fast_paths,
+            on_cancelled=self._count_cancelled,
         )
         self.outbox = Outbox(
             self.store,
@@ -176,6 +177,10 @@ class Daemon:
             on_published=self.metrics.events_published,
             on_dead_letter=self.metrics.dead_lettered,
         )
+
+    def _count_cancelled(self, _order_id: str, deadline_ms: int, cancelled_ms: int) -> None:
+        """An order cancelled at its deadline, by the scheduler or on its expired event."""
+        self.metrics.cancelled(deadline_ms, cancelled_ms)
 
     async def _use_cluster_if_there(self) -> None:
         """A Redis Cluster behind the URL? Then rebuild on a cluster client

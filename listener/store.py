@@ -336,6 +336,16 @@ class Store:
             deadline_ms=int(fields["d"]),
         )
 
+    async def cancel_times(self, order_ids: Sequence[str]) -> list[tuple[int, int] | None]:
+        """(deadline ms, last change ms) of each order as its own hash has them:
+        for an order just cancelled, when it was due and when it was cancelled
+        (by the Redis clock). None where the hash lacks them."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for order_id in order_ids:
+                pipe.hmget(self.layout.order(order_id), ["d", "u"])  # HMGET: both ACL users have it
+            replies = await pipe.execute()
+        return [None if None in reply else (_ms(reply[0]), _ms(reply[1])) for reply in replies]
+
     async def now_ms(self) -> int:
         seconds, micros = await self.redis.time()
         return int(seconds) * 1000 + int(micros) // 1000
