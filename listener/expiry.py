@@ -51,6 +51,7 @@ from listener.connection import (
 from listener.fastpath import FastPaths
 from listener.fastpath.hiredis_drain import HiredisDrain
 from listener.keys import KeyLayout
+from listener.notifications import expired_channel
 from listener.orders import Operation
 from listener.scheduler import CancelledHook, DeadlineScheduler
 from listener.store import Store, TransitionResult
@@ -67,10 +68,6 @@ TOPOLOGY_EVERY = 2.0  # seconds between looks at a cluster's primaries
 # scheduler had cancelled a little later than Redis' expiry announced its timer.
 GRACE = 0.1
 PING_EVERY = 15.0  # seconds between PINGs on a subscription (a dead connection fails the send)
-
-
-def expired_channel(db: int) -> str:
-    return f"__keyevent@{db}__:expired"
 
 
 class ExpiryListener:
