@@ -13,11 +13,10 @@ from redis.exceptions import NoPermissionError
 
 from listener.config import Settings, mqtt_target, redis_target
 from listener.connection import RedisClient, open_redis
-from listener.daemon import check_notifications
-from listener.expiry import expired_channel
 from listener.keys import KeyLayout
 from listener.mqtt import default_client_id, make_client
 from listener.mqtt.client import CheckedClient
+from listener.notifications import check_notifications, expired_channel
 from listener.scripts import NAMES, source
 
 Echo = Callable[[str], None]

@@ -37,6 +37,7 @@ import time
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from listener import logs
 from listener.config import Settings
@@ -50,9 +51,10 @@ from listener.connection import (
 from listener.fastpath import FastPaths
 from listener.fastpath.hiredis_drain import HiredisDrain
 from listener.keys import KeyLayout
+from listener.notifications import expired_channel
 from listener.orders import Operation
-from listener.scheduler import DeadlineScheduler
-from listener.store import Store
+from listener.scheduler import CancelledHook, DeadlineScheduler
+from listener.store import Store, TransitionResult
 from listener.supervise import Service, describe, is_transient, supervise
 
 log = logs.get("listener.expiry")
@@ -69,10 +71,6 @@ GRACE = 0.1
 PING_EVERY = 15.0  # seconds between PINGs on a subscription (a dead connection fails the send)
 
 
-def expired_channel(db: int) -> str:
-    return f"__keyevent@{db}__:expired"
-
-
 class ExpiryListener:
     def __init__(
         self,
@@ -84,6 +82,8 @@ class ExpiryListener:
         service: Service,
         settings: Settings,
         fast_paths: FastPaths,
+        *,
+        on_cancelled: CancelledHook | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings  # on a cluster: how to reach each primary
@@ -93,6 +93,7 @@ class ExpiryListener:
         self._wake_channel = layout.wake_channel.encode()
         self.scheduler = scheduler
         self.service = service
+        self.on_cancelled = on_cancelled  # as the scheduler's: for each order cancelled here
         self.subscribed = asyncio.Event()
         self._pending: dict[str, float] = {}  # order id -> when its event came (monotonic), oldest first
         self._have_work = asyncio.Event()
@@ -329,28 +330,49 @@ class ExpiryListener:
             if oldest > ripe:
                 await asyncio.sleep(oldest - ripe)
                 continue
-            batch = []
-            for order_id, came in list(itertools.islice(self._pending.items(), BATCH)):
-                if came > ripe:
-                    break
-                if order_id in self.scheduler.recent:  # its sweep result arrived after the event
-                    self._pending.pop(order_id)
-                    self.skipped += 1
-                else:
-                    batch.append(order_id)
+            batch = self._ripe(ripe)
             if not batch:
                 continue
             results = await self.store.try_many(Operation.EXPIRE, batch)
             self.service.ok()
-            for order_id, result in zip(batch, results, strict=True):
-                self._pending.pop(order_id, None)
-                if isinstance(result, Exception):
-                    # a record the script refuses (written by hand or by a broken
-                    # producer): this order stays as it is, the others go on
-                    self.refused += 1
-                    log.error("expired order not cancelled", order_id=order_id, error=describe(result))
-                elif result.outcome == "done":
-                    self.cancelled += 1
-                    log.info(
-                        "order cancelled", order_id=result.order_id, reason="timeout", via="expired-event"
-                    )
+            done = self._settle(batch, results)
+            if done and self.on_cancelled is not None:
+                await self._report_cancelled(done, self.on_cancelled)
+
+    def _ripe(self, ripe: float) -> list[str]:
+        """The next batch of orders whose events came before `ripe` and which
+        the scheduler has not cancelled meanwhile (those are skipped)."""
+        batch = []
+        for order_id, came in list(itertools.islice(self._pending.items(), BATCH)):
+            if came > ripe:
+                break
+            if order_id in self.scheduler.recent:  # its sweep result arrived after the event
+                self._pending.pop(order_id)
+                self.skipped += 1
+            else:
+                batch.append(order_id)
+        return batch
+
+    def _settle(self, batch: list[str], results: list[TransitionResult | ResponseError]) -> list[str]:
+        """Count and log what the expire scripts did; the orders they cancelled."""
+        done = []
+        for order_id, result in zip(batch, results, strict=True):
+            self._pending.pop(order_id, None)
+            if isinstance(result, Exception):
+                # a record the script refuses (written by hand or by a broken
+                # producer): this order stays as it is, the others go on
+                self.refused += 1
+                log.error("expired order not cancelled", order_id=order_id, error=describe(result))
+            elif result.outcome == "done":
+                self.cancelled += 1
+                done.append(order_id)
+                log.info("order cancelled", order_id=result.order_id, reason="timeout", via="expired-event")
+        return done
+
+    async def _report_cancelled(self, order_ids: list[str], hook: CancelledHook) -> None:
+        """The hook for each order cancelled here, with its deadline and the
+        moment of its cancellation as its record has them (the expire script
+        answers neither)."""
+        for order_id, times in zip(order_ids, await self.store.cancel_times(order_ids), strict=True):
+            if times is not None:
+                hook(order_id, *times)

@@ -1,30 +1,20 @@
-"""Metrics and health over HTTP: Prometheus text at /metrics, /healthz.
-
-Off unless ``ORDER_LISTENER_METRICS_ADDR`` (host:port) is set. The metrics use
-the official client library with a registry of this daemon's own (several
-daemons can live in one process, as in the tests). The HTTP side is a small
-asyncio server in the daemon's loop, so /healthz reads the live state.
+"""The daemon's metrics, in Prometheus' official client library with a
+registry of this daemon's own (several daemons can live in one process, as
+in the tests). Served at /metrics by listener/http_server.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
-import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from listener import logs
-from listener.config import parse_addr
 from listener.events import StatusEvent
 from listener.fastpath import MODES, FastPaths
 from listener.supervise import Service
-
-log = logs.get("listener.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LAG_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
@@ -126,50 +116,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-async def serve(
-    addr: str,
-    metrics: Metrics,
-    healthy: Callable[[], dict[str, bool]],
-    started: asyncio.Event | None = None,
-) -> None:
-    """Serve /metrics and /healthz until cancelled."""
-    host, port = parse_addr(addr)
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request.decode("latin-1").split()
-            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
-            if path == "/metrics":
-                status, body, ctype = "200 OK", metrics.render(), CONTENT_TYPE
-            elif path == "/healthz":
-                checks = healthy()
-                ok = all(checks.values())
-                status = "200 OK" if ok else "503 Service Unavailable"
-                body = json.dumps({"ok": ok, **checks}).encode()
-                ctype = "application/json"
-            else:
-                status, body, ctype = "404 Not Found", b"try /metrics or /healthz\n", "text/plain"
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    server = await asyncio.start_server(handle, host, port)
-    log.info("metrics and health served", addr=f"{host}:{port}", paths=["/metrics", "/healthz"])
-    if started is not None:
-        started.set()
-    async with server:
-        await server.serve_forever()

@@ -14,13 +14,26 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-
-REPO_REDIS_CONF = Path(__file__).resolve().parent.parent / "redis.conf"
 
 
 class ServerError(RuntimeError):
     pass
+
+
+def redis_conf() -> Path:
+    """The project's redis.conf as the package holds it. `listener/redis.conf`
+    is a symlink to the repository's top-level redis.conf (the one users read
+    and copy), so a checkout or an editable install reads that file and a
+    wheel or sdist carries a copy of it (package data, see pyproject.toml)."""
+    conf = Path(str(resources.files("listener") / "redis.conf"))
+    if not conf.is_file():
+        raise ServerError(
+            f"the package has no redis.conf ({conf} is missing or a broken link): "
+            "reinstall order-expiry-listener (its wheel carries listener/redis.conf)"
+        )
+    return conf
 
 
 def free_port() -> int:
@@ -125,27 +138,13 @@ def redis_binary() -> tuple[str, str]:
 def redis_server(
     workdir: Path, port: int | None = None, *, conf: Path | None = None, extra: list[str] | None = None
 ) -> ServerProcess:
-    """A redis-server on 127.0.0.1 with the project's redis.conf (when found),
-    its AOF and logs in `workdir`."""
+    """A redis-server on 127.0.0.1 with `conf` (default: the project's
+    redis.conf), its AOF and logs in `workdir`."""
     binary, kind = redis_binary()
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "redis.log"
-    conf = conf if conf is not None else (REPO_REDIS_CONF if REPO_REDIS_CONF.exists() else None)
-    argv = [binary]
-    if conf is not None:
-        argv.append(str(conf))
-    else:  # the essentials of redis.conf
-        argv += [
-            "--notify-keyspace-events",
-            "Ex",
-            "--appendonly",
-            "yes",
-            "--maxmemory-policy",
-            "noeviction",
-            "--hz",
-            "50",
-        ]
+    argv = [binary, str(conf if conf is not None else redis_conf())]
     argv += [
         "--port",
         str(port),
@@ -217,125 +216,3 @@ def mosquitto(
     conf.write_text("\n".join(lines) + "\n" + extra_conf)
     log = workdir / "mosquitto.log"
     return ServerProcess("mosquitto", [binary, "-c", str(conf)], port, workdir, log)
-
-
-@dataclass
-class RedisClusterProcs:
-    """A Redis Cluster of `primaries` primaries, each with `replicas` replicas,
-    on free loopback ports (the cluster bus on its own free port, `cluster-port`,
-    so bus ports never collide with other servers)."""
-
-    nodes: list[ServerProcess]
-    bus_ports: list[int]
-    primaries: int
-    replicas: int
-
-    @property
-    def ports(self) -> list[int]:
-        return [node.port for node in self.nodes]
-
-    def node(self, port: int) -> ServerProcess:
-        return next(node for node in self.nodes if node.port == port)
-
-    def start(self, wait: float = 30.0) -> None:
-        """Start every node; on first start, join them and assign slots and replicas."""
-        for node in self.nodes:
-            node.start()
-        if not _cluster_ok(self.nodes[0].port):
-            _form_cluster(self.ports, self.bus_ports, self.primaries, self.replicas)
-        give_up = time.monotonic() + wait
-        while not all(_cluster_ok(port) for port in self.ports):
-            if time.monotonic() > give_up:
-                raise ServerError(f"the cluster on ports {self.ports} did not become ok in {wait} s")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-
-
-def redis_cluster(workdir: Path, *, primaries: int = 3, replicas: int = 1) -> RedisClusterProcs:
-    """Nodes with the project's redis.conf plus cluster mode; not started yet."""
-    nodes, bus_ports = [], []
-    for index in range(primaries * (1 + replicas)):
-        port, bus_port = free_port(), free_port()
-        bus_ports.append(bus_port)
-        nodes.append(
-            redis_server(
-                workdir / f"node-{index}",
-                port,
-                extra=[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    f"nodes-{port}.conf",
-                    "--cluster-port",
-                    str(bus_port),
-                    "--cluster-node-timeout",
-                    "1000",
-                    # a replica that was cut off for a while may still take over (tests kill primaries)
-                    "--cluster-replica-validity-factor",
-                    "0",
-                    "--repl-diskless-sync-delay",  # replicas in sync at once, not after 5 s
-                    "0",
-                ],
-            )
-        )
-    return RedisClusterProcs(nodes, bus_ports, primaries, replicas)
-
-
-def _cluster_call(port: int, *args: str) -> str:
-    """One command to a node, over a plain socket (RESP), reply as text."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
-        sock.sendall(payload.encode())
-        reply = b""
-        sock.settimeout(5)
-        while True:
-            chunk = sock.recv(65536)
-            reply += chunk
-            if not chunk or _complete(reply):
-                break
-    text = reply.decode(errors="replace")
-    if text.startswith("-"):
-        raise ServerError(f"node {port}: {' '.join(args)}: {text[1:].strip()}")
-    return text
-
-
-def _complete(reply: bytes) -> bool:
-    if reply[:1] in (b"+", b"-", b":"):
-        return reply.endswith(b"\r\n")
-    if reply[:1] == b"$":
-        head, _, rest = reply.partition(b"\r\n")
-        size = int(head[1:])
-        return size < 0 or len(rest) >= size + 2
-    return False
-
-
-def _cluster_ok(port: int) -> bool:
-    try:
-        return "cluster_state:ok" in _cluster_call(port, "CLUSTER", "INFO")
-    except (OSError, ServerError):
-        return False
-
-
-def _form_cluster(ports: list[int], bus_ports: list[int], primaries: int, replicas: int) -> None:
-    slots_each = 16384 // primaries
-    for index, port in enumerate(ports[:primaries]):
-        first = index * slots_each
-        last = 16383 if index == primaries - 1 else first + slots_each - 1
-        _cluster_call(port, "CLUSTER", "ADDSLOTSRANGE", str(first), str(last))
-    for port in ports[1:]:
-        _cluster_call(port, "CLUSTER", "MEET", "127.0.0.1", str(ports[0]), str(bus_ports[0]))
-    give_up = time.monotonic() + 20
-    ids = {port: _cluster_call(port, "CLUSTER", "MYID").split("\r\n")[1] for port in ports}
-    for index, port in enumerate(ports[primaries:]):
-        primary = ports[index % primaries]
-        while True:  # REPLICATE needs the primary known to this node first
-            try:
-                _cluster_call(port, "CLUSTER", "REPLICATE", ids[primary])
-                break
-            except ServerError:
-                if time.monotonic() > give_up:
-                    raise
-                time.sleep(0.1)

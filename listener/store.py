@@ -16,7 +16,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 
 from listener.config import Settings
-from listener.connection import REDIS_TRANSIENT, RedisClient, connect_redis, redis_lost
+from listener.connection import RedisClient, connect_redis, redis_lost
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.orders import Operation, Order, Reason, Status
 from listener.scripts import Scripts
@@ -67,11 +67,6 @@ _SCRIPT_OF: dict[Operation, tuple[str, str | None]] = {
     Operation.REFUND: ("refund", Reason.REFUND),
     Operation.LOGISTICS_RETURNED: ("refund", Reason.RETURNED),
 }
-
-
-def _redis_transient(exc: BaseException) -> bool:
-    """Redis lost or failing over (the producer API's view: no MQTT here)."""
-    return isinstance(exc, REDIS_TRANSIENT) or redis_lost(exc)
 
 
 def _text(value: Any, errors: str = "replace") -> str:
@@ -130,7 +125,7 @@ class Store:
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         for reply in replies:
-            if isinstance(reply, Exception) and not (settle and not _redis_transient(reply)):
+            if isinstance(reply, Exception) and not (settle and not redis_lost(reply)):
                 raise reply
         return replies
 
@@ -340,6 +335,16 @@ class Store:
             updated_ms=int(fields["u"]),
             deadline_ms=int(fields["d"]),
         )
+
+    async def cancel_times(self, order_ids: Sequence[str]) -> list[tuple[int, int] | None]:
+        """(deadline ms, last change ms) of each order as its own hash has them:
+        for an order just cancelled, when it was due and when it was cancelled
+        (by the Redis clock). None where the hash lacks them."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for order_id in order_ids:
+                pipe.hmget(self.layout.order(order_id), ["d", "u"])  # HMGET: both ACL users have it
+            replies = await pipe.execute()
+        return [None if None in reply else (_ms(reply[0]), _ms(reply[1])) for reply in replies]
 
     async def now_ms(self) -> int:
         seconds, micros = await self.redis.time()

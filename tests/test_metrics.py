@@ -9,11 +9,15 @@ import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+from redis.asyncio import Redis
+
 from listener.api import OrderClient
 from listener.config import FastPathSetting, Settings
 from listener.daemon import Daemon
 from listener.servers import ServerProcess, free_port
 from tests.conftest import Subscriber, wait_until
+from tests.life import cancelled_by_its_expired_event
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -115,3 +119,28 @@ async def test_dashboard_and_alerts_name_only_exported_metrics(
         assert named, f"{name} names no metric"
         assert named <= exported, f"{name} names metrics that are not exported: {named - exported}"
     json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+
+
+async def test_the_lag_histogram_counts_cancellations_on_expired_events(
+    settings: Settings, redis: Redis, start_daemon: Callable[..., Awaitable[Daemon]], subscriber: Subscriber
+) -> None:
+    """The scheduler's cancellations are timed above; here an order taken out
+    of the deadline index, which only its expired event cancels, is timed too:
+    from its deadline to its cancellation, as its record has them."""
+    port = free_port()
+    daemon = await start_daemon(dataclasses.replace(settings, metrics_addr=f"127.0.0.1:{port}"))
+    await asyncio.wait_for(daemon.http_ready.wait(), 5)
+    await cancelled_by_its_expired_event(settings, redis, subscriber, "m-expired")
+    assert (daemon.listener.cancelled, daemon.scheduler.cancelled) == (1, 0)
+
+    async def timed() -> bool:
+        _, text = await http_get(port, "/metrics")
+        return metric(text, "order_listener_expiry_lag_seconds_count") == 1
+
+    await wait_until(timed, 10, "the cancellation timed")
+    async with OrderClient(settings) as client:
+        order = await client.get("m-expired")
+    assert order.updated_ms >= order.deadline_ms  # never cancelled before its deadline
+    _, text = await http_get(port, "/metrics")
+    lag = metric(text, "order_listener_expiry_lag_seconds_sum")
+    assert lag == pytest.approx((order.updated_ms - order.deadline_ms) / 1000)

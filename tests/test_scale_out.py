@@ -28,7 +28,8 @@ from listener.api import OrderClient
 from listener.config import Settings, load_settings, mqtt_target
 from listener.daemon import Daemon
 from listener.keys import PARTS, KeyLayout, part_of
-from listener.servers import RedisClusterProcs, ServerProcess, redis_cluster
+from listener.servers import ServerProcess
+from tests.cluster import RedisClusterProcs, redis_cluster
 from tests.conftest import CLI, Subscriber, env_for, wait_until
 from tests.life import lanes_barrier
 
