@@ -114,7 +114,7 @@ _ORDER_ID = re.compile(ORDER_ID_PATTERN.pattern.encode())
 _STATUSES = {str(status).encode(): str(status) for status in Status}
 _LATER_STATUSES = {raw: text for raw, text in _STATUSES.items() if text != Status.CREATED}
 _REASONS = {str(reason).encode(): str(reason) for reason in Reason}
-_ENTRY_ID = re.compile(rb"([0-9]{1,16})-([0-9]{1,20})")
+_ENTRY_ID = re.compile(rb"([0-9]{1,16})-([0-9]{1,19})")  # (Redis refuses a sequence past 2**64-1)
 _DIGITS = re.compile(rb"[0-9]{1,16}")
 
 

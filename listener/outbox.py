@@ -245,14 +245,17 @@ class Outbox:
                     try:
                         got = await pump.read(readable, block)
                     except ResponseError as exc:
-                        if "WRONGTYPE" not in str(exc) or not await self._set_aside(readable):
+                        broken = await self._set_aside(readable) if "WRONGTYPE" in str(exc) else set()
+                        if not broken:
                             raise
+                        for part in broken:
+                            pump._reset_part(part)  # read again from its first entry once repaired
                         continue
                     self.redis_service.ok()
                 try:
                     sent = pump.send(publishers)
                 except aiomqtt.MqttError as exc:  # the connection went while sending
-                    pump.lost(str(exc))
+                    pump.gone = str(exc)  # (a lost connection also zeroes what was in flight)
                     continue
                 if pump.unpublishable:
                     await self._dead_letter_unpublishable(pump.unpublishable)
@@ -278,8 +281,7 @@ class Outbox:
                     await asyncio.sleep(0.2)  # held, but the lease is being renewed
                 if pump.open and pump.idle_for() > PUBLISH_TIMEOUT:
                     log.warning("no PUBACK from the broker; sending again", seconds=PUBLISH_TIMEOUT)
-                    for publisher in publishers:
-                        publisher.forget(pump)
+                    pump.open -= sum(publisher.forget(pump) for publisher in publishers)
                     pump.reset()
         finally:
             deletes = pump.take_deletes()
@@ -290,19 +292,26 @@ class Outbox:
         now = time.monotonic()
         return sorted(part for part in mine if self.broken.get(part, 0.0) <= now)
 
-    async def _set_aside(self, parts: list[int]) -> bool:
+    async def _set_aside(self, parts: list[int]) -> set[int]:
         """A lane stream that is not a stream (written by hand) fails the XREAD
         of every lane: find it and leave its lane out for a while, with an
-        error line, so the other lanes go on. False if none is to blame."""
-        keys = [key for part in parts for key in (self.layout.outbox(part), self.layout.outbox_created(part))]
+        error line, so the other lanes go on. Its dead-letter streams are looked
+        at too. Returns the lanes left out (none: the error was another one's)."""
+        kinds = (
+            self.layout.outbox,
+            self.layout.outbox_created,
+            lambda part: self.layout.dead_letters(self.layout.outbox(part)),
+            lambda part: self.layout.dead_letters(self.layout.outbox_created(part)),
+        )
+        keys = [kind(part) for part in parts for kind in kinds]
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.xlen(key)
             replies = await pipe.execute(raise_on_error=False)
-        found = False
+        broken: set[int] = set()
         for index, (key, reply) in enumerate(zip(keys, replies, strict=True)):
             if isinstance(reply, ResponseError):
-                part = parts[index // 2]
+                part = parts[index // len(kinds)]
                 log.error(  # again every BROKEN_RETRY seconds while it lasts
                     "an outbox stream holds another type: its lane is left out until it is a stream",
                     part=part,
@@ -310,8 +319,8 @@ class Outbox:
                     fix=f"move the key aside (RENAME {key} {key}:broken); the lane resumes by itself",
                 )
                 self.broken[part] = time.monotonic() + BROKEN_RETRY
-                found = True
-        return found
+                broken.add(part)
+        return broken
 
     def _report(self, events: list[StatusEvent]) -> None:
         self.published += len(events)
@@ -351,7 +360,9 @@ class Outbox:
         async with self.redis.pipeline(transaction=False) as pipe:
             for key, entry_id in lookups:
                 pipe.xrange(key, entry_id, entry_id)
-            return cast("list[list[Entry]]", await pipe.execute())
+            # an id Redis refuses (written by hand) is not found: its entry is moved aside in turn
+            replies = await pipe.execute(raise_on_error=False)
+        return [[] if isinstance(reply, Exception) else reply for reply in replies]
 
     async def _with_deletes(
         self, acked: Deletes, then: Callable[[Any], None], *, trim: bool = True
@@ -374,8 +385,7 @@ class Outbox:
                 continue  # another lane found it out first and said so
             self.trim = False
             log.warning(
-                "Redis refused XTRIM: published entries are deleted with XDEL, which costs "
-                "Redis far more",
+                "Redis refused XTRIM: published entries are deleted with XDEL, which costs Redis far more",
                 fix="add +xtrim to the daemon's Redis user (see deploy/redis-users.acl)",
             )
 

@@ -45,6 +45,7 @@ Parse = Callable[[str, Sequence[Entry], bool], Awaitable[list[tuple[bytes, Statu
 BLOCK_MS = 1000  # a blocking read's wait when nothing is in flight
 POLL_S = 0.005  # while publishes are in flight and nothing is queued: look at Redis this often
 CREATED_READ = 256  # `created` entries read ahead per lane when its queue runs low
+HI_AHEAD = 5000  # transitions read ahead, waiting for room in the window, before reading stops
 
 
 def id_tuple(entry_id: bytes) -> tuple[int, int]:
@@ -77,6 +78,14 @@ class Deletes:
 
     def __bool__(self) -> bool:
         return bool(self.upto or self.early)
+
+    def merge(self, later: Deletes) -> None:
+        """Take back deletes that were not sent; the ones made since are later in each stream."""
+        for key, last in later.upto.items():
+            self.upto.setdefault(key, last)
+        for mine, theirs in ((self.ids, later.ids), (self.early, later.early)):
+            for key, ids in theirs.items():
+                mine[key] = ids + mine.get(key, [])
 
     def queue(self, pipe: Any, *, trim: bool) -> None:
         for key, ids in self.early.items():
@@ -193,7 +202,7 @@ class Pump:
             self._reset_part(part)
         self.refused.clear()
         self.gone = ""
-        self.open = 0
+        # `open` stays: what is in flight is answered (and ignored) or lost with the connection
 
     def take_deletes(self) -> Deletes:
         deletes, self.deletes = self.deletes, Deletes()
@@ -207,23 +216,34 @@ class Pump:
     async def read(self, mine: list[int], block: int | None) -> bool:
         """Read what the held lanes have after what was read, deleting what was
         acknowledged in the same round trip. True if anything new came."""
-        hi = {self.hi_key[part]: self.pos[self.hi_key[part]] for part in mine}
+        # transitions are read ahead at most HI_AHEAD (the window sets the pace)
+        hi = (
+            {self.hi_key[part]: self.pos[self.hi_key[part]] for part in mine}
+            if len(self.hi) < HI_AHEAD
+            else {}
+        )
         low = [part for part in mine if self.lo_queued[part] < CREATED_READ // 2]
         lo = {self.lo_key[part]: self.pos[self.lo_key[part]] for part in low}
         batch = self.batch
 
         def reads(pipe: Any) -> None:
-            pipe.xread(hi, count=batch)
+            if hi:
+                pipe.xread(hi, count=batch)
             if lo:
                 pipe.xread(lo, count=CREATED_READ)
 
         deletes = self.take_deletes()
-        replies = await self.run_pipeline(deletes, reads)
-        got = _by_stream(replies[-2] if lo else replies[-1])
-        if lo:
-            got |= _by_stream(replies[-1])
+        try:
+            replies = await self.run_pipeline(deletes, reads)
+        except BaseException:
+            self.deletes.merge(deletes)  # acknowledged all the same: deleted by the next round trip
+            raise
+        got: dict[str, list[Entry]] = {}
+        for reply in replies[len(replies) - (bool(hi) + bool(lo)) :]:
+            got |= _by_stream(reply)
         if not got and block is not None and not self.queued():
-            all_keys = hi | {self.lo_key[part]: self.pos[self.lo_key[part]] for part in mine}
+            all_keys = {self.hi_key[part]: self.pos[self.hi_key[part]] for part in mine}
+            all_keys |= {self.lo_key[part]: self.pos[self.lo_key[part]] for part in mine}
             got = _by_stream(await self.block_read(all_keys, block))
         if not got:
             return False
@@ -273,7 +293,7 @@ class Pump:
         if wanted:
             replies = await self.xrange_one([(lo_key, created) for created in wanted])
             for created, reply in zip(wanted, replies, strict=True):
-                if reply:
+                if reply and reply[0][0] == created:  # (an error reply or another id: not it)
                     # a malformed one is moved aside when its turn is read
                     with contextlib.suppress(KeyError, ValueError, UnicodeDecodeError):
                         found[created] = from_created_entry(*reply[0])
@@ -304,10 +324,19 @@ class Pump:
                 break
             batches: dict[int, tuple[list[StatusEvent], list[Item]]] = {}
             kept: list[Item] = []
+            blocked: set[int] = set()  # lanes with an item kept back: the rest of theirs waits too
             while queue and any(rooms):
                 item = queue.popleft()
                 if item.gen != self.gen[item.part]:
                     continue  # its lane started over
+                index = item.part % count
+                event = item.event
+                if item.part in blocked or not self.holds(item.part) or not (rooms[index] or item.early):
+                    # this connection is full, or the lease is being renewed: in stream
+                    # order, so nothing behind it is deleted (or sent) before it
+                    kept.append(item)
+                    blocked.add(item.part)
+                    continue
                 in_turn = queue is self.lo
                 if in_turn:
                     self.lo_queued[item.part] -= 1
@@ -315,15 +344,13 @@ class Pump:
                         self.order[item.key].append(item)
                         self._advance(item.key)
                         continue
-                index = item.part % count
-                event = item.event
-                if not rooms[index] or not self.holds(item.part) or event is None:
-                    kept.append(item)  # this connection is full, or the lease is being renewed
-                    if in_turn:
-                        self.lo_queued[item.part] += 1
-                    continue
-                if in_turn:
                     del self.lo_unsent[(item.key, item.entry_id)]
+                if event is None:
+                    continue
+                if not rooms[index]:  # an early `created` in the transitions' queue, no room
+                    kept.append(item)
+                    blocked.add(item.part)
+                    continue
                 if not topic_level_ok(event.order_id):  # the parser should have moved it aside
                     self.unpublishable.append(item)
                     item.acked = True  # gone once the caller moved it to the dead letters

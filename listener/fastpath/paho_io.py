@@ -210,4 +210,3 @@ class FastPaho(mqtt_client.Client):
     def _sock_close(self) -> None:
         self._rbuf, self._rpos = b"", 0
         super()._sock_close()
-

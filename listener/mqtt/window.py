@@ -38,7 +38,10 @@ class AckSink(Protocol):
 
 
 def refusal_text(reason: int) -> str:
-    return str(ReasonCode(PacketTypes.PUBACK, identifier=reason))
+    try:
+        return str(ReasonCode(PacketTypes.PUBACK, identifier=reason))
+    except ValueError:  # a code MQTT does not define for PUBACK
+        return f"reason code {reason:#04x}"
 
 
 class Publisher:

@@ -1,0 +1,86 @@
+"""The outbox reader's bookkeeping, without servers: what it sends in which
+order and what it lets be deleted. (The tests with real servers are in
+test_outbox_window.py and test_core_loop.py; these pin down one sequence
+each that is hard to bring about there.)"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from listener.events import StatusEvent, from_created_entry, from_outbox_entry
+from listener.keys import KeyLayout
+from listener.outbox_pump import Entry, Item, Pump
+
+
+class Window:
+    """A connection's window as the reader sees it: room, and what was sent."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.sent: list[Item] = []
+
+    def send(self, events: Sequence[StatusEvent], tokens: Sequence[Any], sink: Any) -> None:
+        self.room -= len(events)
+        self.sent += list(tokens)
+
+
+async def parse(key: str, entries: Sequence[Entry], created: bool) -> list[tuple[bytes, StatusEvent]]:
+    return [(i, from_created_entry(i, f) if created else from_outbox_entry(f)) for i, f in entries]
+
+
+async def unused(*_: Any) -> Any:
+    raise AssertionError("no Redis in these tests")
+
+
+def pump() -> Pump:
+    return Pump(
+        [0],
+        KeyLayout(),
+        link=None,  # type: ignore[arg-type]
+        holds=lambda part: True,
+        held=lambda part: True,
+        run_pipeline=unused,
+        block_read=unused,
+        xrange_one=unused,
+        parse=parse,
+        batch=500,
+    )
+
+
+async def test_a_created_entry_kept_back_is_never_trimmed_by_one_sent_ahead_of_it() -> None:
+    """`created` X (order A) and C (order B) are read; B's cancellation T
+    pulls C ahead; C and T fill the window and are acknowledged while X waits
+    for room. Nothing may let the `created` stream be trimmed past X."""
+    reader = pump()
+    lo, hi = reader.lo_key[0], reader.hi_key[0]
+    await reader._take_created(
+        0, [(b"1000-0", {b"o": b"A", b"t": b"60000"}), (b"2000-0", {b"o": b"B", b"t": b"60000"})]
+    )
+    cancel = {
+        b"o": b"B",
+        b"s": b"cancelled",
+        b"p": b"created",
+        b"r": b"customer",
+        b"v": b"2",
+        b"t": b"3000",
+        b"c": b"2000-0",
+    }
+    await reader._take_transitions(0, [(b"3000-0", cancel)])
+    window = Window(room=2)
+    assert reader.send([window]) == 2  # type: ignore[list-item]
+    assert [(item.key, item.entry_id) for item in window.sent] == [(lo, b"2000-0"), (hi, b"3000-0")]
+    for item in window.sent:
+        reader.acked(item, 0)
+    # no room on this lane's connection (another connection has room): X
+    # waits, and so does C's place in turn
+    reader.send([window, Window(room=5)])  # type: ignore[list-item]
+    assert lo not in reader.deletes.upto, f"the created stream would be trimmed past X: {reader.deletes}"
+    assert reader.deletes.early == {lo: [b"2000-0"]} and reader.deletes.upto == {hi: b"3000-0"}
+    window.room = 1
+    reader.send([window])
+    assert window.sent[-1].entry_id == b"1000-0"
+    reader.acked(window.sent[-1], 0)
+    window.room = 1
+    reader.send([window])  # C's place in turn comes: nothing to send for it
+    assert reader.deletes.upto[lo] == b"2000-0", "X acknowledged: now the stream goes up to C"
