@@ -34,7 +34,7 @@ from listener import logs
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
 from listener.keys import PARTS, KeyLayout
 from listener.mqtt import MqttLink, Publisher
-from listener.outbox_pump import BLOCK_MS, POLL_S, Deletes, Item, Pump, debug_published
+from listener.outbox_pump import BLOCK_MS, POLL_S, Deletes, Pump, debug_published
 from listener.store import Store
 from listener.supervise import Service, supervise
 
@@ -197,9 +197,7 @@ class Outbox:
         pump = Pump(
             parts,
             self.layout,
-            self.link,
             holds=self.holds,
-            held=lambda part: self.held[part].is_set(),
             run_pipeline=self._with_deletes,
             block_read=self._block_read,
             xrange_one=self._xrange_each,
@@ -257,9 +255,6 @@ class Outbox:
                 except aiomqtt.MqttError as exc:  # the connection went while sending
                     pump.gone = str(exc)  # (a lost connection also zeroes what was in flight)
                     continue
-                if pump.unpublishable:
-                    await self._dead_letter_unpublishable(pump.unpublishable)
-                    pump.unpublishable.clear()
                 if pump.published:
                     self._report(pump.published)
                     pump.published = []
@@ -327,14 +322,6 @@ class Outbox:
         if self.on_published is not None:
             self.on_published(events)
         debug_published(events)
-
-    async def _dead_letter_unpublishable(self, items: list[Item]) -> None:
-        """Entries the parser let through that still cannot be a topic level
-        (a last line of defence: the parser checks order ids)."""
-        for item in items:
-            order_id = item.event.order_id if item.event is not None else ""
-            fields = {b"o": order_id.encode(errors="replace")}
-            await self._dead_letter(item.key, item.entry_id, fields, "order id cannot be a topic level")
 
     async def _forget(self, deletes: Deletes) -> None:
         """Delete entries the broker acknowledged, even while being cancelled (a

@@ -33,8 +33,7 @@ from typing import Any, cast
 from listener import logs
 from listener.events import StatusEvent, from_created_entry
 from listener.keys import KeyLayout
-from listener.mqtt import MqttLink, Publisher
-from listener.mqtt.packets import topic_level_ok
+from listener.mqtt import Publisher
 from listener.mqtt.window import refusal_text
 
 log = logs.get("listener.outbox")
@@ -100,7 +99,7 @@ class Deletes:
 
 class Pump:
     """The reader of a group of lanes (all of them on a single Redis, one on a
-    cluster). `holds(part)` and `held(part)` come from the lease keeper;
+    cluster). `holds(part)` comes from the lease keeper;
     `run_pipeline(deletes, then)` sends the deletes and what `then` queues in
     one round trip; `parse` turns entries into events (moving malformed ones
     to the dead-letter stream)."""
@@ -109,25 +108,20 @@ class Pump:
         self,
         parts: list[int],
         layout: KeyLayout,
-        link: MqttLink,
         *,
         holds: Callable[[int], bool],
-        held: Callable[[int], bool],
         run_pipeline: Callable[[Deletes, Callable[[Any], None]], Awaitable[list[Any]]],
         block_read: Callable[[dict[str, bytes], int], Awaitable[Any]],
         xrange_one: Callable[[list[tuple[str, bytes]]], Awaitable[list[list[Entry]]]],
         parse: Parse,
         batch: int,
-        timeout: float = 10.0,
     ) -> None:
         self.parts = parts
         self.layout = layout
-        self.link = link
-        self.holds, self.held = holds, held
+        self.holds = holds
         self.run_pipeline, self.block_read = run_pipeline, block_read
         self.xrange_one, self.parse = xrange_one, parse
         self.batch = batch
-        self.timeout = timeout
         self.hi_key = {part: layout.outbox(part) for part in parts}
         self.lo_key = {part: layout.outbox_created(part) for part in parts}
         self.gen = dict.fromkeys(parts, 0)
@@ -144,7 +138,6 @@ class Pump:
         self.last_ack = time.monotonic()
         self.open = 0  # sent, not answered
         self.lo_unsent: dict[tuple[str, bytes], Item] = {}  # read in turn, not sent yet
-        self.unpublishable: list[Item] = []  # for the caller to move to the dead letters
         for part in parts:
             self._reset_part(part)
 
@@ -350,13 +343,6 @@ class Pump:
                 if not rooms[index]:  # an early `created` in the transitions' queue, no room
                     kept.append(item)
                     blocked.add(item.part)
-                    continue
-                if not topic_level_ok(event.order_id):  # the parser should have moved it aside
-                    self.unpublishable.append(item)
-                    item.acked = True  # gone once the caller moved it to the dead letters
-                    if not item.early:
-                        self.order[item.key].append(item)
-                        self._advance(item.key)
                     continue
                 rooms[index] -= 1
                 events, items = batches.setdefault(index, ([], []))

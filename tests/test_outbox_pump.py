@@ -37,9 +37,7 @@ def pump() -> Pump:
     return Pump(
         [0],
         KeyLayout(),
-        link=None,  # type: ignore[arg-type]
         holds=lambda part: True,
-        held=lambda part: True,
         run_pipeline=unused,
         block_read=unused,
         xrange_one=unused,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import aiomqtt
@@ -166,26 +166,6 @@ class MqttLink:
         acknowledged all of them. `part` (an outbox lane) picks the connection.
         Raises MqttError if the connection is lost or the broker is silent for
         `timeout` seconds, PublishRefused if it refused any."""
-        await self.publish_lanes({part: events}, timeout)
-
-    async def publish_lanes(self, lanes: Mapping[int, Sequence[StatusEvent]], timeout: float = 10.0) -> None:
-        """`publish` for several outbox lanes at once: the lanes of one
-        connection go out as one batch (each lane's events in their order)."""
-        if not any(lanes.values()):
-            return
         connection = await self.connection()
         publishers = connection.publishers
-        batches: dict[int, list[StatusEvent]] = {}
-        for part, events in lanes.items():
-            if events:
-                batches.setdefault(part % len(publishers), []).extend(events)
-        try:
-            outcomes = await asyncio.gather(
-                *(publishers[index].publish(events, timeout) for index, events in batches.items()),
-                return_exceptions=True,
-            )
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-        except TimeoutError:
-            raise aiomqtt.MqttError("publish timed out: no PUBACK from the broker") from None
+        await publishers[part % len(publishers)].publish(events, timeout)

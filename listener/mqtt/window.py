@@ -71,7 +71,7 @@ class Publisher:
     def send(self, events: Sequence[StatusEvent], tokens: Sequence[Any], sink: AckSink) -> None:
         """Write these publishes now (the caller keeps within `room`). Raises
         MqttError if the connection is gone; ValueError for an order id that
-        cannot be a topic level (the caller checks `topic_level_ok` first)."""
+        cannot be a topic level (the outbox's parser refuses such ids first)."""
         if self._lost:
             raise aiomqtt.MqttError(self._lost)
         pending, prefix, v5 = self._pending, self.prefix, self.v5
