@@ -66,6 +66,7 @@ async def test_a_cancellation_after_a_lost_payment_has_its_own_event_id(
         shutil.copy(aside, dump)
         await asyncio.to_thread(snapshot_redis.start)
         await wait_until(_loaded(admin), 15, "redis to load the snapshot")
+        # a pending order is a field of its bucket; a paid one has none (pay moved it to its own hash)
         lost = [await admin.hmget(layout.bucket(oid), [oid]) for oid in ids]
         assert all(packed != [None] for packed in lost), "the pays must be lost: orders pending again"
 

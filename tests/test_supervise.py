@@ -103,8 +103,18 @@ async def test_the_outage_warning_names_where_and_what_to_do(
     and what to do, once, while it retries."""
     config = dataclasses.replace(settings, mqtt_url="mqtt://shop:pw-1234@127.0.0.1:1")
     with structlog.testing.capture_logs() as captured:
-        await start_daemon(config, wait_ready=False)
+        daemon = await start_daemon(config, wait_ready=False)
+        attempts = 0
+        failed = daemon.mqtt_service.failed
+
+        def counted(exc: BaseException, task: str) -> None:
+            nonlocal attempts
+            attempts += 1
+            failed(exc, task)
+
+        daemon.mqtt_service.failed = counted  # type: ignore[method-assign]
         await wait_until(lambda: any(e.get("service") == "mqtt" for e in captured), 10, "the mqtt warning")
+        await wait_until(lambda: attempts >= 3, 15, "more failed attempts: the warning must not repeat")
     (warning,) = [e for e in captured if e.get("service") == "mqtt" and e["log_level"] == "warning"]
     assert warning["event"] == "mqtt unavailable; retrying with backoff"
     assert warning["url"] == "mqtt://shop:***@127.0.0.1:1"
