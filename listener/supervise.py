@@ -3,12 +3,15 @@ capped exponential backoff with full jitter between attempts (``backoff``).
 
 Each long-lived task runs its body through `supervise`; the body reports
 `Service.ok()` once its connection works, which ends the outage and resets
-the backoff.
+the backoff. The first task back wakes every task still waiting out its
+backoff, so an outage ends for all of them when it ends for one (a scheduler
+in a long wait would otherwise cancel late after a short Redis restart).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
@@ -56,6 +59,7 @@ class Service:
         self.reconnects = 0
         self._down_since: float | None = None
         self.up_since = 0.0  # monotonic time it last came up
+        self._back = asyncio.Event()  # set (and replaced) each time the service comes back
 
     def ok(self) -> None:
         if self.up:
@@ -63,6 +67,8 @@ class Service:
         self.up = True
         self.generation += 1
         self.up_since = time.monotonic()
+        self._back.set()
+        self._back = asyncio.Event()
         if self._down_since is not None:
             self.reconnects += 1
             log.info(
@@ -84,6 +90,11 @@ class Service:
                 **where,
             )
         self.up = False
+
+    async def wait_back(self, timeout: float) -> None:
+        """Sleep `timeout` seconds, less if another task reaches the service meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._back.wait(), timeout)
 
 
 def delays(cap: float) -> Iterator[float]:
@@ -125,6 +136,6 @@ async def supervise(
                 if time.monotonic() - service.up_since > STABLE_AFTER:  # it worked for a while: a new outage
                     waits = delays(cap)
             service.failed(exc, task)
-            await asyncio.sleep(next(waits))
+            await service.wait_back(next(waits))
         else:
             return result

@@ -124,7 +124,7 @@ async def test_redis_restart_with_aof(
     before = [f"rr-a{i:03d}" for i in range(100)]  # due while Redis is down or just after
     after = [f"rr-b{i:03d}" for i in range(100)]  # due well after the restart
     async with OrderClient(settings) as client:
-        await client.create_many([(oid, 1.5) for oid in before] + [(oid, 5.0) for oid in after])
+        await client.create_many([(oid, 1.5) for oid in before] + [(oid, 6.0) for oid in after])
     await wait_until(lambda: len(subscriber.with_status("created")) >= 200, 10, "created events")
     await asyncio.sleep(0.3)
     redis_server_proc.stop()  # SIGTERM: Redis writes its AOF and exits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
@@ -85,6 +86,22 @@ async def test_a_second_failure_is_an_outage_with_backoff() -> None:
     assert await supervise("lane", service, body) == "done"
     assert body.calls == 4  # one at once, then two after backoff
     assert not service.up  # marked down; the body reports ok() itself once it works
+
+
+async def test_a_task_in_a_long_backoff_tries_again_when_another_reaches_the_service(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scheduler must not sleep out its backoff after Redis is back: the
+    first task to reach the service wakes the others."""
+    monkeypatch.setattr("listener.supervise.delays", lambda cap: iter([3600.0] * 10))
+    service = Service("redis")
+    body = Flaky(redis_errors.ConnectionError("Connection refused"))
+    waiting = asyncio.create_task(supervise("scheduler", service, body))
+    await wait_until(lambda: body.calls == 1 and not service.up, 5, "the first failure")
+    assert not waiting.done()
+    service.ok()  # another task's connection works again
+    assert await asyncio.wait_for(waiting, 5) == "done"
+    assert body.calls == 2
 
 
 async def test_a_bug_is_raised_not_retried() -> None:
