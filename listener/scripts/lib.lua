@@ -233,17 +233,24 @@ end
 -- remembers `reason`: writes the order's own hash with all six fields s, v,
 -- r, c, u, d (a pending order had only its bucket field, or an own hash with
 -- c and d). A cancelled order keeps its record for `retention` ms.
+--
+-- Numbers go to Redis as text made here (`now` and `retention` may come as
+-- text already, made once by a caller that writes many orders): Redis formats
+-- every number argument of a call itself, which costs more than the write.
 local function advance(okey, outbox, id, status, version, created, deadline, steps, reason, now,
                        retention)
+  local at = type(now) == 'string' and now or string.format('%d', now)
+  local shown_version
   for _, nxt in ipairs(steps) do
     version = version + 1
-    emit(outbox, id, nxt, status, reason, version, now, created)
+    shown_version = string.format('%d', version)
+    emit(outbox, id, nxt, status, reason, shown_version, at, created)
     status = nxt
   end
-  redis.call('HSET', okey, 's', status, 'v', version, 'r', reason, 'c', created, 'u', now,
+  redis.call('HSET', okey, 's', status, 'v', shown_version, 'r', reason, 'c', created, 'u', at,
              'd', deadline)
   if status == 'cancelled' then
-    redis.call('PEXPIRE', okey, retention)
+    redis.call('PEXPIRE', okey, type(retention) == 'string' and retention or string.format('%d', retention))
   end
   return version
 end

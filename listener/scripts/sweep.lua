@@ -88,11 +88,12 @@ if #due > 0 then
   for _, bkey in ipairs(bucket_keys) do
     redis.call('HDEL', bkey, unpack(bucket_ids[bkey]))
   end
+  local at, kept_for = string.format('%d', now), string.format('%d', retention)  -- once, not per order
   for i, id in ipairs(due) do
     local record = records[i]
     if record then
       advance(record[1], outbox, id, 'created', record[2], record[3], record[4], {'cancelled'},
-              'timeout', now, retention)
+              'timeout', at, kept_for)
       cancelled[#cancelled + 1] = id
       cancelled[#cancelled + 1] = record[4]
     end

@@ -1,0 +1,96 @@
+"""What the sweep script costs Redis per cancelled order (no daemon, no broker).
+
+    .venv/bin/python bench/sweep_cost.py [--orders 100000] [--batch 1000]
+
+On a fresh redis-server with the project's redis.conf: creates N orders
+through the Python API with a 1 s window (so they are pending like any
+other, in their buckets), waits until all are due, then runs the `sweep`
+script as the daemon's scheduler does (every part in one pipelined round
+trip, `--batch` orders a part per call) until nothing is due. Prints the
+wall time of the sweeps, Redis's own time in EVALSHA (INFO commandstats) per
+order, and the same for the `create` script. The burst figure of
+bench/burst.py is bounded below by this Redis time. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import print_setup, redis_config
+from redis.asyncio import Redis
+
+from listener.api import OrderClient
+from listener.config import load_settings
+from listener.keys import PARTS
+from listener.servers import redis_server
+
+CHUNK = 10_000
+
+
+async def evalsha_usec(redis: Redis) -> tuple[int, int]:
+    stats = await redis.info("commandstats")
+    entry = stats.get("cmdstat_evalsha", {})
+    return int(entry.get("calls", 0)), int(entry.get("usec", 0))
+
+
+async def measure(url: str, orders: int, batch: int) -> None:
+    redis = Redis.from_url(url)
+    print(f"Redis config: {await redis_config(redis)}", flush=True)
+    settings = load_settings(redis_url=url)
+    ids = [f"sweep-{i:07d}" for i in range(orders)]
+    async with OrderClient(settings) as client:
+        await redis.config_resetstat()
+        started = time.perf_counter()
+        for i in range(0, orders, CHUNK):
+            await client.create_many([(oid, 1.0) for oid in ids[i : i + CHUNK]])
+        create_s = time.perf_counter() - started
+        _, create_us = await evalsha_usec(redis)
+        memory = (await redis.info("memory"))["used_memory"]
+        await asyncio.sleep(1.2)  # every order is due now (a 1 s window)
+        store = await client.opened()
+        await redis.config_resetstat()
+        calls = swept = 0
+        started = time.perf_counter()
+        while True:
+            results = await store.sweep(range(PARTS), batch)
+            calls += 1
+            done = sum(len(r.cancelled) for r in results)
+            swept += done
+            if done == 0:
+                break
+        sweep_s = time.perf_counter() - started
+        _, sweep_us = await evalsha_usec(redis)
+    await redis.aclose()
+    print(f"orders            {orders:,} ({memory / orders:.0f} B of Redis memory each while pending)")
+    print(f"create            {create_s:.2f} s wall, Redis {create_us / orders:.1f} µs per order")
+    print(
+        f"sweep             {sweep_s:.2f} s wall in {calls} rounds of {PARTS} parts x {batch}, "
+        f"Redis {sweep_us / 1e6:.2f} s = {sweep_us / max(swept, 1):.1f} µs per order ({swept:,} cancelled)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--orders", type=int, default=100_000)
+    parser.add_argument(
+        "--batch", type=int, default=1000, help="orders per part per sweep call (the daemon's)"
+    )
+    args = parser.parse_args()
+    print_setup("sweep cost", [("orders", f"{args.orders:,}"), ("batch", str(args.batch))])
+    with tempfile.TemporaryDirectory(prefix="sweep-cost-") as tmp:
+        server = redis_server(Path(tmp) / "redis")
+        server.start()
+        try:
+            asyncio.run(measure(f"redis://127.0.0.1:{server.port}/0", args.orders, args.batch))
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
