@@ -238,7 +238,7 @@ class Outbox:
                 if not readable:
                     await asyncio.sleep(1.0)  # every held lane's stream is of the wrong type
                     continue
-                if room or pump.deletes:
+                if (room or pump.deletes) and pump.read_due(publishers):
                     block = None if (stopping or pump.open or pump.queued()) else BLOCK_MS
                     try:
                         got = await pump.read(readable, block)
@@ -250,8 +250,9 @@ class Outbox:
                             pump._reset_part(part)  # read again from its first entry once repaired
                         continue
                     self.redis_service.ok()
+                deferred = not pump.send_due(publishers)
                 try:
-                    sent = pump.send(publishers)
+                    sent = 0 if deferred else pump.send(publishers)
                 except aiomqtt.MqttError as exc:  # the connection went while sending
                     pump.gone = str(exc)  # (a lost connection also zeroes what was in flight)
                     continue
@@ -266,8 +267,8 @@ class Outbox:
                 if sent:
                     continue
                 room = any(publisher.room for publisher in publishers)  # PUBACKs came while reading
-                if not room:
-                    # the window is full (of this reader's publishes or another
+                if deferred or not room:
+                    # the window is (nearly) full (of this reader's publishes or another
                     # lane's, on a cluster), or the connection is going
                     await _changed(publishers, 1.0)
                 elif pump.open:

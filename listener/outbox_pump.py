@@ -45,6 +45,11 @@ BLOCK_MS = 1000  # a blocking read's wait when nothing is in flight
 POLL_S = 0.005  # while publishes are in flight and nothing is queued: look at Redis this often
 CREATED_READ = 256  # `created` entries read ahead per lane when its queue runs low
 HI_AHEAD = 5000  # transitions read ahead, waiting for room in the window, before reading stops
+# While what was read ahead fills the window: a round trip to Redis at most this
+# often, and a write to the broker only once a quarter of its window is free.
+# Each write on a socket costs as much as the work on a few events (the loopback
+# peer's receive runs in the writer's system call); a backlog pays it less often.
+READ_EVERY_S = 0.002
 
 
 def id_tuple(entry_id: bytes) -> tuple[int, int]:
@@ -136,6 +141,7 @@ class Pump:
         self.refused: list[str] = []
         self.gone = ""  # the connection was lost (why)
         self.last_ack = time.monotonic()
+        self.last_read = 0.0
         self.open = 0  # sent, not answered
         self.lo_unsent: dict[tuple[str, bytes], Item] = {}  # read in turn, not sent yet
         for part in parts:
@@ -204,6 +210,20 @@ class Pump:
     def queued(self) -> bool:
         return bool(self.hi or self.lo)
 
+    def read_due(self, publishers: Sequence[Publisher]) -> bool:
+        """Whether to read (and delete) now: always when what is queued may not
+        fill the window, else at most every READ_EVERY_S."""
+        if len(self.hi) + len(self.lo) <= sum(publisher.room for publisher in publishers):
+            return True
+        return time.monotonic() - self.last_read >= READ_EVERY_S
+
+    def send_due(self, publishers: Sequence[Publisher]) -> bool:
+        """Whether to write to the broker now: when everything queued fits in
+        the window (nothing waits behind it), or a quarter of a window is free."""
+        if len(self.hi) + len(self.lo) <= sum(publisher.room for publisher in publishers):
+            return True
+        return any(publisher.room and publisher.room * 4 >= publisher.window for publisher in publishers)
+
     # -- reading ---------------------------------------------------------------
 
     async def read(self, mine: list[int], block: int | None) -> bool:
@@ -226,6 +246,7 @@ class Pump:
                 pipe.xread(lo, count=CREATED_READ)
 
         deletes = self.take_deletes()
+        self.last_read = time.monotonic()
         try:
             replies = await self.run_pipeline(deletes, reads)
         except BaseException:
