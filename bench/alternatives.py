@@ -328,14 +328,27 @@ async def wait_handled(cfg: Config, consumer: Consumer, deadlines: dict[str, flo
         await asyncio.sleep(0.1)
 
 
+def python_consumer_for(cfg: Config, kind: str, url: str) -> Consumer:
+    """The consumer process of a Python contender (expired, a poller, arq)."""
+    if kind == "expired":
+        return python_consumer(kind, "expired", url)
+    if kind.startswith("poll"):
+        return python_consumer(kind, "poll", url, str(POLL_INTERVAL[kind]))
+    return python_consumer(kind, "arq", url, str(cfg.arq_max_jobs))
+
+
+def adder_for(kind: str, redis: Redis, arq_pool: Any) -> AddBatch:
+    """How a Python contender's producer adds a batch of items."""
+    if kind == "expired":
+        return lambda ids, timeout: expired_add(redis, ids, timeout)
+    if kind.startswith("poll"):
+        return lambda ids, timeout: poll_add(redis, ids, timeout)
+    return lambda ids, timeout: arq_add(arq_pool, ids, timeout)
+
+
 async def run_python_contender(cfg: Config, kind: str, redis: Redis, url: str, result: Result) -> None:
     timeout_ms = round(cfg.timeout * 1000)
-    if kind == "expired":
-        consumer = python_consumer(kind, "expired", url)
-    elif kind.startswith("poll"):
-        consumer = python_consumer(kind, "poll", url, str(POLL_INTERVAL[kind]))
-    else:
-        consumer = python_consumer(kind, "arq", url, str(cfg.arq_max_jobs))
+    consumer = python_consumer_for(cfg, kind, url)
     arq_pool: Any = None
     if kind == "arq":
         from arq.connections import RedisSettings, create_pool
@@ -347,25 +360,9 @@ async def run_python_contender(cfg: Config, kind: str, redis: Redis, url: str, r
         await load_pending(kind, redis, arq_pool, result.pending)
         result.load_s = time.monotonic() - began
         result.idle_redis, result.idle_consumer = await idle_cost(redis, consumer.pid, cfg.idle)
-
-        add: AddBatch
-        if kind == "expired":
-
-            async def add(ids: list[str], timeout: int) -> dict[str, float]:
-                return await expired_add(redis, ids, timeout)
-
-        elif kind.startswith("poll"):
-
-            async def add(ids: list[str], timeout: int) -> dict[str, float]:
-                return await poll_add(redis, ids, timeout)
-
-        else:
-
-            async def add(ids: list[str], timeout: int) -> dict[str, float]:
-                return await arq_add(arq_pool, ids, timeout)
-
         meter = LoadMeter(redis, consumer.pid, result)
         await meter.start()
+        add = adder_for(kind, redis, arq_pool)
         deadlines = await paced(result.rate, cfg.duration, timeout_ms, add, cfg.tick_ms / 1000)
         await wait_handled(cfg, consumer, deadlines)
         await meter.stop()
