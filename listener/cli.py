@@ -79,8 +79,8 @@ def run_async(make: Callable[[], Awaitable[T]], config: Settings | None = None) 
 async def _guard(make: Callable[[], Awaitable[T]], config: Settings | None) -> T:
     import redis.exceptions
 
-    from listener.config import redact
     from listener.errors import Unavailable
+    from listener.urls import redact
 
     try:
         return await make()
