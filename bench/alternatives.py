@@ -1,7 +1,7 @@
 """The daemon against the usual alternatives: lag from deadline to handling, and Redis CPU.
 
     .venv/bin/python bench/alternatives.py                      # quick: about 5 minutes
-    .venv/bin/python bench/alternatives.py --duration 10        # the issue's figures (R, P as below)
+    .venv/bin/python bench/alternatives.py --broker stock tuned # ours on both brokers: docs' figure
     .venv/bin/python bench/alternatives.py --contenders ours expired --pending 0 --rate 100
 
 For every number of pending items P (default 0 and 100,000: due in an hour),
@@ -35,11 +35,22 @@ The contenders:
               no-op processor); bullmq and ioredis are installed with npm into bench/.node
               at the first run. Skipped, with the reason, without node and npm.
 
+Only ours uses MQTT, so only ours depends on the broker: `--broker stock`
+(default) or `tuned` (bench/brokers.py), or `--broker stock tuned` to measure
+ours on each in the same run (one mosquitto per profile, for the whole run;
+the others are measured once).
+
 arq is the `bench` extra of pyproject (pip install -e '.[bench]'); without it
 the arq contender is skipped with the reason. Every consumer runs in its own
-process; mosquitto runs for the whole run. It prints the setup, a line per
-contender as it ends, then a table and the same table in Markdown. Nothing is
-asserted.
+process. It prints the setup, a line per contender as it ends, then a table
+and the same table in Markdown. Nothing is asserted.
+
+Every run ends by writing its results as JSON and drawing them
+(bench/comparison_figure.py): lag p50 and p99 per contender and scenario on a
+log scale, to `--figure` (default docs/comparison.svg) with the JSON beside it
+(docs/comparison.json), so the picture in the docs is always the latest
+measurement. A quick or partial run overwrites them too: point `--figure`
+elsewhere for those.
 """
 
 from __future__ import annotations
@@ -49,6 +60,9 @@ import asyncio
 import contextlib
 import json
 import math
+import os
+import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -67,6 +81,7 @@ from benchlib import (
     Node,
     bullmq_available,
     child_output_loop,
+    cpu_model,
     fmt,
     idle_cost,
     lags_of,
@@ -75,7 +90,8 @@ from benchlib import (
     redis_config,
     redis_cpu,
 )
-from brokers import add_broker_arg, bench_broker
+from brokers import add_broker_arg, bench_broker, broker_line
+from comparison_figure import write_figure
 from redis.asyncio import Redis
 
 from listener.servers import ServerProcess, redis_server
@@ -89,6 +105,7 @@ LOAD_CHUNK = 10_000
 ARQ_CHUNK = 1000
 ARQ_CONCURRENCY = 50  # enqueue_job calls at once
 SCRIPT = Path(__file__).resolve()
+FIGURE = SCRIPT.parent.parent / "docs" / "comparison.svg"
 
 
 @dataclass
@@ -96,6 +113,7 @@ class Result:
     contender: str
     pending: int
     rate: float
+    broker: str = ""  # ours: the broker profile it ran against; the others use no broker
     lags: Lags = field(default_factory=Lags)
     idle_redis: float = math.nan  # % of one core
     idle_consumer: float = math.nan
@@ -105,6 +123,10 @@ class Result:
     skipped: str = ""
     note: str = ""
     row: lag.Row | None = None  # ours: lag.py's figures
+
+    @property
+    def label(self) -> str:
+        return f"{self.contender} ({self.broker} broker)" if self.broker else self.contender
 
 
 @dataclass(frozen=True)
@@ -328,14 +350,27 @@ async def wait_handled(cfg: Config, consumer: Consumer, deadlines: dict[str, flo
         await asyncio.sleep(0.1)
 
 
+def python_consumer_for(cfg: Config, kind: str, url: str) -> Consumer:
+    """The consumer process of a Python contender (expired, a poller, arq)."""
+    if kind == "expired":
+        return python_consumer(kind, "expired", url)
+    if kind.startswith("poll"):
+        return python_consumer(kind, "poll", url, str(POLL_INTERVAL[kind]))
+    return python_consumer(kind, "arq", url, str(cfg.arq_max_jobs))
+
+
+def adder_for(kind: str, redis: Redis, arq_pool: Any) -> AddBatch:
+    """How a Python contender's producer adds a batch of items."""
+    if kind == "expired":
+        return lambda ids, timeout: expired_add(redis, ids, timeout)
+    if kind.startswith("poll"):
+        return lambda ids, timeout: poll_add(redis, ids, timeout)
+    return lambda ids, timeout: arq_add(arq_pool, ids, timeout)
+
+
 async def run_python_contender(cfg: Config, kind: str, redis: Redis, url: str, result: Result) -> None:
     timeout_ms = round(cfg.timeout * 1000)
-    if kind == "expired":
-        consumer = python_consumer(kind, "expired", url)
-    elif kind.startswith("poll"):
-        consumer = python_consumer(kind, "poll", url, str(POLL_INTERVAL[kind]))
-    else:
-        consumer = python_consumer(kind, "arq", url, str(cfg.arq_max_jobs))
+    consumer = python_consumer_for(cfg, kind, url)
     arq_pool: Any = None
     if kind == "arq":
         from arq.connections import RedisSettings, create_pool
@@ -347,25 +382,9 @@ async def run_python_contender(cfg: Config, kind: str, redis: Redis, url: str, r
         await load_pending(kind, redis, arq_pool, result.pending)
         result.load_s = time.monotonic() - began
         result.idle_redis, result.idle_consumer = await idle_cost(redis, consumer.pid, cfg.idle)
-
-        add: AddBatch
-        if kind == "expired":
-
-            async def add(ids: list[str], timeout: int) -> dict[str, float]:
-                return await expired_add(redis, ids, timeout)
-
-        elif kind.startswith("poll"):
-
-            async def add(ids: list[str], timeout: int) -> dict[str, float]:
-                return await poll_add(redis, ids, timeout)
-
-        else:
-
-            async def add(ids: list[str], timeout: int) -> dict[str, float]:
-                return await arq_add(arq_pool, ids, timeout)
-
         meter = LoadMeter(redis, consumer.pid, result)
         await meter.start()
+        add = adder_for(kind, redis, arq_pool)
         deadlines = await paced(result.rate, cfg.duration, timeout_ms, add, cfg.tick_ms / 1000)
         await wait_handled(cfg, consumer, deadlines)
         await meter.stop()
@@ -524,7 +543,7 @@ def stats(result: Result) -> tuple[int, int, float, float, float]:
 
 
 def summary_line(result: Result) -> str:
-    head = f"{result.contender}, pending {result.pending:,}, {result.rate:g}/s:"
+    head = f"{result.label}, pending {result.pending:,}, {result.rate:g}/s:"
     if result.skipped:
         return f"{head} skipped: {result.skipped}"
     measured, missing, p50, p99, top = stats(result)
@@ -550,17 +569,20 @@ HEADERS = [
     "consumer CPU idle %",
     "Redis CPU load %",
     "consumer CPU load %",
-    "p99 / ours",
+    "p99 / ours",  # ours on the first broker given
 ]
 
 
 def table_rows(results: Sequence[Result]) -> list[list[str]]:
-    ours = {(r.pending, r.rate): stats(r)[3] for r in results if r.contender == "ours" and not r.skipped}
+    ours: dict[tuple[int, float], float] = {}  # ours on the first broker given (stock by default)
+    for r in results:
+        if r.contender == "ours" and not r.skipped:
+            ours.setdefault((r.pending, r.rate), stats(r)[3])
     rows = []
     for result in results:
         if result.skipped:
             rows.append(
-                [result.contender, f"{result.pending:,}", f"{result.rate:g}"]
+                [result.label, f"{result.pending:,}", f"{result.rate:g}"]
                 + ["skipped"]
                 + ["-"] * (len(HEADERS) - 4)
             )
@@ -570,7 +592,7 @@ def table_rows(results: Sequence[Result]) -> list[list[str]]:
         ratio = p99 / base if base and not math.isnan(base) and not math.isnan(p99) else math.nan
         rows.append(
             [
-                result.contender,
+                result.label,
                 f"{result.pending:,}",
                 f"{result.rate:g}",
                 f"{measured:,}",
@@ -633,9 +655,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--bullmq-concurrency", type=int, default=50, help="BullMQ worker concurrency (default 50)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    add_broker_arg(parser)
+    add_broker_arg(parser, several=True)
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        default=FIGURE,
+        metavar="SVG",
+        help="where the figure of the results goes, their JSON beside it with the suffix .json "
+        "(default docs/comparison.svg)",
+    )
     parser.add_argument("--child", nargs=3, metavar=("KIND", "URL", "ARG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.broker = list(dict.fromkeys(args.broker))  # each profile once, in the order given
     if args.child is None:
         if any(p < 0 for p in args.pending) or any(r <= 0 for r in args.rate):
             parser.error("--pending must be >= 0 and --rate > 0")
@@ -653,22 +684,67 @@ def arq_version() -> str:
         return ""
 
 
-async def run_all(cfg: Config, args: argparse.Namespace, results: list[Result]) -> None:
-    index = 0
-    for pending in args.pending:
-        for rate in args.rate:
-            for kind in args.contenders:
-                index += 1
-                result = await run_contender(cfg, kind, pending, rate, index)
-                print(summary_line(result), flush=True)
-                if kind == "ours" and result.note:
-                    print("  " + result.note.replace("\n", "\n  "), flush=True)
-                elif result.note:
-                    print(f"  {result.note}", flush=True)
-                results.append(result)
+def runs(args: argparse.Namespace, configs: dict[str, Config]) -> list[tuple[str, str, int, float]]:
+    """(contender, broker, pending, rate) in the order they run: ours once per broker given."""
+    return [
+        (kind, broker, pending, rate)
+        for pending in args.pending
+        for rate in args.rate
+        for kind in args.contenders
+        for broker in (configs if kind == "ours" else [""])
+    ]
+
+
+async def run_all(configs: dict[str, Config], args: argparse.Namespace, results: list[Result]) -> None:
+    """`configs`: one per broker profile (its mosquitto); the others' runs take the first."""
+    first = next(iter(configs.values()))
+    for index, (kind, broker, pending, rate) in enumerate(runs(args, configs), start=1):
+        result = await run_contender(configs[broker] if broker else first, kind, pending, rate, index)
+        result.broker = broker
+        print(summary_line(result), flush=True)
+        if kind == "ours" and result.note:
+            print("  " + result.note.replace("\n", "\n  "), flush=True)
+        elif result.note:
+            print(f"  {result.note}", flush=True)
+        results.append(result)
+
+
+def figure_data(args: argparse.Namespace, argv: Sequence[str], results: Sequence[Result]) -> dict[str, Any]:
+    """What bench/comparison_figure.py draws: the setup in short and each result's lag."""
+
+    def number(value: float) -> float | None:
+        return None if math.isnan(value) else round(value, 3)
+
+    rows = []
+    for result in results:
+        measured, missing, p50, p99, top = stats(result)
+        rows.append(
+            {
+                "contender": result.contender,
+                "broker": result.broker,
+                "pending": result.pending,
+                "rate": result.rate,
+                "handled": measured,
+                "missing": missing,
+                "p50_ms": number(p50),
+                "p99_ms": number(p99),
+                "max_ms": number(top),
+                "skipped": result.skipped,
+            }
+        )
+    return {
+        "measured_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{os.cpu_count()} x {cpu_model()}, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}",
+        "command": shlex.join([".venv/bin/python", "bench/alternatives.py", *argv]),
+        "workload": f"{args.duration:g} s of items falling due at each rate, each due {args.timeout:g} s "
+        f"after creation; grace {args.grace:g} s",
+        "results": rows,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.child is not None:
         kind, url, argument = args.child
@@ -687,7 +763,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"items due {args.timeout:g} s after creation, pending items due in 1 h; "
                 f"idle {args.idle:g} s; grace {args.grace:g} s; an add call every {args.tick_ms:g} ms",
             ),
-            ("servers", "a fresh redis-server (repo redis.conf) per contender; one mosquitto for the run"),
+            (
+                "servers",
+                "a fresh redis-server (repo redis.conf) per contender; one mosquitto per broker for the run",
+            ),
+            *(broker_line(profile) for profile in args.broker),
             (
                 "measures",
                 f"ours: deadline -> `cancelled` received by an MQTT subscriber ({args.subscriber}; "
@@ -701,38 +781,45 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if node.ok
                 else f"skipped: {node.reason}",
             ),
+            ("figure", f"{args.figure} and {args.figure.with_suffix('.json')}"),
         ],
     )
     workdir = Path(tempfile.mkdtemp(prefix="order-listener-alternatives-"))
-    broker = bench_broker(workdir / "mosquitto", args.broker)
+    brokers = {profile: bench_broker(workdir / f"mosquitto-{profile}", profile) for profile in args.broker}
     results: list[Result] = []
     try:
-        broker.start()
-        assert broker.proc is not None
-        cfg = Config(
-            duration=args.duration,
-            timeout=args.timeout,
-            grace=args.grace,
-            idle=args.idle,
-            arq_max_jobs=args.arq_max_jobs,
-            bullmq_concurrency=args.bullmq_concurrency,
-            workdir=workdir,
-            mqtt_port=broker.port,
-            mosquitto_pid=broker.proc.pid,
-            node=node,
-            arq=arq,
-            tick_ms=args.tick_ms,
-            subscriber=args.subscriber,
-        )
-        asyncio.run(run_all(cfg, args, results))
+        configs = {}
+        for profile, broker in brokers.items():
+            broker.start()
+            assert broker.proc is not None
+            configs[profile] = Config(
+                duration=args.duration,
+                timeout=args.timeout,
+                grace=args.grace,
+                idle=args.idle,
+                arq_max_jobs=args.arq_max_jobs,
+                bullmq_concurrency=args.bullmq_concurrency,
+                workdir=workdir,
+                mqtt_port=broker.port,
+                mosquitto_pid=broker.proc.pid,
+                node=node,
+                arq=arq,
+                tick_ms=args.tick_ms,
+                subscriber=args.subscriber,
+            )
+        asyncio.run(run_all(configs, args, results))
     finally:
-        broker.stop()
+        for broker in brokers.values():
+            broker.stop()
         if args.keep:
             print(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
         if results:
             print_table("Lag from deadline to handling, and Redis CPU", HEADERS, table_rows(results), NOTES)
+            figure = args.figure.resolve()
+            write_figure(figure_data(args, argv, results), figure.with_suffix(".json"), figure)
+            print(f"figure: {figure} (results: {figure.with_suffix('.json')})", flush=True)
     return 0
 
 

@@ -8,13 +8,16 @@ from pathlib import Path
 from listener.servers import BROKER_PROFILES, ServerProcess, mosquitto
 
 
-def add_broker_arg(parser: argparse.ArgumentParser) -> None:
+def add_broker_arg(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """--broker PROFILE; with `several`, one or more (a list, default ["stock"])."""
     parser.add_argument(
         "--broker",
         choices=BROKER_PROFILES,
-        default="stock",
+        nargs="+" if several else None,
+        default=["stock"] if several else "stock",
         help="stock (default): mosquitto's defaults, as shops run it (Nagle on, 20 in flight); "
-        "tuned: set_tcp_nodelay true, max_inflight_messages 0, max_queued_messages 0",
+        "tuned: set_tcp_nodelay true, max_inflight_messages 0, max_queued_messages 0"
+        + ("; give both (--broker stock tuned) to measure on each in one run" if several else ""),
     )
 
 

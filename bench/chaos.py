@@ -916,14 +916,21 @@ def check_orders(run: Run, events: list[Event], findings: Findings) -> Tally:
             )
             continue
         check_history(story, history, calls[order_id], run.lost, findings)
-        for event in history:
-            if event.reason == "timeout":
-                tally.timeout_lags_ms.append(event.at_ms - final.deadline_ms)
-                if event.at_ms < final.deadline_ms:
-                    findings.anomaly(
-                        "cancelled before its deadline", f"{order_id}: deadline {final.deadline_ms}, {event}"
-                    )
+        tally.timeout_lags_ms += timeout_lags(order_id, history, final.deadline_ms, findings)
     return tally
+
+
+def timeout_lags(order_id: str, history: list[Event], deadline_ms: int, findings: Findings) -> list[int]:
+    """How late each timeout cancellation came; one before the deadline is an anomaly."""
+    lags: list[int] = []
+    for event in history:
+        if event.reason == "timeout":
+            lags.append(event.at_ms - deadline_ms)
+            if event.at_ms < deadline_ms:
+                findings.anomaly(
+                    "cancelled before its deadline", f"{order_id}: deadline {deadline_ms}, {event}"
+                )
+    return lags
 
 
 def check_calls(order_id: str, calls: list[Call], lost: list[LostWindow], findings: Findings) -> None:

@@ -23,11 +23,12 @@ from typing import Any
 
 import redis.exceptions
 
-from listener.config import Settings, load_settings, redis_target
+from listener.config import Settings, load_settings
 from listener.connection import RedisClient, open_redis, redis_lost
 from listener.errors import BadInput, OrderExists, Refused, Unavailable, UnknownOrder
 from listener.orders import Operation, Order, parse_timeout, validate_order_id
 from listener.store import CreateResult, Store, TransitionResult
+from listener.urls import redis_target
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from listener.errors import BadInput, ListenerError
 
 if TYPE_CHECKING:
-    from listener.api import Change
+    from listener.api import BulkResult, Change
     from listener.config import Settings
     from listener.errors import Refused, UnknownOrder
     from listener.orders import Order
@@ -79,8 +79,8 @@ def run_async(make: Callable[[], Awaitable[T]], config: Settings | None = None) 
 async def _guard(make: Callable[[], Awaitable[T]], config: Settings | None) -> T:
     import redis.exceptions
 
-    from listener.config import redact
     from listener.errors import Unavailable
+    from listener.urls import redact
 
     try:
         return await make()
@@ -149,8 +149,18 @@ def _bad_lines(problems: Sequence[object], nothing: str) -> SystemExit:
     return SystemExit(2)
 
 
+def _check_listed_ids(order_ids: Sequence[str]) -> None:
+    """Ids given as arguments: each must be valid, and '-' (stdin) stands alone."""
+    from listener.orders import validate_order_id
+
+    if "-" in order_ids:
+        raise BadInput("'-' (read stdin) cannot be mixed with order ids")
+    for order_id in order_ids:
+        validate_order_id(order_id)
+
+
 def cmd_create(args: argparse.Namespace) -> None:
-    from listener.orders import parse_timeout, validate_order_id
+    from listener.orders import parse_timeout
 
     order_ids: list[str] = args.order_ids
     as_json: bool = args.json
@@ -160,49 +170,50 @@ def cmd_create(args: argparse.Namespace) -> None:
         if order_ids == ["-"]:
             _create_bulk(config, timeout_ms, as_json)
             return
-        if "-" in order_ids:
-            raise BadInput("'-' (read stdin) cannot be mixed with order ids")
-        for order_id in order_ids:
-            validate_order_id(order_id)
+        _check_listed_ids(order_ids)
     except BadInput as exc:
         raise _bad_input(exc) from None
 
     async def go() -> None:
-        import json
-
         from listener.api import OrderClient
-        from listener.errors import OrderExists
-        from listener.events import iso_ms
 
         async with OrderClient(config) as client:
             result = await client.create_prepared([(oid, timeout_ms) for oid in order_ids])
-        for made in result.created:
-            assert made.deadline_ms is not None
-            if not as_json:
-                out(f"created {made.order_id}, deadline {_deadline_text(made.deadline_ms)}")
-        if as_json:
-            shown: dict[str, object]
-            if len(order_ids) == 1 and result.created:
-                made = result.created[0]
-                assert made.deadline_ms is not None
-                shown = {"order_id": made.order_id, "status": "created", "deadline": iso_ms(made.deadline_ms)}
-            else:
-                shown = {
-                    "created": [
-                        {"order_id": m.order_id, "deadline": iso_ms(m.deadline_ms or 0)}
-                        for m in result.created
-                    ],
-                    "refused": [
-                        {"order_id": m.order_id, "status": m.existing_status} for m in result.existing
-                    ],
-                }
-            out(json.dumps(shown))
-        if result.existing:
-            for taken in result.existing:
-                err(str(OrderExists(taken.order_id, taken.existing_status or "?")))
-            raise SystemExit(1)
+        _report_created(result, order_ids, as_json)
 
     run_async(go, config)
+
+
+def _created_json(result: BulkResult, order_ids: Sequence[str]) -> dict[str, object]:
+    """One id asked for and created: that order; otherwise the lists created and refused."""
+    from listener.events import iso_ms
+
+    if len(order_ids) == 1 and result.created:
+        made = result.created[0]
+        assert made.deadline_ms is not None
+        return {"order_id": made.order_id, "status": "created", "deadline": iso_ms(made.deadline_ms)}
+    return {
+        "created": [{"order_id": m.order_id, "deadline": iso_ms(m.deadline_ms or 0)} for m in result.created],
+        "refused": [{"order_id": m.order_id, "status": m.existing_status} for m in result.existing],
+    }
+
+
+def _report_created(result: BulkResult, order_ids: Sequence[str], as_json: bool) -> None:
+    """The orders created on stdout (text or JSON), the ids taken on stderr: exit 1 if any was."""
+    import json
+
+    from listener.errors import OrderExists
+
+    if as_json:
+        out(json.dumps(_created_json(result, order_ids)))
+    else:
+        for made in result.created:
+            assert made.deadline_ms is not None
+            out(f"created {made.order_id}, deadline {_deadline_text(made.deadline_ms)}")
+    if result.existing:
+        for taken in result.existing:
+            err(str(OrderExists(taken.order_id, taken.existing_status or "?")))
+        raise SystemExit(1)
 
 
 def _create_bulk(config: Settings, timeout_ms: int, as_json: bool) -> None:
@@ -260,24 +271,10 @@ def cmd_transition(args: argparse.Namespace) -> None:
     """pay, cancel, deliver or refund on the ids given, or on those read from
     stdin (`-`), all in pipelined round trips: a result per id, on stdout,
     refusals on stderr (with their line numbers for stdin)."""
-    from listener.bulk import parse_ids
-    from listener.orders import validate_order_id
-
     name: str = args.command
-    order_ids: list[str] = args.order_ids
     config = _settings_or_exit()
-    numbers: list[int] | None = None
     try:
-        if order_ids == ["-"]:
-            parsed = parse_ids(sys.stdin)
-            if parsed.bad:
-                raise _bad_lines(parsed.bad, "nothing was changed")
-            order_ids = [line.order_id for line in parsed.lines]
-            numbers = [line.number for line in parsed.lines]
-        elif "-" in order_ids:
-            raise BadInput("'-' (read stdin) cannot be mixed with order ids")
-        for order_id in order_ids:
-            validate_order_id(order_id)
+        order_ids, numbers = _ids_to_change(args.order_ids)
     except BadInput as exc:
         raise _bad_input(exc) from None
 
@@ -288,6 +285,28 @@ def cmd_transition(args: argparse.Namespace) -> None:
             return await client.change_many(name, order_ids)
 
     results = run_async(go, config) if order_ids else []
+    _report_changes(results, numbers)
+
+
+def _ids_to_change(order_ids: list[str]) -> tuple[list[str], list[int] | None]:
+    """The ids given, or those read from stdin (`-`) with their line numbers
+    (None for ids given as arguments). Bad stdin lines end the command (exit 2)."""
+    from listener.bulk import parse_ids
+
+    if order_ids != ["-"]:
+        _check_listed_ids(order_ids)
+        return order_ids, None
+    parsed = parse_ids(sys.stdin)
+    if parsed.bad:
+        raise _bad_lines(parsed.bad, "nothing was changed")
+    read = [line.order_id for line in parsed.lines]
+    _check_listed_ids(read)
+    return read, [line.number for line in parsed.lines]
+
+
+def _report_changes(results: Sequence[Change | UnknownOrder | Refused], numbers: list[int] | None) -> None:
+    """A line per id on stdout, each refusal on stderr (by line number for stdin):
+    exit 1 if any was refused."""
     refused = 0
     for index, result in enumerate(results):
         if isinstance(result, ListenerError):

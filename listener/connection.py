@@ -21,8 +21,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from listener.config import Settings, redis_target
+from listener.config import Settings
 from listener.errors import ConfigError
+from listener.urls import redis_target
 
 
 def _log() -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 import sdnotify
 
 from listener import logs
-from listener.config import FastPathSetting, Settings, mqtt_target, redis_target
+from listener.config import FastPathSetting, Settings
 from listener.connection import RedisClient, connect_redis, is_cluster, open_cluster
 from listener.expiry import ExpiryListener
 from listener.fastpath import FastPaths
@@ -33,6 +33,7 @@ from listener.outbox import Outbox
 from listener.scheduler import DeadlineScheduler
 from listener.store import Store
 from listener.supervise import Service, is_transient, supervise
+from listener.urls import mqtt_target, redis_target
 
 log = logs.get("listener.daemon")
 

@@ -11,13 +11,14 @@ import aiomqtt
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError
 
-from listener.config import Settings, mqtt_target, redis_target
+from listener.config import Settings
 from listener.connection import RedisClient, open_redis
 from listener.keys import KeyLayout
 from listener.mqtt import default_client_id, make_client
 from listener.mqtt.client import CheckedClient
 from listener.notifications import check_notifications, expired_channel
 from listener.scripts import NAMES, source
+from listener.urls import mqtt_target, redis_target
 
 Echo = Callable[[str], None]
 

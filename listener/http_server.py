@@ -10,8 +10,8 @@ import json
 from collections.abc import Callable
 
 from listener import logs
-from listener.config import parse_addr
 from listener.metrics import CONTENT_TYPE, Metrics
+from listener.urls import parse_addr
 
 log = logs.get("listener.http_server")
 

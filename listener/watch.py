@@ -9,9 +9,10 @@ import sys
 
 import aiomqtt
 
-from listener.config import Settings, mqtt_target
+from listener.config import Settings
 from listener.errors import Unavailable
 from listener.mqtt import default_client_id, make_client
+from listener.urls import mqtt_target
 
 
 def _line(event: dict[str, object]) -> str:

@@ -19,8 +19,9 @@ from redis.asyncio import Redis
 
 from listener import schemas
 from listener.api import OrderClient
-from listener.config import Settings, mqtt_target
+from listener.config import Settings
 from listener.keys import PARTS, KeyLayout, part_of
+from listener.urls import mqtt_target
 from tests.conftest import Subscriber, wait_until
 
 Send = Callable[[str, bytes | dict[str, Any]], Awaitable[None]]

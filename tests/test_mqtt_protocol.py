@@ -14,8 +14,9 @@ from typing import Any
 import aiomqtt
 
 from listener.api import OrderClient
-from listener.config import Settings, load_settings, mqtt_target
+from listener.config import Settings, load_settings
 from listener.daemon import Daemon
+from listener.urls import mqtt_target
 from tests.conftest import Subscriber, wait_until
 from tests.life import carrier, rows
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from listener.bulk import parse_lines
-from listener.config import load_settings, mqtt_target, redact, redis_target
+from listener.config import load_settings
 from listener.errors import BadInput, ConfigError
 from listener.events import StatusEvent, event_id, iso_ms
 from listener.keys import PARTS, KeyLayout, part_of
@@ -19,6 +19,7 @@ from listener.orders import (
     parse_timeout,
     validate_order_id,
 )
+from listener.urls import mqtt_target, redact, redis_target
 
 S = Status
 

@@ -25,10 +25,11 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from listener.api import OrderClient
-from listener.config import Settings, load_settings, mqtt_target
+from listener.config import Settings, load_settings
 from listener.daemon import Daemon
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.servers import ServerProcess
+from listener.urls import mqtt_target
 from tests.cluster import RedisClusterProcs, redis_cluster
 from tests.conftest import CLI, Subscriber, env_for, wait_until
 from tests.life import lanes_barrier

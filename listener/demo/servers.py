@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from listener.config import ENV_PREFIX, mqtt_target, redis_target
+from listener.config import ENV_PREFIX
 from listener.servers import ServerProcess, free_port, mosquitto, redis_server
+from listener.urls import mqtt_target, redis_target
 
 RESERVED_PORTS = frozenset({6379, 1883, 8883})  # the standard ones: never ours
 

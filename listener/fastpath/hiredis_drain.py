@@ -97,20 +97,10 @@ class HiredisDrain:
         connection is raised, as get_message would."""
         if not self.active or connection is None:
             return False
-        assert _redis_hiredis is not None  # the check passed
-        marker = _redis_hiredis.NOT_ENOUGH_DATA
-        try:  # looked up at every call: a reconnect makes a new parser and reader
-            parser = connection._parser  # type: ignore[attr-defined]
-            if not isinstance(parser, _redis_hiredis._AsyncHiredisParser):
-                self._fall_back(f"the subscription's parser is {type(parser).__name__}")
-                return False
-            reader = parser._reader
-            if reader is None:  # not connected yet: get_message connects
-                return False
-            gets = reader.gets
-        except Exception as exc:
-            self._fall_back(f"{type(exc).__name__}: {exc}")
+        gets = self._reader_gets(connection)
+        if gets is None:
             return False
+        marker = _redis_hiredis.NOT_ENOUGH_DATA
         for _ in range(MAX_REPLIES):
             try:
                 reply = gets()
@@ -131,6 +121,25 @@ class HiredisDrain:
             self._fall_back(f"hiredis' gets() answered {repr(reply)[:60]}, not redis-py's NOT_ENOUGH_DATA")
             return False
         return True
+
+    def _reader_gets(self, connection: object) -> Callable[[], object] | None:
+        """The `gets` of the hiredis reader under `connection`, looked up at
+        every drain: a reconnect makes a new parser and reader. None while not
+        connected yet (get_message connects) or after falling back."""
+        assert _redis_hiredis is not None  # the check passed
+        try:
+            parser = connection._parser  # type: ignore[attr-defined]
+            if not isinstance(parser, _redis_hiredis._AsyncHiredisParser):
+                self._fall_back(f"the subscription's parser is {type(parser).__name__}")
+                return None
+            reader = parser._reader
+            if reader is None:
+                return None
+            gets: Callable[[], object] = reader.gets
+            return gets
+        except Exception as exc:
+            self._fall_back(f"{type(exc).__name__}: {exc}")
+            return None
 
     def _fall_back(self, why: str) -> None:
         self.active = False

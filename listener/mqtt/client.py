@@ -24,8 +24,9 @@ from paho.mqtt import client as mqtt_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from listener.config import Settings, mqtt_target
+from listener.config import Settings
 from listener.fastpath.paho_io import FastPaho
+from listener.urls import mqtt_target
 
 Acker = Callable[[int, int], None]  # (message id, PUBACK reason code)
 

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import aiomqtt
 
 from listener import logs
-from listener.config import FastPathSetting, Settings, mqtt_target
+from listener.config import FastPathSetting, Settings
 from listener.events import StatusEvent
 from listener.fastpath import FastPaths, paho_io
 from listener.mqtt.client import CheckedClient, default_client_id, is_failure, make_client
 from listener.mqtt.window import WINDOW, Publisher
 from listener.supervise import Service, supervise
+from listener.urls import mqtt_target
 
 log = logs.get("listener.mqtt")
 

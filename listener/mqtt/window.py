@@ -21,6 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from listener.events import StatusEvent
+from listener.fastpath.paho_io import FastPaho
 from listener.mqtt.client import CheckedClient, PublishRefused
 from listener.mqtt.packets import encode_publish, property_bytes, publish_properties, topic_level_ok
 
@@ -74,48 +75,59 @@ class Publisher:
         cannot be a topic level (the outbox's parser refuses such ids first)."""
         if self._lost:
             raise aiomqtt.MqttError(self._lost)
-        pending, prefix, v5 = self._pending, self.prefix, self.v5
         fast = self.client.fast
         if fast is not None:
-            packets: list[bytes] = []
-            for event, token in zip(events, tokens, strict=True):
-                if not topic_level_ok(event.order_id):
-                    raise ValueError(f"order id {event.order_id!r} cannot be a topic level")
-                try:
-                    mid = fast.next_mid()
-                except Exception as exc:  # a paho that changed under the same names
-                    self.client.drop_fast(exc)
-                    raise aiomqtt.MqttError(f"fast publish path failed: {exc!r}") from exc
-                topic = f"{prefix}/{event.order_id}/status".encode()
-                props = property_bytes(event) if v5 else None
-                packets.append(encode_publish(topic, mid, props, event.payload()))
-                pending[mid] = (sink, token)
-            self.inflight += len(packets)
-            try:
-                rc = fast.queue_publishes(b"".join(packets))
-            except Exception as exc:
-                self.client.drop_fast(exc)
-                raise aiomqtt.MqttError(f"fast publish path failed: {exc!r}") from exc
+            rc = self._send_fast(fast, events, tokens, sink)
         else:
-            paho = self.client.paho
-            rc = mqtt_client.MQTT_ERR_SUCCESS
-            for event, token in zip(events, tokens, strict=True):
-                if not topic_level_ok(event.order_id):
-                    raise ValueError(f"order id {event.order_id!r} cannot be a topic level")
-                info = paho.publish(
-                    f"{prefix}/{event.order_id}/status",
-                    event.payload(),
-                    1,
-                    False,
-                    publish_properties(event, v5),
-                )
-                if info.rc != mqtt_client.MQTT_ERR_SUCCESS:
-                    rc = info.rc
-                    break
-                pending[info.mid] = (sink, token)
-                self.inflight += 1
+            rc = self._send_paho(events, tokens, sink)
         if rc != mqtt_client.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(rc, "Could not publish message")
+
+    def _send_fast(
+        self, fast: FastPaho, events: Sequence[StatusEvent], tokens: Sequence[Any], sink: AckSink
+    ) -> int:
+        """All publishes encoded here and queued in one write on paho's socket."""
+        pending, prefix, v5 = self._pending, self.prefix, self.v5
+        packets: list[bytes] = []
+        for event, token in zip(events, tokens, strict=True):
+            if not topic_level_ok(event.order_id):
+                raise ValueError(f"order id {event.order_id!r} cannot be a topic level")
+            try:
+                mid = fast.next_mid()
+            except Exception as exc:  # a paho that changed under the same names
+                self.client.drop_fast(exc)
+                raise aiomqtt.MqttError(f"fast publish path failed: {exc!r}") from exc
+            topic = f"{prefix}/{event.order_id}/status".encode()
+            props = property_bytes(event) if v5 else None
+            packets.append(encode_publish(topic, mid, props, event.payload()))
+            pending[mid] = (sink, token)
+        self.inflight += len(packets)
+        try:
+            rc: int = fast.queue_publishes(b"".join(packets))
+        except Exception as exc:
+            self.client.drop_fast(exc)
+            raise aiomqtt.MqttError(f"fast publish path failed: {exc!r}") from exc
+        return rc
+
+    def _send_paho(self, events: Sequence[StatusEvent], tokens: Sequence[Any], sink: AckSink) -> int:
+        """Each publish through paho's public publish(); stops at the first it refuses."""
+        pending, prefix, v5 = self._pending, self.prefix, self.v5
+        paho = self.client.paho
+        for event, token in zip(events, tokens, strict=True):
+            if not topic_level_ok(event.order_id):
+                raise ValueError(f"order id {event.order_id!r} cannot be a topic level")
+            info = paho.publish(
+                f"{prefix}/{event.order_id}/status",
+                event.payload(),
+                1,
+                False,
+                publish_properties(event, v5),
+            )
+            if info.rc != mqtt_client.MQTT_ERR_SUCCESS:
+                return info.rc
+            pending[info.mid] = (sink, token)
+            self.inflight += 1
+        return mqtt_client.MQTT_ERR_SUCCESS
 
     def _ack(self, mid: int, reason: int) -> None:
         entry = self._pending.pop(mid, None)
