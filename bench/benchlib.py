@@ -52,6 +52,8 @@ def setup_lines(extra: Sequence[tuple[str, str]] = ()) -> list[str]:
         f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])})"
         + ("  <- other work on this machine skews the figures" if busy > 20 else ""),
     ]
+    own = sorted(f"{k[6:]}={v}" for k, v in os.environ.items() if k.startswith("BENCH_ORDER_LISTENER_"))
+    lines.append(f"daemon:     {' '.join(own) if own else 'default settings'}")
     lines += [f"{name + ':':<11} {value}" for name, value in extra]
     return lines
 

@@ -37,7 +37,10 @@ logged. Run it on an otherwise idle machine: the setup says how busy it was.
 
 redis-server (with the project's redis.conf) and mosquitto are started on free
 loopback ports in a temporary folder and stopped at the end. Any
-ORDER_LISTENER_* variables in the environment are ignored.
+ORDER_LISTENER_* variables in the environment are ignored; to run the daemon
+with a setting of your own, name it BENCH_ORDER_LISTENER_* (for example
+BENCH_ORDER_LISTENER_SWEEP_BATCH=250): every bench script that starts a
+daemon passes those on without the BENCH_ and prints them in its setup.
 """
 
 from __future__ import annotations
@@ -448,8 +451,15 @@ class DaemonProcess:
             raise RuntimeError(f"the daemon exited ({self.proc.returncode}):\n{self.log_tail()}")
 
 
+def daemon_settings() -> dict[str, str]:
+    """The daemon's own settings for a bench run: BENCH_ORDER_LISTENER_X=v -> ORDER_LISTENER_X=v."""
+    prefix = "BENCH_ORDER_LISTENER_"
+    return {k.removeprefix("BENCH_"): v for k, v in os.environ.items() if k.startswith(prefix)}
+
+
 def spawn_daemon(redis_url: str, mqtt_url: str, log_path: Path, log_level: str) -> DaemonProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_LISTENER_")}
+    env.update(daemon_settings())
     env.update(
         ORDER_LISTENER_REDIS_URL=redis_url,
         ORDER_LISTENER_MQTT_URL=mqtt_url,
