@@ -205,7 +205,7 @@ class Daemon:
 
     def health_details(self) -> dict[str, object]:
         """What /healthz says besides its checks: whether cancellation is paused."""
-        return self.pause_state.as_dict() if self.pause_state is not None else {"cancellation": "unknown"}
+        return self.pause_state.as_dict() if self.pause_state is not None else {}
 
     async def _watch_switch(self) -> None:
         """Read the pause switch every resync interval: for /healthz, the

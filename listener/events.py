@@ -260,8 +260,13 @@ def _extended_entry(fields: dict[bytes, bytes]) -> StatusEvent:
     """An ``outbox`` entry that leaves the order `created` (extend): previous
     `created`, reason `extended`, version from 2, and ``d`` the new deadline."""
     order_id = _order_id(fields)
+    if fields.get(b"r") != b"extended":
+        raise ValueError(
+            f"field 's' (status) 'created' after the first event is an extension's only: field 'r' "
+            f"(reason) is {_shown(fields.get(b'r', b''))}, not 'extended'"
+        )
     previous = _one_of(fields, b"p", "previous status", {b"created": "created"})
-    reason = _one_of(fields, b"r", "reason", {b"extended": "extended"})
+    reason = "extended"
     version = _number(fields, b"v", "version", 2, MAX_VERSION)
     at_ms = _number(fields, b"t", "at ms", 0, MAX_MS)
     created = _field(fields, b"c", "id of the created entry")
