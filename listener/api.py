@@ -295,7 +295,8 @@ class OrderClient:
             raise UnknownOrder(order_id)
         if result.outcome == "toolong":
             raise BadInput(
-                f"order {order_id!r}: extending by {extension_ms / 1000:g} s would leave more than 30 days "
+                f"order {order_id!r}: extending by {extension_ms / 1000:.3f}".rstrip("0").rstrip(".")
+                + " s would leave more than 30 days "
                 "to pay; nothing changed"
             )
         if result.outcome == "late":

@@ -355,6 +355,7 @@ def cmd_pause(args: argparse.Namespace) -> None:
             switched = await client.pause(reason, author)
             state = await client.pause_state()
         if switched.changed:
+            logs.configure(config.log_level, config.log_format)  # to stderr: stdout is the command's answer
             logs.get("listener.cli").warning(
                 "cancellation for timeout paused", reason=reason, by=author, parts=switched.parts_changed
             )
@@ -387,6 +388,7 @@ def cmd_resume(args: argparse.Namespace) -> None:
         async with OrderClient(config) as client:
             switched = await client.resume(grace_ms / 1000)
         if switched.changed:
+            logs.configure(config.log_level, config.log_format)  # to stderr: stdout is the command's answer
             logs.get("listener.cli").warning(
                 "cancellation for timeout resumed", by=default_author(), grace_s=grace_ms / 1000
             )

@@ -143,6 +143,11 @@ async def test_the_state_shows_in_check_show_healthz_and_metrics(
     paused = await cli("pause", "--reason", "payment provider down")
     assert paused.code == 0 and "paused: no order is cancelled for timeout" in paused.out, paused
     assert "PAUSED since" in paused.out and "payment provider down" in paused.out
+    logged = json.loads(paused.err.strip().splitlines()[-1])  # the log line, on stderr
+    assert (
+        logged["event"] == "cancellation for timeout paused" and logged["reason"] == "payment provider down"
+    )
+    assert logged["by"] and logged["level"] == "warning"
     again = await cli("pause", "--reason", "other")
     assert again.code == 0 and "already paused" in again.out, again
 
