@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from listener.api import BulkResult, Change, OrderClient
+    from listener.api import BulkResult, Change, Extension, OrderClient, Switched
     from listener.config import Settings, load_settings
     from listener.errors import (
         BadInput,
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     )
     from listener.orders import Order, Reason, Status
     from listener.store import CreateResult
+    from listener.switch import PauseState
 
 _HOME = {
     "BadInput": "listener.errors",
@@ -32,14 +33,17 @@ _HOME = {
     "Change": "listener.api",
     "ConfigError": "listener.errors",
     "CreateResult": "listener.store",
+    "Extension": "listener.api",
     "ListenerError": "listener.errors",
     "Order": "listener.orders",
     "OrderClient": "listener.api",
     "OrderExists": "listener.errors",
+    "PauseState": "listener.switch",
     "Reason": "listener.orders",
     "Refused": "listener.errors",
     "Settings": "listener.config",
     "Status": "listener.orders",
+    "Switched": "listener.api",
     "Unavailable": "listener.errors",
     "UnknownOrder": "listener.errors",
     "load_settings": "listener.config",
@@ -51,14 +55,17 @@ __all__ = [
     "Change",
     "ConfigError",
     "CreateResult",
+    "Extension",
     "ListenerError",
     "Order",
     "OrderClient",
     "OrderExists",
+    "PauseState",
     "Reason",
     "Refused",
     "Settings",
     "Status",
+    "Switched",
     "Unavailable",
     "UnknownOrder",
     "load_settings",

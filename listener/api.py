@@ -7,6 +7,8 @@
         await orders.pay("A-1001")
 
 Every call is one atomic script in Redis; the daemon publishes the events.
+`extend` gives one order more time to pay; `pause` and `resume` are the
+incident switch (no order is cancelled for timeout while paused).
 Errors: BadInput (malformed id or timeout), OrderExists, UnknownOrder,
 Refused (the status forbids it; nothing changed), Unavailable (Redis down).
 `create_many` and `change_many` do many orders in pipelined round trips.
@@ -26,8 +28,17 @@ import redis.exceptions
 from listener.config import Settings, load_settings
 from listener.connection import RedisClient, open_redis, redis_lost
 from listener.errors import BadInput, OrderExists, Refused, Unavailable, UnknownOrder
-from listener.orders import Operation, Order, parse_timeout, validate_order_id
-from listener.store import CreateResult, Store, TransitionResult
+from listener.orders import (
+    Operation,
+    Order,
+    parse_extension,
+    parse_grace,
+    parse_timeout,
+    validate_order_id,
+    validate_pause_text,
+)
+from listener.store import CreateResult, Store, SwitchResult, TransitionResult
+from listener.switch import PauseState
 from listener.urls import redis_target
 
 
@@ -41,6 +52,45 @@ class Change:
     version: int
     reason: str
     changed: bool
+
+
+@dataclass(frozen=True)
+class Extension:
+    """An extended order: still `created`, with its new deadline (Unix ms,
+    Redis clock) and the version of its `extended` event."""
+
+    order_id: str
+    version: int
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
+class Switched:
+    """What `pause` or `resume` did: `changed` False when every part was in
+    that state already (nothing changed); `at_ms` the time of the pause, or
+    when the orders overdue at the resume are cancelled."""
+
+    changed: bool
+    parts_changed: int
+    at_ms: int
+
+
+def _switched(results: list[SwitchResult]) -> Switched:
+    changed = [result for result in results if result.changed]
+    times = [result.at_ms for result in (changed or results) if result.at_ms]
+    return Switched(changed=bool(changed), parts_changed=len(changed), at_ms=min(times, default=0))
+
+
+def default_author() -> str:
+    """Who pauses or resumes, when the caller does not say: user@host."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid (a container)
+        user = "?"
+    return f"{user}@{socket.gethostname()}"[:250]
 
 
 @dataclass(frozen=True)
@@ -226,6 +276,62 @@ class OrderClient:
     async def refund(self, order_id: str) -> Change:
         """paid or delivered -> refunded -> cancelled (two events, reason refund)."""
         return await self._apply(Operation.REFUND, order_id)
+
+    async def extend(self, order_id: str, by: float | str) -> Extension:
+        """More time to pay: the deadline `by` seconds later (decimals allowed,
+        ms precision). Only while the order is `created` and its deadline has
+        not passed; the new window, counted from now, is at most 30 days.
+        Raises BadInput (malformed `by`, or a window over 30 days), UnknownOrder,
+        or Refused: another status; or the deadline passed (then the order is
+        cancelled, reason timeout, unless cancellation is paused: then nothing
+        changes). Not idempotent: each call adds `by`."""
+        validate_order_id(order_id)
+        extension_ms = parse_extension(by)
+        store = await self.opened()
+        async with self._reaching_redis():
+            result = await store.extend(order_id, extension_ms)
+        if result.outcome == "done":
+            return Extension(order_id, result.version, result.deadline_ms)
+        if result.outcome == "unknown":
+            raise UnknownOrder(order_id)
+        if result.outcome == "toolong":
+            raise BadInput(
+                f"order {order_id!r}: extending by {extension_ms / 1000:.3f}".rstrip("0").rstrip(".")
+                + " s would leave more than 30 days "
+                "to pay; nothing changed"
+            )
+        if result.outcome == "late":
+            raise Refused(
+                order_id, "extend", result.status, "its deadline passed while cancellation is paused"
+            )
+        raise Refused(order_id, "extend", result.status, result.reason)
+
+    # -- the pause switch ----------------------------------------------------------
+
+    async def pause(self, reason: str = "", by: str | None = None) -> Switched:
+        """Pause cancellation for timeout, for every daemon, until `resume`.
+        Orders keep their deadlines; payments after the deadline are accepted.
+        Repeating it changes nothing (`changed` False)."""
+        validate_pause_text(reason, "reason")
+        author = validate_pause_text(by if by is not None else default_author(), "by")
+        store = await self.opened()
+        async with self._reaching_redis():
+            return _switched(await store.pause(reason, author or "?"))
+
+    async def resume(self, grace: float | str = 0) -> Switched:
+        """Resume cancellation for timeout. The unpaid orders whose deadline
+        passed are cancelled `grace` seconds from now (0: at once); the others
+        at their deadline. Repeating it changes nothing (`changed` False)."""
+        grace_ms = parse_grace(grace)
+        store = await self.opened()
+        async with self._reaching_redis():
+            return _switched(await store.resume(grace_ms))
+
+    async def pause_state(self) -> PauseState:
+        """Whether cancellation is paused, since when, why and by whom."""
+        store = await self.opened()
+        async with self._reaching_redis():
+            return await store.pause_state()
 
     # -- reads -----------------------------------------------------------------
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from listener.config import Settings
     from listener.errors import Refused, UnknownOrder
     from listener.orders import Order
+    from listener.switch import PauseState
 
 T = TypeVar("T")
 _flags: dict[str, Any] = {}  # the global options given, before or after the command
@@ -323,6 +324,106 @@ def _report_changes(results: Sequence[Change | UnknownOrder | Refused], numbers:
         raise SystemExit(1)
 
 
+# -- extend, pause, resume ------------------------------------------------------------
+
+
+def cmd_extend(args: argparse.Namespace) -> None:
+    """More time to pay for one order: its deadline SECONDS later."""
+    from listener.orders import parse_extension, validate_order_id
+
+    order_id: str = args.order_id
+    config = _settings_or_exit()
+    try:
+        validate_order_id(order_id)
+        parse_extension(args.by)
+    except BadInput as exc:
+        raise _bad_input(exc) from None
+
+    async def go() -> None:
+        from listener.api import OrderClient
+
+        async with OrderClient(config) as client:
+            extended = await client.extend(order_id, args.by)
+        out(
+            f"{order_id}: created (version {extended.version}, reason extended), "
+            f"deadline {_deadline_text(extended.deadline_ms)}"
+        )
+
+    run_async(go, config)
+
+
+def cmd_pause(args: argparse.Namespace) -> None:
+    """The incident switch: no order is cancelled for timeout until `resume`."""
+    from listener.api import default_author
+    from listener.orders import validate_pause_text
+
+    reason: str = args.reason
+    config = _settings_or_exit()
+    try:
+        validate_pause_text(reason, "reason")
+    except BadInput as exc:
+        raise _bad_input(exc) from None
+
+    async def go() -> None:
+        from listener import logs
+        from listener.api import OrderClient
+        from listener.events import iso_ms
+
+        author = default_author()
+        async with OrderClient(config) as client:
+            switched = await client.pause(reason, author)
+            state = await client.pause_state()
+        if switched.changed:
+            logs.configure(config.log_level, config.log_format)  # to stderr: stdout is the command's answer
+            logs.get("listener.cli").warning(
+                "cancellation for timeout paused", reason=reason, by=author, parts=switched.parts_changed
+            )
+            out(
+                "paused: no order is cancelled for timeout until 'order-listener resume' "
+                f"(since {iso_ms(switched.at_ms)})"
+            )
+        else:
+            out("already paused; nothing changed")
+        out(state.describe())
+
+    run_async(go, config)
+
+
+def cmd_resume(args: argparse.Namespace) -> None:
+    """Undo `pause`: the orders whose deadline passed are cancelled after the grace."""
+    from listener.orders import parse_grace
+
+    config = _settings_or_exit()
+    try:
+        grace_ms = parse_grace(args.grace)
+    except BadInput as exc:
+        raise _bad_input(exc) from None
+
+    async def go() -> None:
+        from listener import logs
+        from listener.api import OrderClient, default_author
+        from listener.events import iso_ms
+
+        async with OrderClient(config) as client:
+            switched = await client.resume(grace_ms / 1000)
+        if switched.changed:
+            logs.configure(config.log_level, config.log_format)  # to stderr: stdout is the command's answer
+            logs.get("listener.cli").warning(
+                "cancellation for timeout resumed", by=default_author(), grace_s=grace_ms / 1000
+            )
+            when = "now" if grace_ms == 0 else f"at {iso_ms(switched.at_ms)}"
+            out(f"resumed: the unpaid orders whose deadline passed are cancelled {when}")
+        elif switched.at_ms:
+            out(
+                f"already resumed; the overdue orders are cancelled at {iso_ms(switched.at_ms)}; "
+                "nothing changed"
+            )
+        else:
+            out("not paused; nothing changed")
+
+    run_async(go, config)
+
+
 # -- show, check, watch, demo, scripts -------------------------------------------
 
 
@@ -350,23 +451,30 @@ def cmd_show(args: argparse.Namespace) -> None:
     except BadInput as exc:
         raise _bad_input(exc) from None
 
-    async def go() -> Order:
+    async def go() -> tuple[Order, PauseState]:
         from listener.api import OrderClient
 
         async with OrderClient(config) as client:
-            return await client.get(order_id)
+            return await client.get(order_id), await client.pause_state()
 
-    order = run_async(go, config)
+    order, switch = run_async(go, config)
     if args.json:
         import json
 
-        out(json.dumps(order_dict(order)))
+        out(json.dumps({**order_dict(order), **_switch_dict(switch)}))
         return
     shown = order_dict(order)
     if order.pending:
         shown["deadline"] = _deadline_text(order.deadline_ms)
     for key, value in shown.items():
         out(f"{key:>9}: {value}")
+    if switch.paused or switch.held_parts:
+        out(f"     note: {switch.describe()}")
+
+
+def _switch_dict(switch: PauseState) -> dict[str, object]:
+    """`show --json` says nothing of the switch while cancellation runs as usual."""
+    return switch.as_dict() if switch.paused or switch.held_parts else {}
 
 
 def cmd_check(args: argparse.Namespace) -> None:
@@ -456,7 +564,7 @@ _TRANSITIONS = {
     "refund": "paid or delivered -> refunded -> cancelled (reason refund).",
 }
 
-SCRIPT_NAMES = "create, pay, cancel, expire, deliver, refund, sweep, lease or release"
+SCRIPT_NAMES = "create, pay, cancel, expire, deliver, refund, sweep, lease, release, extend, pause or resume"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -527,6 +635,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("order_id", metavar="ORDER_ID")
     show.add_argument("--json", action="store_true", help="print one JSON object")
+
+    extend = command(
+        "extend",
+        cmd_extend,
+        "More time to pay: the deadline of a created order SECONDS later (reason extended).",
+        "ORDER_ID --by SECONDS",
+    )
+    extend.add_argument("order_id", metavar="ORDER_ID")
+    extend.add_argument(
+        "--by",
+        metavar="SECONDS",
+        required=True,
+        help="seconds added to the current deadline (decimals allowed, > 0; the new window at most 30 days)",
+    )
+
+    pause = command(
+        "pause",
+        cmd_pause,
+        "Incident switch: no order is cancelled for timeout, by any daemon, until 'resume'.",
+    )
+    pause.add_argument("--reason", metavar="TEXT", default="", help="why (shown by check, show, the logs)")
+
+    resume = command(
+        "resume",
+        cmd_resume,
+        "Undo 'pause': the unpaid orders whose deadline passed are cancelled after the grace.",
+    )
+    resume.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        default="0",
+        help="how long the overdue orders may still be paid (default 0: cancelled at once)",
+    )
 
     command(
         "check", cmd_check, "Check Redis (reachable, keyspace notifications, persistence, eviction) and MQTT."

@@ -33,6 +33,7 @@ from listener.outbox import Outbox
 from listener.scheduler import DeadlineScheduler
 from listener.store import Store
 from listener.supervise import Service, is_transient, supervise
+from listener.switch import PauseState
 from listener.urls import mqtt_target, redis_target
 
 log = logs.get("listener.daemon")
@@ -61,6 +62,7 @@ class Daemon:
         self.ready = asyncio.Event()
         self.listener_task: asyncio.Task[None] | None = None  # started once caught up
         self.http_ready = asyncio.Event()
+        self.pause_state: PauseState | None = None  # as last read (None: not read yet)
         self._notifier = sdnotify.SystemdNotifier()
         self._build(redis if redis is not None else connect_redis(settings))
 
@@ -141,12 +143,18 @@ class Daemon:
                 outbox_task = group.create_task(self.outbox.run(), name="outbox")
                 sweep_task = group.create_task(self.scheduler.run(), name="scheduler")
                 start_task = group.create_task(self._start(group), name="readiness")
-                extra = [start_task]
+                extra = [start_task, group.create_task(self._watch_switch(), name="pause-switch")]
                 if self.settings.metrics_addr:  # gauges are sampled only for someone to read them
                     extra.append(group.create_task(self._sample_gauges(), name="gauges"))
                     extra.append(
                         group.create_task(
-                            serve(self.settings.metrics_addr, self.metrics, self.health, self.http_ready),
+                            serve(
+                                self.settings.metrics_addr,
+                                self.metrics,
+                                self.health,
+                                self.http_ready,
+                                self.health_details,
+                            ),
                             name="metrics",
                         )
                     )
@@ -195,6 +203,35 @@ class Daemon:
             "mqtt": self.mqtt_service.up,
             "ready": self.ready.is_set(),
         }
+
+    def health_details(self) -> dict[str, object]:
+        """What /healthz says besides its checks: whether cancellation is paused."""
+        return self.pause_state.as_dict() if self.pause_state is not None else {}
+
+    async def _watch_switch(self) -> None:
+        """Read the pause switch every resync interval: for /healthz, the
+        metrics and a log line when it changes (the scripts themselves obey
+        the switch; this is only for people to see it)."""
+        shown = ""
+        while True:
+            try:
+                state = await self.store.pause_state()
+            except Exception as exc:  # an outage: the tasks that need Redis report it
+                if not is_transient(exc):
+                    raise
+            else:
+                self.pause_state = state
+                first = state.first
+                self.metrics.paused.set(1 if first is not None else 0)
+                self.metrics.paused_since.set(first.since_ms / 1000 if first is not None else 0)
+                text = state.describe()
+                if text != shown:
+                    if first is not None:
+                        log.warning(text, reason=first.reason, by=first.by, parts=len(state.paused_parts))
+                    elif shown:
+                        log.info(text)
+                    shown = text
+            await asyncio.sleep(self.settings.resync_interval)
 
     async def _sample_gauges(self, every: float = 5.0) -> None:
         while True:

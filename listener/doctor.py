@@ -18,6 +18,7 @@ from listener.mqtt import default_client_id, make_client
 from listener.mqtt.client import CheckedClient
 from listener.notifications import check_notifications, expired_channel
 from listener.scripts import NAMES, source
+from listener.store import Store
 from listener.urls import mqtt_target, redis_target
 
 Echo = Callable[[str], None]
@@ -68,6 +69,7 @@ async def _check_redis(settings: Settings, report: _Report) -> None:
             primaries = sorted(node.name for node in redis.get_primaries())
             report.ok(f"redis: a Redis Cluster; primaries {', '.join(primaries)}")
         await _check_permissions(settings, redis, target.db, report)
+        await _check_pause(settings, redis, report)
         notifications = await check_notifications(redis)
         if notifications.ok:
             report.ok(f"redis: {notifications.message}")
@@ -97,6 +99,21 @@ async def _check_redis(settings: Settings, report: _Report) -> None:
             )
     finally:
         await redis.aclose()
+
+
+async def _check_pause(settings: Settings, redis: RedisClient, report: _Report) -> None:
+    """Is cancellation for timeout paused (the incident switch)? Said, not
+    counted as a problem: it is an operator's choice, and a forgotten one is
+    what the alert rule is for."""
+    try:
+        state = await Store(redis, KeyLayout(settings.key_prefix), settings.retention_ms).pause_state()
+    except Exception as exc:
+        report.note(f"redis: cannot read the pause switch ({exc})")
+        return
+    if state.paused:
+        report.note(f"redis: {state.describe()}", "order-listener resume (when payments work again)")
+    else:
+        report.ok(f"redis: {state.describe()}")
 
 
 async def _check_permissions(settings: Settings, redis: RedisClient, db: int, report: _Report) -> None:

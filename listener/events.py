@@ -2,7 +2,8 @@
 
 The Lua scripts append raw fields to the outbox streams (``o`` order id,
 ``s`` status, ``p`` previous, ``r`` reason, ``v`` version, ``t`` at (Unix ms),
-``c`` id of the order's `created` entry (``<Unix ms>-<seq>``),
+``c`` id of the order's `created` entry (``<Unix ms>-<seq>``), ``d`` the
+new deadline (Unix ms) on an `extended` event (status `created`, version 2 on),
 and in ``outbox:created`` only ``o`` and ``t`` the timeout (ms): the deadline
 is the entry id's millisecond plus the timeout). The JSON is
 built here at publish time, so it is the same on every redelivery.
@@ -242,6 +243,8 @@ def from_outbox_entry(fields: dict[bytes, bytes]) -> StatusEvent:
                 created_ms=created_ms,
                 created_entry=created,
             )
+    if get(b"s") == b"created":
+        return _extended_entry(fields)
     # Say which field is wrong: the first check that fails raises.
     _order_id(fields)
     _one_of(fields, b"s", "status", _LATER_STATUSES)
@@ -251,6 +254,35 @@ def from_outbox_entry(fields: dict[bytes, bytes]) -> StatusEvent:
     _number(fields, b"t", "at ms", 0, MAX_MS)
     _created_ms(_field(fields, b"c", "id of the created entry"), "field 'c' (id of the created entry)")
     raise ValueError("outbox entry refused")  # not reached: one of the checks above raises
+
+
+def _extended_entry(fields: dict[bytes, bytes]) -> StatusEvent:
+    """An ``outbox`` entry that leaves the order `created` (extend): previous
+    `created`, reason `extended`, version from 2, and ``d`` the new deadline."""
+    order_id = _order_id(fields)
+    if fields.get(b"r") != b"extended":
+        raise ValueError(
+            f"field 's' (status) 'created' after the first event is an extension's only: field 'r' "
+            f"(reason) is {_shown(fields.get(b'r', b''))}, not 'extended'"
+        )
+    previous = _one_of(fields, b"p", "previous status", {b"created": "created"})
+    reason = "extended"
+    version = _number(fields, b"v", "version", 2, MAX_VERSION)
+    at_ms = _number(fields, b"t", "at ms", 0, MAX_MS)
+    created = _field(fields, b"c", "id of the created entry")
+    created_ms = _created_ms(created, "field 'c' (id of the created entry)")
+    deadline_ms = _number(fields, b"d", "deadline ms", 0, MAX_MS)
+    return StatusEvent(
+        order_id=order_id,
+        status="created",
+        previous=previous,
+        reason=reason,
+        version=version,
+        at_ms=at_ms,
+        created_ms=created_ms,
+        deadline_ms=deadline_ms,
+        created_entry=created,
+    )
 
 
 def parse_payload(payload: bytes) -> dict[str, object]:

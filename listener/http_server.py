@@ -21,8 +21,11 @@ async def serve(
     metrics: Metrics,
     healthy: Callable[[], dict[str, bool]],
     started: asyncio.Event | None = None,
+    details: Callable[[], dict[str, object]] | None = None,
 ) -> None:
-    """Serve /metrics and /healthz until cancelled."""
+    """Serve /metrics and /healthz until cancelled. /healthz answers 200 while
+    every check of `healthy` is true; `details` adds facts that do not decide
+    it (whether cancellation is paused)."""
     host, port = parse_addr(addr)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -38,7 +41,7 @@ async def serve(
                 checks = healthy()
                 ok = all(checks.values())
                 status = "200 OK" if ok else "503 Service Unavailable"
-                body = json.dumps({"ok": ok, **checks}).encode()
+                body = json.dumps({"ok": ok, **checks, **(details() if details else {})}).encode()
                 ctype = "application/json"
             else:
                 status, body, ctype = "404 Not Found", b"try /metrics or /healthz\n", "text/plain"

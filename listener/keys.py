@@ -15,6 +15,11 @@ With the default prefix ``order``, ``PARTS = 16`` and ``BUCKETS = 256``::
                                       fields plus `id` and `error`; likewise
                                       order:{P}:outbox:created:dead
     order:{P}:lease           string  which daemon publishes part P's outbox (SET NX PX)
+    order:{P}:pause           hash    the pause switch of part P, while cancellation for
+                                      timeout is paused: since (ms), reason, by; after a
+                                      resume with a grace also resumed, until (ms), and
+                                      it expires at until (one per part: every script
+                                      reads the one in its own slot)
     order:wake                channel "<P> <deadline-ms>" when an order becomes the
                                       earliest of its part
 
@@ -101,6 +106,10 @@ class KeyLayout:
 
     def lease(self, part: int) -> str:
         return f"{self.base(part)}lease"
+
+    def pause(self, part: int) -> str:
+        """The pause switch of `part` (written by the pause and resume scripts)."""
+        return f"{self.base(part)}pause"
 
     @property
     def wake_channel(self) -> str:

@@ -94,6 +94,16 @@ class Metrics:
             "Outbox entries that make no valid event (a broken producer), moved to a dead-letter stream",
             registry=self.registry,
         )
+        self.paused = Gauge(
+            "order_listener_cancellation_paused",
+            "1 while cancellation for timeout is paused (order-listener pause), else 0",
+            registry=self.registry,
+        )
+        self.paused_since = Gauge(
+            "order_listener_cancellation_paused_since_seconds",
+            "Unix time the current pause began (0 while not paused): time() minus it is how long",
+            registry=self.registry,
+        )
         self.registry.register(_ServiceCollector(services))
         if fast_paths is not None:
             self.registry.register(_FastPathCollector(fast_paths))

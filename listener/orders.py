@@ -36,6 +36,7 @@ class Reason(StrEnum):
     REFUND = "refund"
     LOGISTICS = "logistics"
     RETURNED = "returned"
+    EXTENDED = "extended"  # still `created`, with a later deadline
 
 
 class Operation(StrEnum):
@@ -163,6 +164,55 @@ def parse_timeout(value: str | float | int) -> int:
     if ms < MIN_TIMEOUT_MS or ms > MAX_TIMEOUT_MS:
         raise BadInput(f"timeout {value!r} is out of range: use 0.1 seconds to 30 days (2592000 seconds)")
     return ms
+
+
+def _seconds(value: str | float | int, what: str) -> float:
+    """A finite number of seconds from text or a number, or BadInput naming `what`."""
+    if isinstance(value, bool):
+        raise BadInput(f"{what} {value!r} is not a number of seconds")
+    if isinstance(value, str):
+        try:
+            seconds = float(value.strip())
+        except ValueError:
+            raise BadInput(f"{what} {value!r} is not a number of seconds (e.g. 600 or 2.5)") from None
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds):
+        raise BadInput(f"{what} {value!r} is not a finite number of seconds")
+    return seconds
+
+
+def parse_extension(value: str | float | int) -> int:
+    """`extend --by`: seconds (decimals allowed) to whole milliseconds, at
+    least 1 ms and at most 30 days (the new window is checked in Redis)."""
+    ms = round(_seconds(value, "extension") * 1000)
+    if ms < 1 or ms > MAX_TIMEOUT_MS:
+        raise BadInput(
+            f"extension {value!r} is out of range: use more than 0 seconds, at most 30 days (2592000 seconds)"
+        )
+    return ms
+
+
+def parse_grace(value: str | float | int) -> int:
+    """`resume --grace`: seconds (decimals allowed) to whole milliseconds, 0 .. 30 days."""
+    ms = round(_seconds(value, "grace") * 1000)
+    if ms < 0 or ms > MAX_TIMEOUT_MS:
+        raise BadInput(f"grace {value!r} is out of range: use 0 to 30 days (2592000 seconds)")
+    return ms
+
+
+MAX_PAUSE_TEXT = 250  # characters of a pause's reason or author (at most 1000 bytes: the scripts take 1024)
+
+
+def validate_pause_text(text: str, what: str) -> str:
+    """A pause's reason or author: at most 250 printable characters."""
+    if not isinstance(text, str):
+        raise BadInput(f"{what} must be text")
+    if len(text) > MAX_PAUSE_TEXT:
+        raise BadInput(f"{what} is {len(text)} characters long; at most {MAX_PAUSE_TEXT}")
+    if not text.isprintable():
+        raise BadInput(f"{what} {text[:40]!r} has control characters (a newline, say); use one line of text")
+    return text
 
 
 @dataclass(frozen=True)

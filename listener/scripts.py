@@ -27,6 +27,9 @@ NAMES = (
     "sweep",
     "lease",
     "release",
+    "extend",
+    "pause",
+    "resume",
 )
 
 
@@ -51,6 +54,9 @@ class Scripts:
     sweep: AsyncScript
     lease: AsyncScript
     release: AsyncScript
+    extend: AsyncScript
+    pause: AsyncScript
+    resume: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis | RedisCluster) -> Scripts:

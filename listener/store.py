@@ -20,6 +20,7 @@ from listener.connection import RedisClient, connect_redis, redis_lost
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.orders import Operation, Order, Reason, Status
 from listener.scripts import Scripts
+from listener.switch import PauseState, part_switch
 
 ScriptCall = tuple[AsyncScript, list[str], list[Any]]
 
@@ -44,6 +45,31 @@ class TransitionResult:
     status: str
     version: int
     reason: str
+
+
+@dataclass(frozen=True)
+class ExtendResult:
+    """What the extend script reported. `outcome`: done, unknown, refused,
+    late (overdue while the pause switch holds it), toolong (window over 30
+    days). `deadline_ms`: the new deadline when done, else the current one."""
+
+    order_id: str
+    outcome: str
+    status: str
+    version: int
+    reason: str
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
+class SwitchResult:
+    """What the pause or resume script did to one part: `changed` False when
+    the part was in that state already; `at_ms` the pause's time (pause) or
+    when the overdue orders are due (resume; 0 if it was not paused)."""
+
+    part: int
+    changed: bool
+    at_ms: int
 
 
 @dataclass(frozen=True)
@@ -230,6 +256,50 @@ class Store:
                 for oid, reply in zip(chunk, replies, strict=True)
             ]
         return out
+
+    async def extend(self, order_id: str, extension_ms: int) -> ExtendResult:
+        """The order's deadline `extension_ms` later (extend.lua); id and
+        extension must be valid already."""
+        part = part_of(order_id)
+        keys = [
+            self.layout.order(order_id),
+            self.layout.timer(order_id),
+            self.layout.deadlines(part),
+            self.layout.outbox(part),
+        ]
+        (reply,) = await self.run_scripts(
+            [(self.scripts.extend, keys, [order_id, self.retention_ms, extension_ms])]
+        )
+        return ExtendResult(
+            order_id=order_id,
+            outcome=_text(reply[0]),
+            status=_text(reply[1]),
+            version=int(reply[2]),
+            reason=_text(reply[3]) if reply[3] is not None else "",
+            deadline_ms=_ms(reply[4]),
+        )
+
+    # -- the pause switch --------------------------------------------------------
+
+    async def pause(self, reason: str, by: str) -> list[SwitchResult]:
+        """Pause cancellation for timeout in every part (pause.lua, one call each)."""
+        return await self._switch(self.scripts.pause, [reason, by])
+
+    async def resume(self, grace_ms: int) -> list[SwitchResult]:
+        """Resume it in every part; the orders overdue now are due after `grace_ms`."""
+        return await self._switch(self.scripts.resume, [self.layout.wake_channel, grace_ms])
+
+    async def _switch(self, script: AsyncScript, args: list[Any]) -> list[SwitchResult]:
+        replies = await self.run_scripts([(script, [self.layout.pause(part)], args) for part in range(PARTS)])
+        return [SwitchResult(part, int(flag) == 1, _ms(at)) for part, (flag, at) in enumerate(replies)]
+
+    async def pause_state(self) -> PauseState:
+        """The switches of all parts, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for part in range(PARTS):
+                pipe.hgetall(self.layout.pause(part))
+            replies = await pipe.execute()
+        return PauseState([part_switch({_text(k): _text(v) for k, v in reply.items()}) for reply in replies])
 
     # -- deadline index ------------------------------------------------------
 

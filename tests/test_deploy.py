@@ -381,6 +381,12 @@ async def test_daemon_runs_as_the_unit_runs_it_with_least_privilege(servers: Ser
             await eventually(settled, 10, lambda: f"the cancellation and the delivery; {said()}")
             assert (await producer.get("deploy-late")).reason == "timeout"
             assert (await producer.get("deploy-paid")).reason == "logistics"
+            # the operators' controls as the producer user; the daemon reads the switch meanwhile
+            await producer.create("deploy-extended", timeout=60)
+            assert (await producer.extend("deploy-extended", 30)).version == 2
+            assert (await producer.pause("deploy drill", by="test")).changed
+            assert (await producer.pause_state()).paused
+            assert (await producer.resume(grace=1)).changed
 
             def seen() -> set[tuple[str, str, str]]:
                 return {(e["order_id"], e["status"], e["reason"]) for e in events}

@@ -49,8 +49,18 @@ async def test_metrics_and_health(
     daemon = await start_daemon(config)
     await asyncio.wait_for(daemon.http_ready.wait(), 5)
 
+    async def switch_read() -> bool:
+        return "cancellation" in json.loads((await http_get(port, "/healthz"))[1])
+
+    await wait_until(switch_read, 10, "the pause switch read")
     status, body = await http_get(port, "/healthz")
-    assert status == 200 and json.loads(body) == {"ok": True, "redis": True, "mqtt": True, "ready": True}
+    assert status == 200 and json.loads(body) == {
+        "ok": True,
+        "redis": True,
+        "mqtt": True,
+        "ready": True,
+        "cancellation": "running",
+    }
 
     async with OrderClient(settings) as client:
         await client.create_many([(f"m-{i}", 0.2) for i in range(3)] + [("m-paid", 60), ("m-cust", 60)])

@@ -384,3 +384,39 @@ async def test_a_cluster_url_with_another_database_is_refused_clearly(cluster_se
         out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 2, (args, out, err)
         assert b"a cluster has only database 0" in err and b"Traceback" not in err, err
+
+
+async def test_the_pause_switch_and_extend_on_a_cluster(
+    cluster_settings: Settings,
+    start_cluster_daemon: Callable[[], Awaitable[Daemon]],
+    subscriber: Subscriber,
+) -> None:
+    """The switch is one key per part, each in its part's slot: a pause holds
+    every shard's orders, and resume releases them, once each."""
+    await start_cluster_daemon()
+    ids = [f"cpause-{i}" for i in range(64)]
+    assert {part_of(order_id) for order_id in ids} == set(range(PARTS))
+    async with OrderClient(cluster_settings) as client:
+        assert (await client.pause("cluster drill", by="test")).parts_changed == PARTS
+        state = await client.pause_state()
+        assert len(state.paused_parts) == PARTS and state.first is not None
+        await client.create_many([(order_id, 0.2) for order_id in ids])
+        await client.create("cpause-extended", timeout=60)
+        extended = await client.extend("cpause-extended", 30)
+        assert extended.version == 2
+        store = await client.opened()
+        settle = await store.now_ms() + 200 + int(2.5 * cluster_settings.resync_interval * 1000)
+
+        async def settled() -> bool:
+            return await store.now_ms() > settle
+
+        await wait_until(settled, 15, "two periodic sweeps past the deadlines")
+        assert subscriber.cancelled_ids() == set()
+        assert (await client.pay(ids[0])).changed  # late, accepted
+        assert (await client.resume()).parts_changed == PARTS
+        await wait_until(
+            lambda: subscriber.cancelled_ids() == set(ids[1:]), 10, "the overdue orders cancelled"
+        )
+        await lanes_barrier(client, subscriber, ids)
+    assert_cancelled_once(subscriber, ids[1:])
+    assert [e["reason"] for e in subscriber.of("cpause-extended")] == ["created", "extended"]

@@ -30,6 +30,7 @@ TABLE_EVENTS = {
     ("delivered", "paid", "logistics"),
     ("refunded", "delivered", "returned"),
     ("cancelled", "refunded", "returned"),
+    ("created", "created", "extended"),
 }
 
 
@@ -60,11 +61,14 @@ async def test_every_published_event_matches_the_schema(
         await client.create("sch-paid", timeout=60)
         await client.pay("sch-paid")
         await client.refund("sch-paid")
+        await client.create("sch-extended", timeout=60)
+        await client.extend("sch-extended", 30)
         await client.create("sch-carrier", timeout=60)
         await client.pay("sch-carrier")
         await send("sch-carrier", {"status": "delivered"})
         await send("sch-carrier", {"status": "returned"})
         expected = {"sch-timeout": 2, "sch-customer": 2, "sch-shipped": 5, "sch-paid": 4, "sch-carrier": 5}
+        expected["sch-extended"] = 2
         await wait_until(
             lambda: all(len(subscriber.of(oid)) >= n for oid, n in expected.items()),
             15,
@@ -89,6 +93,7 @@ async def test_every_published_event_matches_the_schema(
     created = next(e for e in subscriber.events if e["status"] == "created")
     cancelled = next(e for e in subscriber.events if e["status"] == "cancelled")
     paid = next(e for e in subscriber.events if e["status"] == "paid")
+    extended = next(e for e in subscriber.events if e["reason"] == "extended")
     broken = [
         _without(created, "deadline"),
         {**cancelled, "deadline": created["deadline"]},
@@ -110,6 +115,11 @@ async def test_every_published_event_matches_the_schema(
         {**paid, "extra": 1},
         _without(paid, "event_id"),
         _without(paid, "previous"),
+        _without(extended, "deadline"),
+        {**extended, "version": 1},
+        {**extended, "previous": None},
+        {**created, "reason": "extended"},
+        {**paid, "reason": "extended"},
     ]
     for event in broken:
         assert not check.is_valid(event), event

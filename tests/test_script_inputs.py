@@ -119,8 +119,12 @@ VALID: dict[str, tuple[list[str], list[str]]] = {
     "sweep": ([LAYOUT.deadlines(P), LAYOUT.outbox(P)], [BASE, "1000", RETENTION]),
     "lease": ([LAYOUT.lease(P)], [OWNER, "6000"]),
     "release": ([LAYOUT.lease(P)], [OWNER]),
+    "extend": (transition_keys(PENDING), [PENDING, RETENTION, "60000"]),
+    # part P runs as usual and part OTHER is paused in the seeded world
+    "pause": ([LAYOUT.pause(P)], ["payment provider down", "ops@host"]),
+    "resume": ([LAYOUT.pause(OTHER)], [LAYOUT.wake_channel, "5000"]),
 }
-TRANSITIONS = ("pay", "cancel", "expire", "deliver", "refund")
+TRANSITIONS = ("pay", "cancel", "expire", "deliver", "refund", "extend")
 
 
 @dataclass(frozen=True)
@@ -349,6 +353,51 @@ def cases() -> Iterator[tuple[str, Case]]:
         )
     yield "release-owner-missing", Case("release", VALID["release"][0], [], ("1 KEYS and 0 ARGV given",))
 
+    for name, bad in {
+        "zero": "0",
+        "negative": "-1",
+        "decimal": "1.5",
+        "abc": "abc",
+        "empty": "",
+        "over-30-days": "2592000001",
+    }.items():
+        yield (
+            f"extend-extension-{name}",
+            changed("extend", args={3: bad}, says=("ARGV[3] (extension ms)", "from 1 to 2592000000")),
+        )
+    yield "extend-extension-missing", changed("extend", args={3: None}, says=("4 KEYS and 2 ARGV given",))
+    for script in ("pause", "resume"):
+        for name, bad in {
+            "part-16": "order:{16}:pause",
+            "paused": f"{BASE}paused",
+            "bare": "pause",
+            "bad-prefix": f"or der:{{{P}}}:pause",
+        }.items():
+            yield f"{script}-key-{name}", changed(script, keys={1: bad}, says=("KEYS[1] (pause switch)",))
+        yield (
+            f"{script}-keys-2",
+            Case(script, [*VALID[script][0], "x"], VALID[script][1], ("2 KEYS and 2 ARGV given",)),
+        )
+        yield f"{script}-argv-1", changed(script, args={2: None}, says=("1 KEYS and 1 ARGV given",))
+    yield "pause-reason-1025", changed("pause", args={1: "r" * 1025}, says=("ARGV[1] (reason)", "1024 bytes"))
+    yield "pause-by-empty", changed("pause", args={2: ""}, says=("ARGV[2] (by)", "1 to 1024 bytes"))
+    yield "pause-by-1025", changed("pause", args={2: "b" * 1025}, says=("ARGV[2] (by)",))
+    yield (
+        "resume-wake-channel",
+        changed("resume", args={1: "other:wake"}, says=("ARGV[1] (wake channel)", "must be order:wake")),
+    )
+    for name, bad in {
+        "negative": "-1",
+        "decimal": "1.5",
+        "abc": "abc",
+        "empty": "",
+        "over-30-days": "2592000001",
+    }.items():
+        yield (
+            f"resume-grace-{name}",
+            changed("resume", args={2: bad}, says=("ARGV[2] (grace ms)", "from 0 to 2592000000")),
+        )
+
 
 CASES = dict(cases())
 
@@ -376,7 +425,8 @@ def call(client: SyncRedis, sha: str, keys: list[str], args: list[str]) -> Any:
 
 def seed(client: SyncRedis, shas: dict[str, str]) -> None:
     """A pending order, a paid one, one past its deadline (and due in the
-    index), and a lease held by OWNER: each valid call above has work to do."""
+    index), a lease held by OWNER and part OTHER paused: each valid call
+    above has work to do."""
     client.flushdb()
     create_keys = [LAYOUT.deadlines(P), LAYOUT.outbox_created(P)]
     create_args = [LAYOUT.wake_channel, str(P)]
@@ -389,6 +439,7 @@ def seed(client: SyncRedis, shas: dict[str, str]) -> None:
     client.hset(LAYOUT.order(DUE), "d", 1)
     client.zadd(LAYOUT.deadlines(P), {DUE: 1})
     client.set(LAYOUT.lease(P), OWNER, px=60_000)
+    assert call(client, shas["pause"], [LAYOUT.pause(OTHER)], ["seeded", "test"])[0] == 1
 
 
 def snapshot(client: SyncRedis) -> list[tuple[Any, ...]]:
@@ -454,6 +505,8 @@ def test_a_malformed_call_is_refused_and_changes_nothing(
         assert reply[0] == b"done"
     elif case.script == "sweep":
         assert reply[2][::2] == [DUE.encode()] and reply[4] == []
+    elif case.script in ("pause", "resume"):
+        assert reply[0] == 1
     else:
         assert reply == 1
 

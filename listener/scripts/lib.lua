@@ -172,6 +172,37 @@ local function check_lease(name)
   return nil
 end
 
+-- The checks of `pause` (ARGV: reason, by) and `resume` (ARGV: wake channel,
+-- grace ms), both with KEYS[1] the switch '<prefix>:{P}:pause': the error
+-- reply, or nil and the key prefix and part.
+local function check_switch(name)
+  local argv = name == 'pause' and '2 ARGV (reason, by)' or '2 ARGV (wake channel, grace ms)'
+  if #KEYS ~= 1 or #ARGV ~= 2 then
+    return refuse_shape(name, 'must be 1 KEYS (pause switch) and ' .. argv)
+  end
+  local prefix, part = split_key(KEYS[1], 'pause')
+  if not prefix then
+    return refuse(name, 'KEYS[1] (pause switch)', KEYS[1], 'must be <prefix>:{P}:pause with P from 0 to 15')
+  end
+  if name == 'pause' then
+    if #ARGV[1] > 1024 then
+      return refuse(name, 'ARGV[1] (reason)', ARGV[1], 'must be at most 1024 bytes')
+    end
+    if #ARGV[2] < 1 or #ARGV[2] > 1024 then
+      return refuse(name, 'ARGV[2] (by)', ARGV[2], 'must be 1 to 1024 bytes')
+    end
+  else
+    if ARGV[1] ~= prefix .. ':wake' then
+      return refuse(name, 'ARGV[1] (wake channel)', ARGV[1], 'must be ' .. prefix .. ':wake')
+    end
+    if not whole(ARGV[2], 0, MAX_TIMEOUT_MS) then
+      return refuse(name, 'ARGV[2] (grace ms)', ARGV[2], 'must be whole milliseconds from 0 to ' ..
+        MAX_TIMEOUT_MS .. ' (30 days)')
+    end
+  end
+  return nil, prefix, part
+end
+
 -- The record of order `id`: its own hash okey (s, v, r, c, d), or while it is
 -- pending the field `id` of its bucket bkey ("<c>|<d>"). Own-hash fields win;
 -- the bucket gives c and d where the own hash has none. An own hash without s
@@ -224,9 +255,16 @@ local function unpend(timer, index, bkey, id, in_bucket)
 end
 
 -- Appends one status event (any after `created`) to the part's outbox stream.
-local function emit(outbox, id, status, previous, reason, version, at, created)
-  redis.call('XADD', outbox, '*', 'o', id, 's', status, 'p', previous, 'r', reason,
-             'v', version, 't', at, 'c', created)
+-- `deadline` (ms) only on an event that leaves the order `created` (extend):
+-- it is the new deadline the event announces.
+local function emit(outbox, id, status, previous, reason, version, at, created, deadline)
+  if deadline then
+    redis.call('XADD', outbox, '*', 'o', id, 's', status, 'p', previous, 'r', reason,
+               'v', version, 't', at, 'c', created, 'd', deadline)
+  else
+    redis.call('XADD', outbox, '*', 'o', id, 's', status, 'p', previous, 'r', reason,
+               'v', version, 't', at, 'c', created)
+  end
 end
 
 -- Moves an order through `steps`, one event and one version per step, and
@@ -244,7 +282,7 @@ local function advance(okey, outbox, id, status, version, created, deadline, ste
   for _, nxt in ipairs(steps) do
     version = version + 1
     shown_version = string.format('%d', version)
-    emit(outbox, id, nxt, status, reason, shown_version, at, created)
+    emit(outbox, id, nxt, status, reason, shown_version, at, created, nxt == 'created' and deadline or nil)
     status = nxt
   end
   redis.call('HSET', okey, 's', status, 'v', shown_version, 'r', reason, 'c', created, 'u', at,
@@ -255,13 +293,36 @@ local function advance(okey, outbox, id, status, version, created, deadline, ste
   return version
 end
 
+-- The pause switch of a part, '<prefix>:{P}:pause' (written by pause.lua and
+-- resume.lua, one per part so every script reads the one of its own slot): a
+-- hash with `since` (ms), `reason` and `by` while cancellation is paused; after
+-- a resume with a grace also `resumed` and `until` (ms), and it expires at
+-- `until`. Is the timeout of a pending order whose `deadline` (ms) has passed
+-- held back at `now`? While paused: yes. During a grace: for the orders that
+-- were due when cancellation resumed. A switch whose times are malformed
+-- (written by hand) counts as paused: no order is cancelled on a doubt.
+local function held(base, deadline, now)
+  local switch = redis.call('HMGET', base .. 'pause', 'since', 'resumed', 'until')
+  if not switch[1] then
+    return false
+  end
+  local resumed, upto = tonumber(switch[2] or ''), tonumber(switch[3] or '')
+  if not resumed or not upto then
+    return true
+  end
+  return now < upto and tonumber(deadline) <= resumed
+end
+
 -- The checks of a transition call (shape below): the error reply, or nil
--- and the order's key base '<prefix>:{P}:' and CRC-32.
+-- and the order's key base '<prefix>:{P}:' and CRC-32. spec.extra, for a
+-- script whose ARGV[3] is not a reason: {what = 'extension ms', rule = ...,
+-- ok = function(value) -> bool}.
 local function check_transition(spec)
   local name, id = spec.name, ARGV[1]
-  if #KEYS ~= 4 or #ARGV ~= (spec.reasons and 3 or 2) then
+  local third = spec.reasons and 'reason' or (spec.extra and spec.extra.what)
+  if #KEYS ~= 4 or #ARGV ~= (third and 3 or 2) then
     return refuse_shape(name, 'must be 4 KEYS (order hash, timer, deadlines, outbox) and ' ..
-      (spec.reasons and '3 ARGV (order id, retention ms, reason)' or '2 ARGV (order id, retention ms)'))
+      (third and '3 ARGV (order id, retention ms, ' .. third .. ')' or '2 ARGV (order id, retention ms)'))
   end
   if not valid_id(id) then
     return refuse(name, 'ARGV[1] (order id)', id, ID_RULE)
@@ -271,6 +332,9 @@ local function check_transition(spec)
   end
   if spec.reasons and not spec.reasons[ARGV[3]] then
     return refuse(name, 'ARGV[3] (reason)', ARGV[3], 'must be ' .. spec.reasons_text)
+  end
+  if spec.extra and not spec.extra.ok(ARGV[3]) then
+    return refuse(name, 'ARGV[3] (' .. spec.extra.what .. ')', ARGV[3], spec.extra.rule)
   end
   local crc = crc32(id)
   local prefix, part = split_key(KEYS[1], 'o:' .. id)
@@ -298,14 +362,17 @@ end
 --       reasons (the set ARGV[3] must be in, for scripts that take a reason;
 --       reasons_text says it).
 -- Returns {outcome, status, version, reason} with outcome one of
---   done | already | refused | unknown | notdue;
+--   done | already | refused | unknown | notdue | held (the expiry, while
+--   the pause switch holds the order's timeout back: see held());
 -- or an error reply, having changed nothing, for a malformed call or record.
 --
 -- The deadline is the truth: once it has passed (by the Redis clock) the
 -- payment window is closed, whether or not a daemon has swept the order yet.
 -- Any operation on such an order first applies the timeout, so a late payment
 -- is refused (the order is cancelled, reason timeout) and a late customer
--- cancel is a repeat of an achieved result.
+-- cancel is a repeat of an achieved result. Unless the pause switch holds
+-- the timeout back (held()): then the window is open, a late payment is
+-- accepted and only the expiry waits.
 --
 -- Writes that free memory (DEL, ZREM, HDEL) come first: under maxmemory with
 -- noeviction Redis refuses a script's memory-using write only while the
@@ -336,7 +403,14 @@ local function transition(spec)
     redis.call('ZCARD', index)
   end
   local now = now_ms()
-  if status == 'created' and tonumber(deadline) <= now then
+  local late = status == 'created' and tonumber(deadline) <= now
+  if late and held(base, deadline, now) then
+    if spec.due then
+      return {'held', status, version, reason}
+    end
+    late = false
+  end
+  if late then
     unpend(timer, index, bkey, id, in_bucket)
     version = advance(okey, outbox, id, status, version, created, deadline, {'cancelled'}, 'timeout',
                       now, retention)

@@ -12,6 +12,11 @@
 -- one that is not pending (written by an older or broken producer). They
 -- leave the index and lose their timer, so each is reported once; their
 -- record is left as it is for inspection.
+-- The pause switch of the part (lib.lua, held) decides first: while paused
+-- nothing is cancelled and the next deadline is -1 (the daemons look again
+-- on a wake from `resume` or at their periodic sweep); during a resume's
+-- grace only the orders due after the resume are, and the next deadline is
+-- at the latest the end of the grace.
 local index, outbox = KEYS[1], KEYS[2]
 if #KEYS ~= 2 or #ARGV ~= 3 then
   return refuse_shape('sweep', 'must be 2 KEYS (deadlines, outbox) and 3 ARGV (key base, batch limit, ' ..
@@ -38,7 +43,18 @@ if outbox ~= base .. 'outbox' then
   return refuse('sweep', 'KEYS[2] (outbox)', outbox, 'must be ' .. base .. 'outbox')
 end
 local now, micros = now_ms()
-local due = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, limit)
+local switch = redis.call('HMGET', base .. 'pause', 'since', 'resumed', 'until')
+local low, grace_until = '-inf', nil
+if switch[1] then
+  local resumed, upto = tonumber(switch[2] or ''), tonumber(switch[3] or '')
+  if not resumed or not upto then
+    return {now, -1, {}, micros, {}}
+  end
+  if now < upto then
+    low, grace_until = '(' .. string.format('%d', resumed), upto
+  end
+end
+local due = redis.call('ZRANGEBYSCORE', index, low, now, 'LIMIT', 0, limit)
 local cancelled, dropped = {}, {}
 if #due > 0 then
   -- Every read first, so a key of the wrong type (written by hand) fails the
@@ -99,9 +115,17 @@ if #due > 0 then
     end
   end
 end
-local head = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
+local head
+if grace_until then
+  head = redis.call('ZRANGEBYSCORE', index, low, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+else
+  head = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
+end
 local nxt = -1
 if head[2] then
   nxt = tonumber(head[2])
+end
+if grace_until and (nxt < 0 or grace_until < nxt) then
+  nxt = grace_until
 end
 return {now, nxt, cancelled, micros, dropped}
