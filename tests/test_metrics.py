@@ -154,3 +154,22 @@ async def test_the_lag_histogram_counts_cancellations_on_expired_events(
     _, text = await http_get(port, "/metrics")
     lag = metric(text, "order_listener_expiry_lag_seconds_sum")
     assert lag == pytest.approx((order.updated_ms - order.deadline_ms) / 1000)
+
+
+def test_the_lag_histogram_counts_like_prometheus() -> None:
+    """A value on a bucket's bound is in that bucket (le), above the last one
+    only in +Inf; counts are cumulative; the sum is the values' sum."""
+    from listener.metrics import LagHistogram, Metrics
+
+    metrics = Metrics([])
+    for seconds in (0.0005, 0.001, 0.0011, 0.3, 100.0):
+        metrics.lag.observe(seconds)
+    text = metrics.render().decode()
+    name = LagHistogram.NAME
+    assert metric(text, f'{name}_bucket{{le="0.001"}}') == 2
+    assert metric(text, f'{name}_bucket{{le="0.002"}}') == 3
+    assert metric(text, f'{name}_bucket{{le="0.5"}}') == 4
+    assert metric(text, f'{name}_bucket{{le="60.0"}}') == 4
+    assert metric(text, f'{name}_bucket{{le="+Inf"}}') == 5
+    assert metric(text, f"{name}_count") == 5
+    assert metric(text, f"{name}_sum") == pytest.approx(100.3026)
