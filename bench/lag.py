@@ -83,6 +83,7 @@ PENDING_TIMEOUT_MS = 3600 * 1000  # the pending orders must not fall due during 
 LOAD_CHUNK = 50_000  # pending orders per create_prepared call (bounded memory)
 TICK_MS = 2.0  # the producer's default pacing interval (--tick-ms)
 POLL = 0.1
+STALLED_S = 5.0  # nothing more received this long after the outbox emptied: the rest was dropped
 SCRIPT = Path(__file__).resolve()
 
 
@@ -568,6 +569,7 @@ class Row:
     load_s: float = 0.0  # creating the pending orders
     drain_s: float = 0.0  # until their `created` events were published (outbox empty)
     received_s: float = 0.0  # until the subscriber had them all
+    created_dropped: int = 0  # never reached the subscriber: dropped by the broker
     achieved_rate: float = 0.0  # creates per second the producer really reached
     slowest_create_ms: float = 0.0  # slowest create_prepared call of the paced loop
     # the lag split at the event's `at` (the Redis clock when the daemon cancelled)
@@ -693,17 +695,28 @@ async def load_pending(orders: OrderClient, count: int) -> None:
 async def wait_drained(
     bench: Bench, redis: Redis, sub: Subscriber, daemon: DaemonProcess, created: int, row: Row
 ) -> None:
-    """Until the outbox is empty and the subscriber has `created` created events."""
+    """Until the outbox is empty and the subscriber has `created` created events,
+    or has received nothing more for STALLED_S after the outbox emptied: the
+    broker dropped the rest (a stock mosquitto keeps at most 1,000 messages a
+    subscriber has not taken yet), counted in `row.created_dropped`."""
     layout = KeyLayout()
     start = time.monotonic()
     give_up = start + 120 + created / 1000
     published = False
+    last_count, last_change = -1, start
     while True:
         if not published and await backlog(redis, layout) == 0:
             published = True
             row.drain_s = time.monotonic() - start
-        if published and (await sub.counts()).created >= created:
+        count = (await sub.counts()).created
+        if count != last_count:
+            last_count, last_change = count, time.monotonic()
+        if published and count >= created:
             row.received_s = time.monotonic() - start
+            return
+        if published and time.monotonic() - last_change > STALLED_S:
+            row.received_s = last_change - start
+            row.created_dropped = created - count
             return
         daemon.check_alive()
         if time.monotonic() > give_up:
@@ -875,7 +888,13 @@ def describe(row: Row) -> str:
     lines = [
         f"pending {row.pending:,}, {row.rate:g} orders due per second:",
         f"  pending orders loaded in {row.load_s:.1f} s; their created events published in "
-        f"{row.drain_s:.1f} s, all received in {row.received_s:.1f} s",
+        f"{row.drain_s:.1f} s, "
+        + (
+            f"all received in {row.received_s:.1f} s"
+            if not row.created_dropped
+            else f"the last received after {row.received_s:.1f} s; {row.created_dropped:,} never "
+            "arrived (dropped by the broker: its queue for a subscriber is full)"
+        ),
         f"  producer reached {row.achieved_rate:.0f}/s (slowest create call "
         f"{row.slowest_create_ms:.1f} ms); {row.created} orders, {row.measured} measured, "
         f"{row.missing} missing",

@@ -65,6 +65,7 @@ class Settings:
     sweep_batch: int = 1000
     publish_batch: int = 500
     mqtt_connections: int = 1  # the outbox lanes are spread over them
+    created_rate: float = 10_000.0  # `created` events a second from a backlog; 0: unpaced
     shutdown_timeout: float = 10.0
     resync_interval: float = 5.0
     metrics_addr: str = ""  # host:port for /metrics and /healthz; empty: off
@@ -222,6 +223,17 @@ def _key_prefix(value: Any) -> str:
 
 
 _SECONDS = _number(float, 0, math.inf, "a number of seconds above 0")
+_RATE_RULE = "0 (unpaced) or a number of events a second up to 1000000"
+
+
+def _rate(value: Any) -> float:
+    """Events a second, or 0 for no pace."""
+    try:
+        return float(_number(float, 0, 1e6, _RATE_RULE)(value))
+    except ValueError:
+        if not isinstance(value, bool) and str(value).strip() in {"0", "0.0", "0.00"}:
+            return 0.0
+        raise
 
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "redis_url": _redis_url,
@@ -239,6 +251,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "sweep_batch": _number(int, 1, 5000, "a whole number from 1 to 5000"),
     "publish_batch": _number(int, 1, 10000, "a whole number from 1 to 10000"),
     "mqtt_connections": _number(int, 1, 16, "a whole number from 1 to 16"),
+    "created_rate": _rate,
     "shutdown_timeout": _SECONDS,
     "resync_interval": _SECONDS,
     "metrics_addr": _metrics_addr,

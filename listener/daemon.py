@@ -104,6 +104,7 @@ class Daemon:
             self.link,
             self.redis_service,
             batch=settings.publish_batch,
+            created_rate=settings.created_rate,
             on_published=self.metrics.events_published,
             on_dead_letter=self.metrics.dead_lettered,
         )

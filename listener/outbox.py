@@ -64,6 +64,7 @@ class Outbox:
         redis_service: Service,
         *,
         batch: int = 500,
+        created_rate: float = 0.0,
         owner: str | None = None,
         on_published: Callable[[Sequence[StatusEvent]], None] | None = None,
         on_dead_letter: Callable[[], None] | None = None,
@@ -74,6 +75,7 @@ class Outbox:
         self.link = link
         self.redis_service = redis_service
         self.batch = batch
+        self.created_rate = created_rate
         self.owner = owner or owner_id()
         self.on_published = on_published
         self.on_dead_letter = on_dead_letter
@@ -203,6 +205,7 @@ class Outbox:
             xrange_one=self._xrange_each,
             parse=lambda key, entries, created: self._parse(key, entries, created=created),
             batch=self.batch,
+            created_rate=self.created_rate,
         )
         mine = set(parts)
         refusals = 0
@@ -271,6 +274,8 @@ class Outbox:
                     # the window is (nearly) full (of this reader's publishes or another
                     # lane's, on a cluster), or the connection is going
                     await _changed(publishers, 1.0)
+                elif pace := pump.pace_wait():  # the `created` backlog's pace holds it
+                    await _changed(publishers, pace) if pump.open else await asyncio.sleep(pace)
                 elif pump.open:
                     await _changed(publishers, POLL_S if not pump.queued() else 1.0)
                 elif not got and pump.queued():

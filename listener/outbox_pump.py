@@ -50,6 +50,7 @@ HI_AHEAD = 5000  # transitions read ahead, waiting for room in the window, befor
 # Each write on a socket costs as much as the work on a few events (the loopback
 # peer's receive runs in the writer's system call); a backlog pays it less often.
 READ_EVERY_S = 0.002
+PACE_STEP_S = 0.005  # a paced `created` backlog goes out in steps of this many seconds' worth
 
 
 def id_tuple(entry_id: bytes) -> tuple[int, int]:
@@ -120,8 +121,17 @@ class Pump:
         xrange_one: Callable[[list[tuple[str, bytes]]], Awaitable[list[list[Entry]]]],
         parse: Parse,
         batch: int,
+        created_rate: float = 0.0,
     ) -> None:
         self.parts = parts
+        # `created` events sent in turn at most this many a second (0: as fast as the
+        # window allows): a bulk import's backlog must not outrun the subscribers'
+        # queues at the broker. Sent ahead of a later event of their order, they
+        # are not counted (a cancellation never waits for the pace).
+        self.created_rate = created_rate
+        self.lo_tokens = 0.0
+        self.lo_refilled = time.monotonic()
+        self.pace_held = False  # the last send left `created` events behind for the pace
         self.layout = layout
         self.holds = holds
         self.run_pipeline, self.block_read = run_pipeline, block_read
@@ -325,6 +335,31 @@ class Pump:
                     self.hi.append(pulled)
             self.hi.append(Item(part, key, entry_id, event, gen))
 
+    # -- pace of the `created` backlog -----------------------------------------
+
+    def _pace_step(self) -> int:
+        return max(1, min(len(self.lo), int(self.created_rate * PACE_STEP_S)))
+
+    def _lo_allowance(self) -> int:
+        """How many `created` events may be sent in turn now."""
+        if not self.created_rate:
+            return len(self.lo)
+        now = time.monotonic()
+        most = max(1.0, 4 * self.created_rate * PACE_STEP_S)  # a late wake-up caught up; no burst
+        self.lo_tokens = min(most, self.lo_tokens + (now - self.lo_refilled) * self.created_rate)
+        self.lo_refilled = now
+        return int(self.lo_tokens) if self.lo_tokens >= self._pace_step() else 0
+
+    def pace_wait(self) -> float:
+        """Seconds until the pace lets the next step of `created` events go (0: the last
+        send was not held back by it). Never 0 when it was: the caller would wait for
+        something else (a PUBACK, up to a second) instead."""
+        if not self.pace_held or not self.lo:
+            return 0.0
+        since = time.monotonic() - self.lo_refilled
+        missing = self._pace_step() - self.lo_tokens - since * self.created_rate
+        return max(PACE_STEP_S / 10, missing / self.created_rate)
+
     # -- sending ---------------------------------------------------------------
 
     def send(self, publishers: list[Publisher]) -> int:
@@ -336,10 +371,11 @@ class Pump:
         for queue in (self.hi, self.lo):
             if not any(rooms):
                 break
+            allowed = self._lo_allowance() if queue is self.lo else len(queue)
             batches: dict[int, tuple[list[StatusEvent], list[Item]]] = {}
             kept: list[Item] = []
             blocked: set[int] = set()  # lanes with an item kept back: the rest of theirs waits too
-            while queue and any(rooms):
+            while queue and any(rooms) and allowed > 0:
                 item = queue.popleft()
                 if item.gen != self.gen[item.part]:
                     continue  # its lane started over
@@ -366,12 +402,18 @@ class Pump:
                     blocked.add(item.part)
                     continue
                 rooms[index] -= 1
+                if in_turn:
+                    allowed -= 1
+                    if self.created_rate:
+                        self.lo_tokens -= 1
                 events, items = batches.setdefault(index, ([], []))
                 events.append(event)
                 items.append(item)
                 if not item.early:
                     self.order[item.key].append(item)
             queue.extendleft(reversed(kept))
+            if queue is self.lo:
+                self.pace_held = bool(self.created_rate) and allowed <= 0 and bool(queue)
             for index, (events, items) in batches.items():
                 if not self.open:
                     self.last_ack = time.monotonic()  # the broker's silence is counted from here

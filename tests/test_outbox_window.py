@@ -116,3 +116,29 @@ async def test_a_window_of_one_never_stalls_between_publishes(
         assert lags[-1] < 500, f"a cancellation waited {lags[-1]:.0f} ms"
     finally:
         broker.stop()
+
+
+async def test_a_created_backlog_goes_at_its_pace_and_a_cancellation_does_not_wait_for_it(
+    settings: Settings, start_daemon: Callable[..., Awaitable[Daemon]]
+) -> None:
+    """ORDER_LISTENER_CREATED_RATE bounds how fast a bulk import's `created`
+    events go out (so a stock broker's queue for a subscriber does not
+    overflow); a cancellation in the middle of it is not held by the pace."""
+    rate, count = 400.0, 400
+    config = dataclasses.replace(settings, created_rate=rate)
+    await start_daemon(config)
+    tag = f"pace{random.randrange(10**6)}"
+    ids = [f"{tag}-{n}" for n in range(count)]
+    async with watch_topic(config, f"{config.topic_prefix}/+/status", f"{tag}-watch") as seen:
+        async with OrderClient(config) as orders:
+            await orders.create_many([(order_id, 600) for order_id in ids])
+            await orders.create(f"{tag}-due", timeout=0.3)
+        await wait_until(lambda: len(seen) >= count + 2, 30, "the backlog and the cancellation received")
+    created = [r.at for r in seen if r.event["status"] == "created" and r.event["order_id"] != f"{tag}-due"]
+    assert len(created) == count
+    # a few steps' worth may go at once; the rest no faster than the pace
+    assert created[-1] - created[0] >= (count - 4 * rate * 0.005 - 1) / rate * 0.9
+    cancelled_at = next(r.at for r in seen if r.event["status"] == "cancelled")
+    assert cancelled_at < created[-1], "the cancellation waited for the paced backlog"
+    versions = [r.event["version"] for r in seen if r.event["order_id"] == f"{tag}-due"]
+    assert versions == [1, 2], "its own `created` event still goes first"
