@@ -15,6 +15,10 @@ With the default prefix ``order``, ``PARTS = 16`` and ``BUCKETS = 256``::
                                       fields plus `id` and `error`; likewise
                                       order:{P}:outbox:created:dead
     order:{P}:lease           string  which daemon publishes part P's outbox (SET NX PX)
+    order:{P}:h:<id>          list    the order's history once it changed after `create`:
+                                      one item per event (lib.lua, history_begin)
+    order:{P}:log             stream  the event log: what the broker acknowledged, entry id =
+                                      publish time, one field `e` (events.packed)
     order:wake                channel "<P> <deadline-ms>" when an order becomes the
                                       earliest of its part
 
@@ -98,6 +102,14 @@ class KeyLayout:
     def dead_letters(self, stream: str) -> str:
         """Where entries of the outbox stream `stream` that make no valid event go."""
         return f"{stream}:dead"
+
+    def history(self, order_id: str) -> str:
+        """The order's history list (from its first change after `create` on)."""
+        return f"{self.base(part_of(order_id))}h:{order_id}"
+
+    def event_log(self, part: int) -> str:
+        """The part's log of published events (for `replay`)."""
+        return f"{self.base(part)}log"
 
     def lease(self, part: int) -> str:
         return f"{self.base(part)}lease"

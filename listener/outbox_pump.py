@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from listener import logs
-from listener.events import StatusEvent, from_created_entry
+from listener.events import StatusEvent, from_created_entry, logged
 from listener.keys import KeyLayout
 from listener.mqtt import Publisher
 from listener.mqtt.window import refusal_text
@@ -74,17 +74,29 @@ class Deletes:
     upto: dict[str, bytes] = field(default_factory=dict)
     ids: dict[str, list[bytes]] = field(default_factory=dict)
     early: dict[str, list[bytes]] = field(default_factory=dict)
+    # per event log stream: the acknowledged events to append (events.logged), in PUBACK order
+    logged: dict[str, list[bytes]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.upto or self.early)
+        return bool(self.upto or self.early or self.logged)
 
     def merge(self, later: Deletes) -> None:
         """Take back deletes that were not sent; the ones made since are later in each stream."""
         for key, last in later.upto.items():
             self.upto.setdefault(key, last)
-        for mine, theirs in ((self.ids, later.ids), (self.early, later.early)):
+        for mine, theirs in ((self.ids, later.ids), (self.early, later.early), (self.logged, later.logged)):
             for key, ids in theirs.items():
                 mine[key] = ids + mine.get(key, [])
+
+    def queue_log(self, pipe: Any, min_id: int) -> int:
+        """Queue the event log appends (XADD, trimming entries older than
+        `min_id` ms, approximately: whole stream nodes); how many commands."""
+        count = 0
+        for key, values in self.logged.items():
+            for value in values:
+                pipe.execute_command("XADD", key, "MINID", "~", min_id, "*", "e", value)
+            count += len(values)
+        return count
 
     def queue(self, pipe: Any, *, trim: bool) -> None:
         for key, ids in self.early.items():
@@ -115,8 +127,11 @@ class Pump:
         xrange_one: Callable[[list[tuple[str, bytes]]], Awaitable[list[list[Entry]]]],
         parse: Parse,
         batch: int,
+        log: bool = False,
     ) -> None:
         self.parts = parts
+        # acknowledged events go to the part's event log (Deletes.logged)
+        self.log_key = {part: layout.event_log(part) for part in parts} if log else {}
         self.layout = layout
         self.holds = holds
         self.run_pipeline, self.block_read = run_pipeline, block_read
@@ -155,6 +170,8 @@ class Pump:
         item.acked = True
         assert item.event is not None
         self.published.append(item.event)
+        if self.log_key:
+            self.deletes.logged.setdefault(self.log_key[item.part], []).append(logged(item.event))
         if item.early:
             self.deletes.early.setdefault(item.key, []).append(item.entry_id)
         self._advance(item.key)

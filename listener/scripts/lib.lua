@@ -223,18 +223,52 @@ local function unpend(timer, index, bkey, id, in_bucket)
   end
 end
 
--- Appends one status event (any after `created`) to the part's outbox stream.
-local function emit(outbox, id, status, previous, reason, version, at, created)
+-- An order's history: the list `<prefix>:{P}:h:<id>` (same slot as its
+-- record), one item per event that announced a change of the order, oldest
+-- first: "<status>|<previous>|<reason>|<version>|<at ms>|<created ms>|<deadline ms>"
+-- (previous empty on `created`, deadline empty on events that carry none).
+-- listener/events.py, from_packed, turns an item into the published event.
+-- It is written only from the order's first change on: a pending order that
+-- never changed costs nothing more (its one `created` event is rebuilt from
+-- the record), and expires with the record.
+
+-- The history key of order `id` from its part's outbox key ('<base>outbox').
+local function history_key(outbox, id)
+  return string.sub(outbox, 1, #outbox - 6) .. 'h:' .. id
+end
+
+-- The creation ms of a record's `created` entry id ('<ms>-<seq>').
+local function created_ms(created)
+  return string.match(created, '^(%d+)')
+end
+
+-- Starts the history of an order at its first change: its `created` event,
+-- from the record as it was before the change (creation time, first deadline).
+local function history_begin(outbox, id, created, deadline)
+  local ms = created_ms(created)
+  redis.call('RPUSH', history_key(outbox, id), 'created||created|1|' .. ms .. '|' .. ms .. '|' .. deadline)
+end
+
+-- Appends one status event (any after `created`) to the part's outbox stream,
+-- and to the order's history (`deadline`: only for an event that carries one).
+local function emit(outbox, id, status, previous, reason, version, at, created, deadline)
   redis.call('XADD', outbox, '*', 'o', id, 's', status, 'p', previous, 'r', reason,
              'v', version, 't', at, 'c', created)
+  redis.call('RPUSH', history_key(outbox, id), status .. '|' .. previous .. '|' .. reason .. '|' .. version ..
+             '|' .. at .. '|' .. created_ms(created) .. '|' .. (deadline or ''))
 end
 
 -- Moves an order through `steps`, one event and one version per step, and
 -- remembers `reason`: writes the order's own hash with all six fields s, v,
 -- r, c, u, d (a pending order had only its bucket field, or an own hash with
--- c and d). A cancelled order keeps its record for `retention` ms.
+-- c and d). A cancelled order keeps its record, and its history, for
+-- `retention` ms. An order's first change (version 1 before it) starts its
+-- history here: every first change goes through advance.
 local function advance(okey, outbox, id, status, version, created, deadline, steps, reason, now,
                        retention)
+  if version == 1 then
+    history_begin(outbox, id, created, deadline)
+  end
   for _, nxt in ipairs(steps) do
     version = version + 1
     emit(outbox, id, nxt, status, reason, version, now, created)
@@ -244,6 +278,7 @@ local function advance(okey, outbox, id, status, version, created, deadline, ste
              'd', deadline)
   if status == 'cancelled' then
     redis.call('PEXPIRE', okey, retention)
+    redis.call('PEXPIRE', history_key(outbox, id), retention)
   end
   return version
 end
@@ -325,6 +360,7 @@ local function transition(spec)
   -- Reads of the keys it may write, so one of the wrong type (written by
   -- hand) fails the script here, before it wrote anything.
   redis.call('XLEN', outbox)
+  redis.call('LLEN', history_key(outbox, id))
   if status == 'created' then
     redis.call('ZCARD', index)
   end
