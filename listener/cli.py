@@ -353,8 +353,18 @@ def cmd_show(args: argparse.Namespace) -> None:
         out(f"{key:>9}: {value}")
 
 
+def _logs_to_stderr(config: Settings) -> None:
+    """Log lines (such as the one naming a Redis Cluster's primaries) go to
+    stderr, at warning and above: stdout is the command's output alone."""
+    from listener import logs
+
+    level = config.log_level if config.log_level in ("warning", "error") else "warning"
+    logs.configure(level, config.log_format)
+
+
 def _show_history(config: Settings, order_id: str, as_json: bool) -> None:
     """`show --history`: the order, then every event that announced a change of it."""
+    _logs_to_stderr(config)
 
     async def go() -> tuple[Order, list[dict[str, object]]]:
         from listener.api import OrderClient
@@ -409,6 +419,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
             validate_order_id(args.order)
     except BadInput as exc:
         raise _bad_input(exc) from None
+    _logs_to_stderr(config)
 
     async def go() -> int:
         from listener.api import OrderClient

@@ -158,7 +158,10 @@ class EventLog:
         parts = [part_of(order_id)] if order_id is not None else list(range(PARTS))
         if isinstance(since, EventRef):
             after = await self._find(since)
-            start = {part: "(" + after.decode() for part in parts}
+            # after it in the merged order (entry id, then part): an entry of a
+            # later part with the same id comes after it
+            pivot = part_of(since.order_id)
+            start = {part: ("(" if part <= pivot else "") + after.decode() for part in parts}
             since_ms = _id(after)[0]
         else:
             start = dict.fromkeys(parts, f"{since}-0")
@@ -200,6 +203,7 @@ class EventLog:
             empty = [part for part in parts if not buffers[part] and part not in done]
             if empty:
                 await refill(empty)
+            # (the order `--since EVENT_ID` counts "after" in: entry id, then part)
             heads = [(_id(buffers[part][0][0]), part) for part in parts if buffers[part]]
             if not heads:
                 return

@@ -390,9 +390,10 @@ class Outbox:
 
     def _log_min_id(self) -> int:
         """Where the event log is trimmed: entries older than its retention go,
-        by this machine's clock; a minute more is kept, so a clock up to a
-        minute ahead of Redis' does not trim what `replay` promises."""
-        return max(0, int(time.time() * 1000) - self.event_log_ms - 60_000)
+        by this machine's clock; a margin more is kept (the retention again,
+        at most a minute), so a clock that far ahead of Redis' does not trim
+        what `replay` promises."""
+        return max(0, int(time.time() * 1000) - self.event_log_ms - min(self.event_log_ms, 60_000))
 
     def _log_refusals(self, replies: Sequence[Any]) -> None:
         """An event log append Redis refused (full with noeviction, a key of
