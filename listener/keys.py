@@ -16,7 +16,7 @@ With the default prefix ``order``, ``PARTS = 16`` and ``BUCKETS = 256``::
                                       order:{P}:outbox:created:dead
     order:{P}:lease           string  which daemon publishes part P's outbox (SET NX PX)
     order:{P}:h:<id>          list    the order's history once it changed after `create`:
-                                      one item per event (lib.lua, history_begin)
+                                      one item per event (lib.lua, advance)
     order:{P}:log             stream  the event log: what the broker acknowledged, entry id =
                                       publish time, one field `e` (events.packed)
     order:wake                channel "<P> <deadline-ms>" when an order becomes the

@@ -346,7 +346,7 @@ class Store:
     async def get_with_history(self, order_id: str) -> tuple[Order, list[StatusEvent]] | None:
         """The order and every event that announced a change of it, oldest
         first; None if there is no such order. The history list is written
-        from the order's first change on (lib.lua, history_begin): a pending
+        from the order's first change on (lib.lua, advance): a pending
         order's one `created` event is built from its record. An order that
         changed before histories were kept has an empty or partial one."""
         for attempt in range(5):

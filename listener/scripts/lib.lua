@@ -242,20 +242,26 @@ local function created_ms(created)
   return string.match(created, '^(%d+)')
 end
 
--- Starts the history of an order at its first change: its `created` event,
--- from the record as it was before the change (creation time, first deadline).
-local function history_begin(outbox, id, created, deadline)
+-- The history item of an order's `created` event, from its record as it was
+-- before its first change (creation entry id, first deadline).
+local function created_item(created, deadline)
   local ms = created_ms(created)
-  redis.call('RPUSH', history_key(outbox, id), 'created||created|1|' .. ms .. '|' .. ms .. '|' .. deadline)
+  return 'created||created|1|' .. ms .. '|' .. ms .. '|' .. deadline
 end
 
 -- Appends one status event (any after `created`) to the part's outbox stream,
--- and to the order's history (`deadline`: only for an event that carries one).
-local function emit(outbox, id, status, previous, reason, version, at, created, deadline)
+-- and to the order's history (`deadline`: only for an event that carries one;
+-- `first`: the history item to push before it, at the order's first change).
+local function emit(outbox, id, status, previous, reason, version, at, created, deadline, first)
   redis.call('XADD', outbox, '*', 'o', id, 's', status, 'p', previous, 'r', reason,
              'v', version, 't', at, 'c', created)
-  redis.call('RPUSH', history_key(outbox, id), status .. '|' .. previous .. '|' .. reason .. '|' .. version ..
-             '|' .. at .. '|' .. created_ms(created) .. '|' .. (deadline or ''))
+  local item = status .. '|' .. previous .. '|' .. reason .. '|' .. version .. '|' .. at .. '|' ..
+    created_ms(created) .. '|' .. (deadline or '')
+  if first then
+    redis.call('RPUSH', history_key(outbox, id), first, item)
+  else
+    redis.call('RPUSH', history_key(outbox, id), item)
+  end
 end
 
 -- Moves an order through `steps`, one event and one version per step, and
@@ -263,15 +269,15 @@ end
 -- r, c, u, d (a pending order had only its bucket field, or an own hash with
 -- c and d). A cancelled order keeps its record, and its history, for
 -- `retention` ms. An order's first change (version 1 before it) starts its
--- history here: every first change goes through advance.
+-- history here with its `created` event: every first change goes through
+-- advance.
 local function advance(okey, outbox, id, status, version, created, deadline, steps, reason, now,
                        retention)
-  if version == 1 then
-    history_begin(outbox, id, created, deadline)
-  end
+  local first = version == 1 and created_item(created, deadline) or nil
   for _, nxt in ipairs(steps) do
     version = version + 1
-    emit(outbox, id, nxt, status, reason, version, now, created)
+    emit(outbox, id, nxt, status, reason, version, now, created, nil, first)
+    first = nil
     status = nxt
   end
   redis.call('HSET', okey, 's', status, 'v', version, 'r', reason, 'c', created, 'u', now,
