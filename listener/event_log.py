@@ -1,8 +1,8 @@
 """The event log: the events the broker acknowledged, kept for `replay`.
 
 The outbox reader appends each acknowledged event to its part's stream
-``<prefix>:{P}:log`` in the round trip that deletes its outbox entry
-(listener.outbox_pump, Deletes.queue_log): the entry id is the publish time
+``<prefix>:{P}:log`` in the round trip that deletes its outbox entry (the
+`log` script, called from listener.outbox): the entry id is the publish time
 by the Redis clock, the one field ``e`` the event (events.logged). Only the
 holder of a lane's lease deletes its entries, so an event is logged once
 however many daemons run; the trimming is by time (XADD MINID, whole stream

@@ -88,15 +88,9 @@ class Deletes:
             for key, ids in theirs.items():
                 mine[key] = ids + mine.get(key, [])
 
-    def queue_log(self, pipe: Any, min_id: int) -> int:
-        """Queue the event log appends (XADD, trimming entries older than
-        `min_id` ms, approximately: whole stream nodes); how many commands."""
-        count = 0
-        for key, values in self.logged.items():
-            for value in values:
-                pipe.execute_command("XADD", key, "MINID", "~", min_id, "*", "e", value)
-            count += len(values)
-        return count
+    def log_calls(self, trim_ms: int) -> list[tuple[str, list[Any]]]:
+        """The event log appends: (log key, ARGV of the `log` script) per stream."""
+        return [(key, [trim_ms, *values]) for key, values in self.logged.items()]
 
     def queue(self, pipe: Any, *, trim: bool) -> None:
         for key, ids in self.early.items():

@@ -27,6 +27,7 @@ NAMES = (
     "sweep",
     "lease",
     "release",
+    "log",
 )
 
 
@@ -51,6 +52,7 @@ class Scripts:
     sweep: AsyncScript
     lease: AsyncScript
     release: AsyncScript
+    log: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis | RedisCluster) -> Scripts:
