@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -62,6 +62,8 @@ class Modelled:
     created_entry: str
     updated: int
     short: bool  # its payment window is SHORT_MS: tests wait for it to pass
+    # its history list's items (lib.lua): none until its first change
+    history: list[str] = field(default_factory=list)
 
 
 Entry = tuple[str, dict[str, str]]  # (stream key, fields)
@@ -202,6 +204,13 @@ class OrderMachine(RuleBasedStateMachine):
         assert len(entries) == len(steps), entries
         at = int(entries[0][1]["t"])
         assert at >= known.updated
+        created_ms = known.created_entry.split("-")[0]
+        if known.version == 1:  # the first change starts the history with the `created` event
+            known.history.append(f"created||created|1|{created_ms}|{created_ms}|{known.deadline}")
+        for number, step in enumerate(steps):
+            previous = known.status if number == 0 else steps[number - 1]
+            version = known.version + number + 1
+            known.history.append(f"{step}|{previous}|{reason}|{version}|{at}|{created_ms}|")
         for (key, fields), step in zip(entries, steps, strict=True):
             assert key == LAYOUT.outbox(part_of(oid))
             assert fields == {
@@ -320,6 +329,15 @@ class OrderMachine(RuleBasedStateMachine):
                 assert 0 < ttl <= RETENTION_MS
             elif known.version > 1:
                 assert ttl == -1
+            # the history: what the model appended, and it lives as long as the record
+            assert self.r.lrange(LAYOUT.history(oid), 0, -1) == known.history, (oid, known)
+            history_ttl = self.r.pttl(LAYOUT.history(oid))
+            if known.version == 1:
+                assert history_ttl == -2  # a pending order that never moved has none
+            elif known.status is Status.CANCELLED:
+                assert 0 < history_ttl <= RETENTION_MS and abs(history_ttl - ttl) < 5_000
+            else:
+                assert history_ttl == -1
 
 
 @contextlib.contextmanager
