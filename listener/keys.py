@@ -15,8 +15,6 @@ With the default prefix ``order``, ``PARTS = 16`` and ``BUCKETS = 256``::
                                       fields plus `id` and `error`; likewise
                                       order:{P}:outbox:created:dead
     order:{P}:lease           string  which daemon publishes part P's outbox (SET NX PX)
-    order:{P}:h:<id>          list    the order's history once it changed after `create`:
-                                      one item per event (lib.lua, advance)
     order:{P}:log             stream  the event log: what the broker acknowledged, entry id =
                                       publish time, one field `e` (events.packed)
     order:wake                channel "<P> <deadline-ms>" when an order becomes the
@@ -41,7 +39,8 @@ The first transition deletes the bucket field and writes the order's own hash
 listpack): ``s`` status, ``v`` version, ``r`` last reason, ``c`` the id of its
 ``created`` outbox entry (``<Unix ms>-<seq>``: the creation time, and where to
 find the `created` event while it is unpublished), ``u`` updated (Unix ms),
-``d`` deadline (Unix ms). Records of earlier layouts are read and changed as
+``d`` deadline (Unix ms); and its history, a field ``h<version>`` per event
+from ``h1`` (its `created` event) on (lib.lua, emit). Records of earlier layouts are read and changed as
 they are: an own hash with all six fields from ``create`` on, or one with only
 ``c`` and ``d`` (pending, like a bucket field). Fields of the own hash win
 over the bucket's value.
@@ -102,10 +101,6 @@ class KeyLayout:
     def dead_letters(self, stream: str) -> str:
         """Where entries of the outbox stream `stream` that make no valid event go."""
         return f"{stream}:dead"
-
-    def history(self, order_id: str) -> str:
-        """The order's history list (from its first change after `create` on)."""
-        return f"{self.base(part_of(order_id))}h:{order_id}"
 
     def event_log(self, part: int) -> str:
         """The part's log of published events (for `replay`)."""

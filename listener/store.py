@@ -345,41 +345,41 @@ class Store:
 
     async def get_with_history(self, order_id: str) -> tuple[Order, list[StatusEvent]] | None:
         """The order and every event that announced a change of it, oldest
-        first; None if there is no such order. The history list is written
-        from the order's first change on (lib.lua, advance): a pending
+        first; None if there is no such order. The history is kept in the
+        order's own hash from its first change on (`h<version>` fields,
+        lib.lua), so one HGETALL reads record and history together; a pending
         order's one `created` event is built from its record. An order that
         changed before histories were kept has an empty or partial one."""
-        for attempt in range(5):
-            # The history first: a change between the reads then shows as a
-            # record one version ahead of it, and the reads are made again.
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.lrange(self.layout.history(order_id), 0, -1)
-                pipe.hmget(self.layout.bucket(order_id), [order_id])
-                pipe.hgetall(self.layout.order(order_id))
-                items, (packed,), raw = await pipe.execute()
-            order = _order(order_id, packed, raw)
-            if order is None:
-                return None
-            try:
-                events = [from_packed(order_id, item) for item in items]
-            except ValueError as exc:
-                raise BadRecord(f"the stored history of {order_id!r} is malformed: {exc}") from None
-            if not events and order.version == 1:
-                events = [
-                    StatusEvent(
-                        order_id=order_id,
-                        status="created",
-                        previous=None,
-                        reason="created",
-                        version=1,
-                        at_ms=order.created_ms,
-                        created_ms=order.created_ms,
-                        deadline_ms=order.deadline_ms,
-                    )
-                ]
-            if not events or events[-1].version == order.version or attempt == 4:
-                return order, events
-        raise AssertionError("not reached")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.layout.bucket(order_id), [order_id])
+            pipe.hgetall(self.layout.order(order_id))
+            (packed,), raw = await pipe.execute()
+        order = _order(order_id, packed, raw)
+        if order is None:
+            return None
+        items = sorted(
+            (int(name[1:]), value)
+            for name, value in raw.items()
+            if name[:1] == b"h" and name[1:].isdigit() and len(name) <= 17
+        )
+        try:
+            events = [from_packed(order_id, item) for _, item in items]
+        except ValueError as exc:
+            raise BadRecord(f"the stored history of {order_id!r} is malformed: {exc}") from None
+        if not events and order.version == 1:
+            events = [
+                StatusEvent(
+                    order_id=order_id,
+                    status="created",
+                    previous=None,
+                    reason="created",
+                    version=1,
+                    at_ms=order.created_ms,
+                    created_ms=order.created_ms,
+                    deadline_ms=order.deadline_ms,
+                )
+            ]
+        return order, events
 
     async def cancel_times(self, order_ids: Sequence[str]) -> list[tuple[int, int] | None]:
         """(deadline ms, last change ms) of each order as its own hash has them:

@@ -59,7 +59,7 @@ async def test_a_whole_life_lists_five_transitions_with_the_published_event_ids(
         assert str(event["event_id"]) in table.out
 
 
-async def test_a_timed_out_order_shows_two_and_its_history_expires_with_its_record(
+async def test_a_timed_out_order_shows_two_kept_in_its_record(
     settings: Settings,
     start_daemon: Callable[..., Awaitable[Daemon]],
     subscriber: Subscriber,
@@ -78,13 +78,13 @@ async def test_a_timed_out_order_shows_two_and_its_history_expires_with_its_reco
         ("created", "created", 1),
         ("cancelled", "timeout", 2),
     ]
-    record_ttl = await redis.pttl(LAYOUT.order("late-1"))
-    history_ttl = await redis.pttl(LAYOUT.history("late-1"))
-    assert 0 < record_ttl <= settings.retention_ms
-    assert abs(record_ttl - history_ttl) < 1000
+    # the history is in the record (h1, h2), so it expires with it
+    record = await redis.hgetall(LAYOUT.order("late-1"))
+    assert sorted(name for name in record if name.startswith(b"h")) == [b"h1", b"h2"]
+    assert 0 < await redis.pttl(LAYOUT.order("late-1")) <= settings.retention_ms
 
 
-async def test_a_pending_order_costs_no_history_key_and_shows_its_created_event(
+async def test_a_pending_order_costs_no_history_and_shows_its_created_event(
     settings: Settings,
     start_daemon: Callable[..., Awaitable[Daemon]],
     subscriber: Subscriber,
@@ -96,7 +96,9 @@ async def test_a_pending_order_costs_no_history_key_and_shows_its_created_event(
         await client.create("wait-1", timeout=600)
         await wait_until(lambda: len(subscriber.of("wait-1")) >= 1, 10, "the created event")
         assert await client.history("wait-1") == subscriber.of("wait-1")
-    assert await redis.exists(LAYOUT.history("wait-1")) == 0
+    # still only its bucket field: the history costs a pending order nothing
+    assert await redis.exists(LAYOUT.order("wait-1")) == 0
+    assert await redis.hmget(LAYOUT.bucket("wait-1"), ["wait-1"]) != [None]
     shown = await cli("show", "wait-1", "--history", "--json")
     assert json.loads(shown.out)["history"] == subscriber.of("wait-1")
     unknown = await cli("show", "never-1", "--history")
@@ -138,7 +140,7 @@ async def test_a_history_item_no_script_writes_is_shown_as_an_error(
     async with OrderClient(settings) as client:
         await client.create("hand-1", timeout=60)
         await client.pay("hand-1")
-    await redis.rpush(LAYOUT.history("hand-1"), "paid|created|paid|x|1|1|")
+    await redis.hset(LAYOUT.order("hand-1"), "h3", "paid|created|paid|x|1|1|")
     shown = await cli("show", "hand-1", "--history")
     assert shown.code == 1
     assert "the stored history of 'hand-1' is malformed" in shown.err and "Traceback" not in shown.err

@@ -667,19 +667,3 @@ async def test_the_python_sides_calls_pass_every_check(settings: Settings, redis
         assert await store.run_scripts(calls) == [len(events)] == [5]
     finally:
         await store.close()
-
-
-@pytest.mark.parametrize("script", ["pay", "sweep"])
-def test_a_history_key_of_another_type_fails_the_change_with_nothing_changed(
-    client: SyncRedis, shas: dict[str, str], script: str
-) -> None:
-    """The history list is read before the first write (lib.lua, transition;
-    sweep.lua): a key of another type there (written by hand) fails the
-    script, and the order keeps its timer, index entry and bucket field."""
-    seed(client, shas)
-    client.set(LAYOUT.history(PENDING if script == "pay" else DUE), "not a list")
-    before = snapshot(client)
-    with published(client) as messages, pytest.raises(ResponseError, match="WRONGTYPE"):
-        call(client, shas[script], *VALID[script])
-    assert snapshot(client) == before
-    assert messages == []

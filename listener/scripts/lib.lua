@@ -223,18 +223,18 @@ local function unpend(timer, index, bkey, id, in_bucket)
   end
 end
 
--- An order's history: the list `<prefix>:{P}:h:<id>` (same slot as its
--- record), one item per event that announced a change of the order, oldest
--- first: "<status>|<previous>|<reason>|<version>|<at ms>|<created ms>|<deadline ms>"
--- (previous empty on `created`, deadline empty on events that carry none).
+-- An order's history: fields of its own hash, `h<version>` (h1 its `created`
+-- event, h2 the next, ...), one per event that announced a change of it:
+-- "<status>|<previous>|<reason>|<version>|<at ms>|<created ms>|<deadline ms>"
+-- (previous empty on `created`, deadline empty on events that carry none; at
+-- most about 80 bytes, so the hash stays a listpack). In the record itself, it
+-- is read with it and expires with it, at no key's cost. A pending order that
+-- never changed has none (its one `created` event is rebuilt from the record).
 -- listener/events.py, from_packed, turns an item into the published event.
--- It is written only from the order's first change on: a pending order that
--- never changed costs nothing more (its one `created` event is rebuilt from
--- the record), and expires with the record.
 
--- The history key of order `id` from its part's outbox key ('<base>outbox').
-local function history_key(outbox, id)
-  return string.sub(outbox, 1, #outbox - 6) .. 'h:' .. id
+-- The own hash of order `id` from its part's outbox key ('<base>outbox').
+local function order_key(outbox, id)
+  return string.sub(outbox, 1, #outbox - 6) .. 'o:' .. id
 end
 
 -- The creation ms of a record's `created` entry id ('<ms>-<seq>').
@@ -250,41 +250,44 @@ local function created_item(created, deadline)
 end
 
 -- Appends one status event (any after `created`) to the part's outbox stream,
--- and to the order's history (`deadline`: only for an event that carries one;
--- `first`: the history item to push before it, at the order's first change).
-local function emit(outbox, id, status, previous, reason, version, at, created, deadline, first)
+-- and to the order's history (`deadline`: only for an event that carries one):
+-- written to the own hash here, or, when the caller gives `fields` (the
+-- field-value list of the HSET it writes the record with), added to those.
+local function emit(outbox, id, status, previous, reason, version, at, created, deadline, fields)
   redis.call('XADD', outbox, '*', 'o', id, 's', status, 'p', previous, 'r', reason,
              'v', version, 't', at, 'c', created)
   local item = status .. '|' .. previous .. '|' .. reason .. '|' .. version .. '|' .. at .. '|' ..
     created_ms(created) .. '|' .. (deadline or '')
-  if first then
-    redis.call('RPUSH', history_key(outbox, id), first, item)
+  if fields then
+    fields[#fields + 1] = 'h' .. version
+    fields[#fields + 1] = item
   else
-    redis.call('RPUSH', history_key(outbox, id), item)
+    redis.call('HSET', order_key(outbox, id), 'h' .. version, item)
   end
 end
 
 -- Moves an order through `steps`, one event and one version per step, and
 -- remembers `reason`: writes the order's own hash with all six fields s, v,
 -- r, c, u, d (a pending order had only its bucket field, or an own hash with
--- c and d). A cancelled order keeps its record, and its history, for
--- `retention` ms. An order's first change (version 1 before it) starts its
--- history here with its `created` event: every first change goes through
--- advance.
+-- c and d), and its history, in one HSET. A cancelled order keeps its
+-- record, history included, for `retention` ms. An order's first change
+-- (version 1 before it) starts its history with its `created` event: every
+-- first change goes through advance.
 local function advance(okey, outbox, id, status, version, created, deadline, steps, reason, now,
                        retention)
-  local first = version == 1 and created_item(created, deadline) or nil
+  local fields = {}
+  if version == 1 then
+    fields[1], fields[2] = 'h1', created_item(created, deadline)
+  end
   for _, nxt in ipairs(steps) do
     version = version + 1
-    emit(outbox, id, nxt, status, reason, version, now, created, nil, first)
-    first = nil
+    emit(outbox, id, nxt, status, reason, version, now, created, nil, fields)
     status = nxt
   end
   redis.call('HSET', okey, 's', status, 'v', version, 'r', reason, 'c', created, 'u', now,
-             'd', deadline)
+             'd', deadline, unpack(fields))
   if status == 'cancelled' then
     redis.call('PEXPIRE', okey, retention)
-    redis.call('PEXPIRE', history_key(outbox, id), retention)
   end
   return version
 end
@@ -366,7 +369,6 @@ local function transition(spec)
   -- Reads of the keys it may write, so one of the wrong type (written by
   -- hand) fails the script here, before it wrote anything.
   redis.call('XLEN', outbox)
-  redis.call('LLEN', history_key(outbox, id))
   if status == 'created' then
     redis.call('ZCARD', index)
   end

@@ -62,7 +62,6 @@ if #due > 0 then
         end
       end
       if not problem then
-        redis.call('LLEN', base .. 'h:' .. id)  -- the history it starts (lib.lua, advance)
         records[i] = {okey, tonumber(version), created, deadline}
         if in_bucket then
           if not bucket_ids[bkey] then
