@@ -537,7 +537,7 @@ _TRANSITIONS = {
     "refund": "paid or delivered -> refunded -> cancelled (reason refund).",
 }
 
-SCRIPT_NAMES = "create, pay, cancel, expire, deliver, refund, sweep, lease, release or log"
+SCRIPT_NAMES = "create, pay, cancel, expire, deliver, refund, sweep, lease or release"
 
 
 def build_parser() -> argparse.ArgumentParser:

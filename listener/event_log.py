@@ -1,20 +1,20 @@
 """The event log: the events the broker acknowledged, kept for `replay`.
 
-The outbox reader appends each acknowledged event to its part's stream
-``<prefix>:{P}:log`` in the round trip that deletes its outbox entry (the
-`log` script, called from listener.outbox): the entry id is the publish time
-by the Redis clock, the one field ``e`` the event (events.logged). Only the
-holder of a lane's lease deletes its entries, so an event is logged once
-however many daemons run; the trimming is by time (XADD MINID, whole stream
-nodes), ORDER_LISTENER_EVENT_LOG_RETENTION.
+The outbox reader appends the events its lanes' PUBACKs acknowledged to each
+part's stream ``<prefix>:{P}:log`` in the round trip that deletes their
+outbox entries (listener.outbox_pump, Deletes.queue_log): one entry per part
+and round trip, its id the publish time by the Redis clock, its fields "0",
+"1", ... the events in PUBACK order (events.logged). Only the holder of a
+lane's lease deletes its entries, so an event is logged once however many
+daemons run; the trimming is by time (XADD MINID, whole stream nodes),
+ORDER_LISTENER_EVENT_LOG_RETENTION.
 
-`replay` merges the parts by entry id (publish time), so events of one order
+`replay` merges the parts by (entry id, part, field), so events of one order
 come in the order they were published: version order.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 import re
 from collections import deque
@@ -101,8 +101,9 @@ class EventLog:
             replies = await pipe.execute()
         return [reply[0][0] if reply else None for reply in replies]
 
-    async def _find(self, ref: EventRef) -> bytes:
-        """The log entry id of the event `ref`, looked for from its order's creation on."""
+    async def _find(self, ref: EventRef) -> tuple[bytes, int]:
+        """Where the event `ref` is in the log (entry id, field), looked for
+        from its order's creation on."""
         key = self.layout.event_log(part_of(ref.order_id))
         start = f"{ref.created_ms}-0"
         looked = 0
@@ -110,14 +111,14 @@ class EventLog:
         while looked < SCAN_LIMIT:
             entries = cast("list[Any]", await self.redis.xrange(key, start, "+", count=PAGE))
             for entry_id, fields in entries:
-                value = fields.get(b"e", b"")
-                if value.startswith(prefix):
-                    try:
-                        if from_logged(value).event_id == ref.event_id:
-                            return bytes(entry_id)
-                    except ValueError:
-                        pass
-            looked += len(entries)
+                for index, value in _events_of(fields):
+                    if value.startswith(prefix):
+                        try:
+                            if from_logged(value).event_id == ref.event_id:
+                                return bytes(entry_id), index
+                        except ValueError:
+                            pass
+                looked += len(fields)
             if len(entries) < PAGE:
                 break
             start = "(" + entries[-1][0].decode()
@@ -156,12 +157,15 @@ class EventLog:
         were published. Raises NotRetained before the first event if the log
         no longer holds all of them."""
         parts = [part_of(order_id)] if order_id is not None else list(range(PARTS))
+        skip: tuple[int, bytes, int] | None = None  # the event's own entry: its fields up to it
         if isinstance(since, EventRef):
-            after = await self._find(since)
-            # after it in the merged order (entry id, then part): an entry of a
-            # later part with the same id comes after it
+            after, index = await self._find(since)
+            # after it in the merged order (entry id, part, field): its own
+            # entry from the next field, an entry of a later part with the
+            # same id whole, one of an earlier part not at all
             pivot = part_of(since.order_id)
-            start = {part: ("(" if part <= pivot else "") + after.decode() for part in parts}
+            start = {part: ("(" if part < pivot else "") + after.decode() for part in parts}
+            skip = (pivot, after, index)
             since_ms = _id(after)[0]
         else:
             start = dict.fromkeys(parts, f"{since}-0")
@@ -173,14 +177,21 @@ class EventLog:
         def keep(value: bytes) -> bool:
             return value.startswith(prefix)
 
-        async for event in self._merged(parts, start, end, keep):
+        async for event in self._merged(parts, start, end, keep, skip):
             yield event
 
     async def _merged(
-        self, parts: list[int], start: dict[int, str], end: str, keep: Callable[[bytes], bool]
+        self,
+        parts: list[int],
+        start: dict[int, str],
+        end: str,
+        keep: Callable[[bytes], bool],
+        skip: tuple[int, bytes, int] | None,
     ) -> AsyncIterator[StatusEvent]:
-        """The parts' entries merged by id, a page per part at a time; a log
-        entry that makes no event (written by hand) is skipped."""
+        """The parts' entries merged by (entry id, part), each entry's events
+        in field order, a page per part at a time; `skip` (part, entry id,
+        field): that entry's fields up to and including it are left out. A
+        value that makes no event (written by hand) is skipped."""
         buffers: dict[int, deque[tuple[bytes, dict[bytes, bytes]]]] = {part: deque() for part in parts}
         done: set[int] = set()
         recent: deque[str] = deque()
@@ -203,26 +214,34 @@ class EventLog:
             empty = [part for part in parts if not buffers[part] and part not in done]
             if empty:
                 await refill(empty)
-            # (the order `--since EVENT_ID` counts "after" in: entry id, then part)
+            # (the order `--since EVENT_ID` counts "after" in: entry id, part, field)
             heads = [(_id(buffers[part][0][0]), part) for part in parts if buffers[part]]
             if not heads:
                 return
-            _, part = heapq.nsmallest(1, heads)[0]
-            _, fields = buffers[part].popleft()
-            value = fields.get(b"e", b"")
-            if not keep(value):
-                continue
-            try:
-                event = from_logged(value)
-            except ValueError:
-                continue
-            if event.event_id in seen:  # an append sent again after a lost reply
-                continue
-            seen.add(event.event_id)
-            recent.append(event.event_id)
-            if len(recent) > RECENT:
-                seen.discard(recent.popleft())
-            yield event
+            _, part = min(heads)
+            entry_id, fields = buffers[part].popleft()
+            for index, value in _events_of(fields):
+                if skip is not None and (part, entry_id) == skip[:2] and index <= skip[2]:
+                    continue
+                if not keep(value):
+                    continue
+                try:
+                    event = from_logged(value)
+                except ValueError:
+                    continue
+                if event.event_id in seen:  # an append sent again after a lost reply
+                    continue
+                seen.add(event.event_id)
+                recent.append(event.event_id)
+                if len(recent) > RECENT:
+                    seen.discard(recent.popleft())
+                yield event
+
+
+def _events_of(fields: dict[bytes, bytes]) -> list[tuple[int, bytes]]:
+    """The events of a log entry, (field number, value), in field order; a
+    field whose name is not a number (written by hand) is left out."""
+    return sorted((int(name), value) for name, value in fields.items() if name.isdigit() and len(name) < 8)
 
 
 async def publish_again(

@@ -29,7 +29,7 @@ from typing import Any, cast
 
 import aiomqtt
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from listener import logs
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
@@ -364,18 +364,15 @@ class Outbox:
         say so once and delete with XDEL from then on."""
         while True:
             trimming = trim and self.trim  # what this attempt sends (other lanes may change self.trim)
-            appends = acked.log_calls(self._log_min_id()) if acked.logged else []
             async with self.redis.pipeline(transaction=False) as pipe:
-                sha = self.store.scripts.log.sha
-                for key, args in appends:  # (EVALSHA by hand: see Store._evalsha)
-                    pipe.execute_command("EVALSHA", sha, 1, key, *args)
+                appends = acked.queue_log(pipe, self._log_min_id()) if acked.logged else 0
                 acked.queue(pipe, trim=trimming)
                 then(pipe)
                 try:
                     replies = await pipe.execute(raise_on_error=False)
                     acked.logged = {}  # appended (or refused): never twice from here
-                    await self._log_replies(appends, replies[: len(appends)])
-                    for reply in replies[len(appends) :]:
+                    self._log_refusals(replies[:appends])
+                    for reply in replies[appends:]:
                         if isinstance(reply, Exception):
                             raise reply
                     return list(replies)
@@ -398,24 +395,17 @@ class Outbox:
         what `replay` promises."""
         return max(0, int(time.time() * 1000) - self.event_log_ms - min(self.event_log_ms, 60_000))
 
-    async def _log_replies(self, calls: Sequence[tuple[str, list[Any]]], replies: Sequence[Any]) -> None:
-        """Calls of the `log` script that Redis answered NOSCRIPT (it restarted
-        or flushed its scripts) are loaded and sent again, in one more round
-        trip. An append Redis refused (full with noeviction, a key of another
-        type) loses those log entries, never the events: they are published
-        and their outbox entries deleted all the same. Said at most once a
-        minute."""
-        again = [call for call, reply in zip(calls, replies, strict=True) if isinstance(reply, NoScriptError)]
-        errors = [r for r in replies if isinstance(r, Exception) and not isinstance(r, NoScriptError)]
-        if again:
-            script = self.store.scripts.log
-            redone = await self.store.run_scripts([(script, [key], args) for key, args in again], settle=True)
-            errors += [reply for reply in redone if isinstance(reply, Exception)]
+    def _log_refusals(self, replies: Sequence[Any]) -> None:
+        """An event log append Redis refused (full with noeviction, a key of
+        another type, an ACL without XADD) loses those log entries, never the
+        events: they are published and their outbox entries deleted all the
+        same. Said at most once a minute."""
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
         if errors and time.monotonic() - self.log_failed_at > 60:
             self.log_failed_at = time.monotonic()
             log.error(
                 "event log append refused: these events were published but are not in the log for replay",
-                calls=len(errors),
+                streams=len(errors),
                 error=str(errors[0]),
                 fix="free memory in Redis, or move a key of another type away from <prefix>:{P}:log",
             )

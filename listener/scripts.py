@@ -27,7 +27,6 @@ NAMES = (
     "sweep",
     "lease",
     "release",
-    "log",
 )
 
 
@@ -52,7 +51,6 @@ class Scripts:
     sweep: AsyncScript
     lease: AsyncScript
     release: AsyncScript
-    log: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis | RedisCluster) -> Scripts:

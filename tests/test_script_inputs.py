@@ -33,7 +33,6 @@ from listener import logs
 from listener.api import OrderClient
 from listener.config import LogFormat, Settings
 from listener.daemon import Daemon
-from listener.events import logged
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.orders import Operation
 from listener.scripts import NAMES, Scripts, source
@@ -120,7 +119,6 @@ VALID: dict[str, tuple[list[str], list[str]]] = {
     "sweep": ([LAYOUT.deadlines(P), LAYOUT.outbox(P)], [BASE, "1000", RETENTION]),
     "lease": ([LAYOUT.lease(P)], [OWNER, "6000"]),
     "release": ([LAYOUT.lease(P)], [OWNER]),
-    "log": ([LAYOUT.event_log(P)], ["1", f"{PENDING}|paid|created|paid|2|1|1|"]),
 }
 TRANSITIONS = ("pay", "cancel", "expire", "deliver", "refund")
 
@@ -351,23 +349,6 @@ def cases() -> Iterator[tuple[str, Case]]:
         )
     yield "release-owner-missing", Case("release", VALID["release"][0], [], ("1 KEYS and 0 ARGV given",))
 
-    for name, bad in {"outbox": LAYOUT.outbox(P), "part-16": "order:{16}:log", "bare": "log"}.items():
-        yield f"log-key-{name}", changed("log", keys={1: bad}, says=("KEYS[1] (event log)",))
-    for name, bad in {"abc": "abc", "negative": "-1", "decimal": "1.5", "": ""}.items():
-        yield f"log-trim-{name or 'empty'}", changed("log", args={1: bad}, says=("ARGV[1] (trim point ms)",))
-    yield "log-no-event", changed("log", args={2: None}, says=("1 KEYS and 1 ARGV given",))
-    for name, bad in {
-        "no-pipe": "paid",
-        "bad-id": "a b|paid|created|paid|2|1|1|",
-        "empty-id": "|paid|created|paid|2|1|1|",
-        "513-bytes": "x|" + "y" * 511,
-    }.items():
-        yield f"log-event-{name}", changed("log", args={2: bad}, says=("ARGV[2] (event)",))
-    yield (
-        "log-third-bad",
-        Case("log", VALID["log"][0], [*VALID["log"][1], "a+b|x"], ("ARGV[3] (event)",)),
-    )
-
 
 CASES = dict(cases())
 
@@ -474,7 +455,7 @@ def test_a_malformed_call_is_refused_and_changes_nothing(
     elif case.script == "sweep":
         assert reply[2][::2] == [DUE.encode()] and reply[4] == []
     else:
-        assert reply == 1  # (lease, release; log: one entry appended)
+        assert reply == 1
 
 
 def test_an_error_shows_a_long_or_unprintable_value_short(client: SyncRedis, shas: dict[str, str]) -> None:
@@ -657,13 +638,5 @@ async def test_the_python_sides_calls_pass_every_check(settings: Settings, redis
         assert (await store.apply(Operation.REFUND, ids[2])).outcome == "done"
         results = await store.sweep(range(PARTS), 5000)
         assert all(result.dropped == [] and result.cancelled == [] for result in results)
-        # the outbox reader's event log appends: one call per part with the
-        # events the daemon logs (events.logged of the events above)
-        found = await store.get_with_history(ids[0])
-        assert found is not None
-        events = [logged(event) for event in found[1]]
-        trim = await store.now_ms() - 86_400_000
-        calls = [(store.scripts.log, [store.layout.event_log(part_of(ids[0]))], [trim, *events])]
-        assert await store.run_scripts(calls) == [len(events)] == [5]
     finally:
         await store.close()
