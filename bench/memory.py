@@ -28,7 +28,7 @@ pending orders. Then, on another fresh redis-server:
 
 4. the event log: the same N creates with the daemon logging (the default
    retention, a day): MEMORY USAGE (SAMPLES 0) of the 16 log streams divided
-   by their entries, the bytes per logged event; and the orders' own share
+   by the events they hold, the bytes per logged event; and the orders' own share
    (used_memory delta less the log's), which is step 2's figure again.
 
 Target of the issue: at most 350 bytes per pending order. Nothing is asserted.
@@ -194,14 +194,16 @@ async def measure_orders(
 
 
 async def log_usage(redis: Redis) -> tuple[int, int]:
-    """(MEMORY USAGE of every part's event log stream, their entries)."""
+    """(MEMORY USAGE of every part's event log stream, the events they hold:
+    an entry holds a round trip's events, one a field)."""
     layout = KeyLayout()
     async with redis.pipeline(transaction=False) as pipe:
         for part in range(PARTS):
             pipe.memory_usage(layout.event_log(part), samples=0)
-            pipe.xlen(layout.event_log(part))
+            pipe.xrange(layout.event_log(part))
         replies = await pipe.execute()
-    return sum(int(r or 0) for r in replies[::2]), sum(int(r) for r in replies[1::2])
+    events = sum(len(fields) for entries in replies[1::2] for _, fields in entries)
+    return sum(int(r or 0) for r in replies[::2]), events
 
 
 async def measure_event_log(args: argparse.Namespace, workdir: Path, broker: ServerProcess) -> list[Measure]:
@@ -225,7 +227,7 @@ async def measure_event_log(args: argparse.Namespace, workdir: Path, broker: Ser
         after = await settle(redis)
         log_bytes, entries = await log_usage(redis)
         logged = Measure("event log, per logged event", entries - entries_before, log_bytes - log_before)
-        logged.note = "MEMORY USAGE of the 16 streams / entries"
+        logged.note = "MEMORY USAGE of the 16 streams / events"
         rest = Measure(
             "orders, event log on, the log's share left out",
             args.orders,

@@ -15,8 +15,9 @@ With the default prefix ``order``, ``PARTS = 16`` and ``BUCKETS = 256``::
                                       fields plus `id` and `error`; likewise
                                       order:{P}:outbox:created:dead
     order:{P}:lease           string  which daemon publishes part P's outbox (SET NX PX)
-    order:{P}:log             stream  the event log: what the broker acknowledged, entry id =
-                                      publish time, one field `e` (events.packed)
+    order:{P}:log             stream  the event log: what the broker acknowledged, an entry per
+                                      round trip, id = publish time, fields "0", "1", ...
+                                      (events.logged)
     order:wake                channel "<P> <deadline-ms>" when an order becomes the
                                       earliest of its part
 
