@@ -122,7 +122,9 @@ async def run(
         sub = lag.ProcessSubscriber("127.0.0.1", broker.port)
     await sub.start()
     log_path = workdir / "daemon.log"
-    daemon = lag.spawn_daemon(redis_url, mqtt_url, log_path, "warning")
+    daemon = lag.spawn_daemon(
+        redis_url, mqtt_url, log_path, "warning", ORDER_LISTENER_EVENT_LOG_RETENTION=args.event_log
+    )
     pid = daemon.proc.pid
     assert broker.proc is not None
     broker_pid, sub_pid = broker.proc.pid, sub.pid()
@@ -295,6 +297,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--grace", type=float, default=120.0, metavar="S", help="wait after the second (120)")
     parser.add_argument("--subscriber", choices=["mosquitto_sub", "process"], default="mosquitto_sub")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument(
+        "--event-log",
+        default="86400",
+        metavar="S",
+        help="the daemon's ORDER_LISTENER_EVENT_LOG_RETENTION (86400, the default; 0: no event log)",
+    )
     add_broker_arg(parser)
     args = parser.parse_args(argv)
     if args.orders < 1 or args.lead < 2 or args.grace < 0:

@@ -458,7 +458,10 @@ def daemon_settings() -> dict[str, str]:
     return {k.removeprefix("BENCH_"): v for k, v in os.environ.items() if k.startswith(prefix)}
 
 
-def spawn_daemon(redis_url: str, mqtt_url: str, log_path: Path, log_level: str) -> DaemonProcess:
+def spawn_daemon(
+    redis_url: str, mqtt_url: str, log_path: Path, log_level: str, **extra_env: str
+) -> DaemonProcess:
+    """`order-listener run` in its own session; `extra_env`: more ORDER_LISTENER_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_LISTENER_")}
     env.update(daemon_settings())
     env.update(
@@ -466,6 +469,7 @@ def spawn_daemon(redis_url: str, mqtt_url: str, log_path: Path, log_level: str) 
         ORDER_LISTENER_MQTT_URL=mqtt_url,
         ORDER_LISTENER_LOG_LEVEL=log_level,
         ORDER_LISTENER_LOG_FORMAT="json",
+        **extra_env,
     )
     with log_path.open("wb") as log:
         proc = subprocess.Popen(

@@ -22,6 +22,15 @@ production; `--no-daemon` leaves it out and the `created` events stay):
    bench/alternatives.py installs it) N BullMQ delayed jobs with 20-character
    job ids and empty data, with the same breakdown.
 
+The daemon of steps 1 and 2 runs with the event log off
+(ORDER_LISTENER_EVENT_LOG_RETENTION=0): the log is bounded by time, not by the
+pending orders. Then, on another fresh redis-server:
+
+4. the event log: the same N creates with the daemon logging (the default
+   retention, a day): MEMORY USAGE (SAMPLES 0) of the 16 log streams divided
+   by the events they hold, the bytes per logged event; and the orders' own share
+   (used_memory delta less the log's), which is step 2's figure again.
+
 Target of the issue: at most 350 bytes per pending order. Nothing is asserted.
 """
 
@@ -55,7 +64,7 @@ from redis.asyncio import Redis
 
 from listener.api import OrderClient
 from listener.config import load_settings
-from listener.keys import KeyLayout
+from listener.keys import PARTS, KeyLayout
 from listener.servers import ServerProcess, redis_server
 
 TIMEOUT_S = 3600
@@ -152,7 +161,9 @@ async def measure_orders(
     try:
         async with OrderClient(load_settings(redis_url=url, mqtt_url=mqtt_url)) as orders:
             if broker is not None:
-                daemon = lag.spawn_daemon(url, mqtt_url, workdir / "daemon.log", "warning")
+                daemon = lag.spawn_daemon(
+                    url, mqtt_url, workdir / "daemon.log", "warning", ORDER_LISTENER_EVENT_LOG_RETENTION="0"
+                )
                 await daemon_cancels_probe(orders, daemon, PROBE)
                 await backlog_empty(redis, 30, daemon)
             before = await settle(redis)
@@ -180,6 +191,55 @@ async def measure_orders(
         server.stop()
         shutil.rmtree(server.workdir, ignore_errors=True)
     return measures
+
+
+async def log_usage(redis: Redis) -> tuple[int, int]:
+    """(MEMORY USAGE of every part's event log stream, the events they hold:
+    an entry holds a round trip's events, one a field)."""
+    layout = KeyLayout()
+    async with redis.pipeline(transaction=False) as pipe:
+        for part in range(PARTS):
+            pipe.memory_usage(layout.event_log(part), samples=0)
+            pipe.xrange(layout.event_log(part))
+        replies = await pipe.execute()
+    events = sum(len(fields) for entries in replies[1::2] for _, fields in entries)
+    return sum(int(r or 0) for r in replies[::2]), events
+
+
+async def measure_event_log(args: argparse.Namespace, workdir: Path, broker: ServerProcess) -> list[Measure]:
+    server, redis, url = fresh_redis(workdir, "redis-event-log")
+    mqtt_url = f"mqtt://127.0.0.1:{broker.port}"
+    daemon = lag.spawn_daemon(url, mqtt_url, workdir / "daemon-log.log", "warning")
+    try:
+        async with OrderClient(load_settings(redis_url=url, mqtt_url=mqtt_url)) as orders:
+            await daemon_cancels_probe(orders, daemon, PROBE)
+            await backlog_empty(redis, 30, daemon)
+            before = await settle(redis)
+            log_before, entries_before = await log_usage(redis)
+            ids = ids_of(args.orders, "o")
+            await orders.create_many([(order_id, TIMEOUT_S) for order_id in ids])
+        drained = await backlog_empty(redis, 120 + args.orders / 2000, daemon)
+        give_up = time.monotonic() + 30
+        while time.monotonic() < give_up:  # the last appends ride the daemon's next round trip
+            if (await log_usage(redis))[1] >= entries_before + args.orders:
+                break
+            await asyncio.sleep(0.2)
+        after = await settle(redis)
+        log_bytes, entries = await log_usage(redis)
+        logged = Measure("event log, per logged event", entries - entries_before, log_bytes - log_before)
+        logged.note = "MEMORY USAGE of the 16 streams / events"
+        rest = Measure(
+            "orders, event log on, the log's share left out",
+            args.orders,
+            after - before - (log_bytes - log_before),
+        )
+        rest.note = "" if drained else "the outbox did not drain in time"
+        return [logged, rest]
+    finally:
+        await lag.stop_daemon(daemon)
+        await redis.aclose()
+        server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
 
 
 async def measure_ttl_keys(args: argparse.Namespace, workdir: Path) -> Measure:
@@ -286,6 +346,8 @@ async def run_all(
     args: argparse.Namespace, workdir: Path, broker: ServerProcess | None, node: str
 ) -> list[Measure]:
     measures = await measure_orders(args, workdir, broker)
+    if broker is not None:
+        measures += await measure_event_log(args, workdir, broker)
     measures.append(await measure_ttl_keys(args, workdir))
     if node:
         measures.append(await measure_bullmq(args, workdir, node))
@@ -309,7 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{args.orders:,} each, 20-character ids, due in {TIMEOUT_S} s; "
                 f"MEMORY USAGE sample {args.sample}",
             ),
-            ("daemon", "not running" if args.no_daemon else "running (publishes the `created` events)"),
+            (
+                "daemon",
+                "not running"
+                if args.no_daemon
+                else "running (publishes the `created` events); event log off, then on (step 4)",
+            ),
             ("BullMQ", node),
             ("servers", "a fresh redis-server (repo redis.conf) per measurement"),
         ],

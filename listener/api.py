@@ -335,6 +335,25 @@ class OrderClient:
 
     # -- reads -----------------------------------------------------------------
 
+    async def history(self, order_id: str) -> list[dict[str, object]]:
+        """Every event that announced a change of the order, oldest first: the
+        same JSON objects as were published (event_id, status, previous,
+        reason, at, version, and deadline where the event has one). Kept as
+        long as the order's record. Raises UnknownOrder."""
+        _, events = await self.get_with_history(order_id)
+        return events
+
+    async def get_with_history(self, order_id: str) -> tuple[Order, list[dict[str, object]]]:
+        """The order and its history (`history`), read together."""
+        validate_order_id(order_id)
+        store = await self.opened()
+        async with self._reaching_redis():
+            found = await store.get_with_history(order_id)
+        if found is None:
+            raise UnknownOrder(order_id)
+        order, events = found
+        return order, [event.as_dict() for event in events]
+
     async def get(self, order_id: str) -> Order:
         validate_order_id(order_id)
         store = await self.opened()

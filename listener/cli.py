@@ -450,6 +450,9 @@ def cmd_show(args: argparse.Namespace) -> None:
         validate_order_id(order_id)
     except BadInput as exc:
         raise _bad_input(exc) from None
+    if args.history:
+        _show_history(config, order_id, args.json)
+        return
 
     async def go() -> tuple[Order, PauseState]:
         from listener.api import OrderClient
@@ -475,6 +478,103 @@ def cmd_show(args: argparse.Namespace) -> None:
 def _switch_dict(switch: PauseState) -> dict[str, object]:
     """`show --json` says nothing of the switch while cancellation runs as usual."""
     return switch.as_dict() if switch.paused or switch.held_parts else {}
+
+
+def _logs_to_stderr(config: Settings) -> None:
+    """Log lines (such as the one naming a Redis Cluster's primaries) go to
+    stderr, at warning and above: stdout is the command's output alone."""
+    from listener import logs
+
+    level = config.log_level if config.log_level in ("warning", "error") else "warning"
+    logs.configure(level, config.log_format)
+
+
+def _show_history(config: Settings, order_id: str, as_json: bool) -> None:
+    """`show --history`: the order, then every event that announced a change of it."""
+    _logs_to_stderr(config)
+
+    async def go() -> tuple[Order, list[dict[str, object]]]:
+        from listener.api import OrderClient
+
+        async with OrderClient(config) as client:
+            return await client.get_with_history(order_id)
+
+    order, history = run_async(go, config)
+    if as_json:
+        import json
+
+        out(json.dumps({**order_dict(order), "history": history}))
+        return
+    shown = order_dict(order)
+    if order.pending:
+        shown["deadline"] = _deadline_text(order.deadline_ms)
+    for key, value in shown.items():
+        out(f"{key:>9}: {value}")
+    out("")
+    if not history:
+        out("history: none kept (the order changed before histories were recorded)")
+        return
+    rows = [["version", "at", "status", "previous", "reason", "deadline", "event_id"]]
+    for event in history:
+        rows.append(
+            [
+                str(event["version"]),
+                str(event["at"]),
+                str(event["status"]),
+                str(event["previous"] or "-"),
+                str(event["reason"]),
+                str(event.get("deadline", "-")),
+                str(event["event_id"]),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    """`replay`: the logged events from --since (to --until), of one order or
+    all, as JSON lines (the MQTT payloads) or published again."""
+    from listener.event_log import parse_since, parse_time
+    from listener.orders import validate_order_id
+
+    config = _settings_or_exit()
+    try:
+        since = parse_since(args.since)
+        until = parse_time(args.until, "--until") if args.until is not None else None
+        if args.order is not None:
+            validate_order_id(args.order)
+    except BadInput as exc:
+        raise _bad_input(exc) from None
+    _logs_to_stderr(config)
+
+    async def go() -> int:
+        from listener.api import OrderClient
+        from listener.event_log import EventLog, publish_again
+
+        async with OrderClient(config) as client:
+            log = EventLog(await client.opened(), config.event_log_retention_ms)
+            if not args.publish:
+                count = 0
+                async for event in log.events(since, until, args.order):
+                    sys.stdout.write(event.payload().decode() + "\n")
+                    count += 1
+                sys.stdout.flush()
+                return count
+            events = [event async for event in log.events(since, until, args.order)]
+        terminal = sys.stderr.isatty()
+
+        def progress(done: int) -> None:
+            if terminal:
+                print(f"\rpublished {done}/{len(events)}", end="", file=sys.stderr, flush=True)
+
+        await publish_again(config, events, progress)
+        if terminal:
+            print(file=sys.stderr)
+        err(f"published {len(events)} event(s) again, with their event_ids")
+        return len(events)
+
+    run_async(go, config)
 
 
 def cmd_check(args: argparse.Namespace) -> None:
@@ -631,10 +731,40 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     show = command(
-        "show", cmd_show, "An order's status, version, last reason, timestamps and deadline.", "ORDER_ID"
+        "show",
+        cmd_show,
+        "An order's status, version, last reason, timestamps and deadline; --history: its transitions.",
+        "ORDER_ID",
     )
     show.add_argument("order_id", metavar="ORDER_ID")
     show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.add_argument(
+        "--history",
+        action="store_true",
+        help="also every transition, as the event that announced it (with --json: a 'history' list)",
+    )
+
+    replay = command(
+        "replay",
+        cmd_replay,
+        "The published events again, from the event log: as JSON lines (the MQTT payloads), "
+        "or published again with their event_ids.",
+        "--since TIME|EVENT_ID",
+    )
+    replay.add_argument(
+        "--since",
+        required=True,
+        metavar="TIME|EVENT_ID",
+        help="events published at or after TIME (ISO 8601 with a zone, or Unix seconds), "
+        "or after the event EVENT_ID",
+    )
+    replay.add_argument("--until", metavar="TIME", help="only events published before TIME")
+    replay.add_argument("--order", metavar="ORDER_ID", help="only this order's events")
+    replay.add_argument(
+        "--publish",
+        action="store_true",
+        help="publish them again on their topics (QoS 1, same event_ids) instead of printing them",
+    )
 
     extend = command(
         "extend",

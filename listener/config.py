@@ -60,6 +60,7 @@ class Settings:
     default_timeout: float = 1800.0
     key_prefix: str = "order"
     retention: float = 7 * 24 * 3600.0
+    event_log_retention: float = 24 * 3600.0  # published events kept for `replay`; 0: no event log
     log_level: str = "info"
     log_format: LogFormat = LogFormat.AUTO
     sweep_batch: int = 1000
@@ -102,6 +103,10 @@ class Settings:
     @property
     def retention_ms(self) -> int:
         return round(self.retention * 1000)
+
+    @property
+    def event_log_retention_ms(self) -> int:
+        return round(self.event_log_retention * 1000)
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -222,6 +227,14 @@ def _key_prefix(value: Any) -> str:
     return text
 
 
+def _event_log_retention(value: Any) -> float:
+    allowed = "0 (no event log) or 0.001 to 3153600000 seconds (100 years)"
+    seconds = float(_number(float, -1.0, 100 * 365 * 24 * 3600.0, allowed)(value))
+    if seconds != 0 and not seconds >= 0.001:
+        raise ValueError(f"must be {allowed} (got {value!r})")
+    return seconds
+
+
 _SECONDS = _number(float, 0, math.inf, "a number of seconds above 0")
 _RATE_RULE = "0 (unpaced) or a number of events a second up to 1000000"
 
@@ -246,6 +259,8 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "key_prefix": _key_prefix,
     # whole ms from 1 ms to 100 years: what the scripts take (lib.lua, MAX_RETENTION_MS)
     "retention": _number(float, 0.001, 100 * 365 * 24 * 3600.0, "0.001 to 3153600000 seconds (100 years)"),
+    # 0 turns the event log off; else whole ms up to 100 years, like `retention`
+    "event_log_retention": _event_log_retention,
     "log_level": _one_of(LOG_LEVELS),
     "log_format": _log_format,
     "sweep_batch": _number(int, 1, 5000, "a whole number from 1 to 5000"),

@@ -107,6 +107,7 @@ class Daemon:
             created_rate=settings.created_rate,
             on_published=self.metrics.events_published,
             on_dead_letter=self.metrics.dead_lettered,
+            event_log_ms=settings.event_log_retention_ms,
         )
 
     def _count_cancelled(self, _order_id: str, deadline_ms: int, cancelled_ms: int) -> None:

@@ -54,3 +54,8 @@ class OrderExists(ListenerError):
 
 class Unavailable(ListenerError):
     """Redis or the MQTT broker could not be reached or refused us."""
+
+
+class BadRecord(ListenerError):
+    """Something stored in Redis that no script writes (written by hand, or by
+    a broken producer): shown, never acted on."""

@@ -285,6 +285,71 @@ def _extended_entry(fields: dict[bytes, bytes]) -> StatusEvent:
     )
 
 
+def packed(event: StatusEvent) -> bytes:
+    """The event in the compact form of an order's history item and of an
+    event log entry (without the order id, which the history's key names):
+    ``<status>|<previous>|<reason>|<version>|<at ms>|<created ms>|<deadline ms>``,
+    previous empty for none, deadline empty on events that carry none."""
+    previous = event.previous or ""
+    deadline = "" if event.deadline_ms is None else event.deadline_ms
+    return (
+        f"{event.status}|{previous}|{event.reason}|{event.version}|{event.at_ms}|"
+        f"{event.created_ms}|{deadline}"
+    ).encode()
+
+
+def logged(event: StatusEvent) -> bytes:
+    """An event log entry's value: the order id, then `packed(event)`."""
+    return event.order_id.encode() + b"|" + packed(event)
+
+
+_ALL_STATUSES = {str(status): str(status) for status in Status}
+_ALL_REASONS = {str(reason): str(reason) for reason in Reason}
+
+
+def from_packed(order_id: str, item: bytes) -> StatusEvent:
+    """The event a history item (`packed`) stands for, the same as was
+    published (the same event_id and payload). Raises ValueError, saying
+    what is wrong, for an item no script writes."""
+    parts = item.split(b"|")
+    if len(parts) != 7:
+        raise ValueError(f"history item {_shown(item)} has {len(parts)} fields, not 7")
+    text = [part.decode("ascii", errors="replace") for part in parts]
+    status, previous = _ALL_STATUSES.get(text[0]), _ALL_STATUSES.get(text[1])
+    reason = _ALL_REASONS.get(text[2])
+    if status is None or reason is None or (previous is None and text[1]):
+        raise ValueError(f"history item {_shown(item)} has an unknown status, previous status or reason")
+    numbers = [_packed_number(value, item) for value in parts[3:6]]
+    deadline = _packed_number(parts[6], item) if parts[6] else None
+    version, at_ms, created_ms = numbers
+    if not 1 <= version <= MAX_VERSION or (previous is None) != (version == 1):
+        raise ValueError(f"history item {_shown(item)} has version {version} with previous {text[1]!r}")
+    return StatusEvent(
+        order_id=order_id,
+        status=status,
+        previous=previous,
+        reason=reason,
+        version=version,
+        at_ms=at_ms,
+        created_ms=created_ms,
+        deadline_ms=deadline,
+    )
+
+
+def from_logged(value: bytes) -> StatusEvent:
+    """The event of an event log entry (`logged`). Raises ValueError."""
+    order_id, _, rest = value.partition(b"|")
+    if _ORDER_ID.fullmatch(order_id) is None:
+        raise ValueError(f"event log entry {_shown(value)} does not start with an order id")
+    return from_packed(order_id.decode("ascii"), rest)
+
+
+def _packed_number(value: bytes, item: bytes) -> int:
+    if _DIGITS.fullmatch(value) is None or int(value) > MAX_MS:
+        raise ValueError(f"history item {_shown(item)} has {_shown(value)} where a whole number belongs")
+    return int(value)
+
+
 def parse_payload(payload: bytes) -> dict[str, object]:
     """Decode an event payload (for `watch`, tests and subscribers)."""
     decoded = json.loads(payload)

@@ -20,6 +20,9 @@ With the default prefix ``order``, ``PARTS = 16`` and ``BUCKETS = 256``::
                                       resume with a grace also resumed, until (ms), and
                                       it expires at until (one per part: every script
                                       reads the one in its own slot)
+    order:{P}:log             stream  the event log: what the broker acknowledged, an entry per
+                                      round trip, id = publish time, fields "0", "1", ...
+                                      (events.logged)
     order:wake                channel "<P> <deadline-ms>" when an order becomes the
                                       earliest of its part
 
@@ -42,7 +45,8 @@ The first transition deletes the bucket field and writes the order's own hash
 listpack): ``s`` status, ``v`` version, ``r`` last reason, ``c`` the id of its
 ``created`` outbox entry (``<Unix ms>-<seq>``: the creation time, and where to
 find the `created` event while it is unpublished), ``u`` updated (Unix ms),
-``d`` deadline (Unix ms). Records of earlier layouts are read and changed as
+``d`` deadline (Unix ms); and its history, a field ``h<version>`` per event
+from ``h1`` (its `created` event) on (lib.lua, emit). Records of earlier layouts are read and changed as
 they are: an own hash with all six fields from ``create`` on, or one with only
 ``c`` and ``d`` (pending, like a bucket field). Fields of the own hash win
 over the bucket's value.
@@ -103,6 +107,10 @@ class KeyLayout:
     def dead_letters(self, stream: str) -> str:
         """Where entries of the outbox stream `stream` that make no valid event go."""
         return f"{stream}:dead"
+
+    def event_log(self, part: int) -> str:
+        """The part's log of published events (for `replay`)."""
+        return f"{self.base(part)}log"
 
     def lease(self, part: int) -> str:
         return f"{self.base(part)}lease"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import time
@@ -68,8 +69,11 @@ class Outbox:
         owner: str | None = None,
         on_published: Callable[[Sequence[StatusEvent]], None] | None = None,
         on_dead_letter: Callable[[], None] | None = None,
+        event_log_ms: int = 0,
     ) -> None:
         self.store = store
+        self.event_log_ms = event_log_ms  # keep acknowledged events this long for `replay`; 0: no log
+        self.log_failed_at = -math.inf  # monotonic time of the last "event log append failed" line
         self.redis = store.redis
         self.layout = layout
         self.link = link
@@ -206,6 +210,7 @@ class Outbox:
             parse=lambda key, entries, created: self._parse(key, entries, created=created),
             batch=self.batch,
             created_rate=self.created_rate,
+            log=self.event_log_ms > 0,
         )
         mine = set(parts)
         refusals = 0
@@ -366,10 +371,17 @@ class Outbox:
         while True:
             trimming = trim and self.trim  # what this attempt sends (other lanes may change self.trim)
             async with self.redis.pipeline(transaction=False) as pipe:
+                appends = acked.queue_log(pipe, self._log_min_id()) if acked.logged else 0
                 acked.queue(pipe, trim=trimming)
                 then(pipe)
                 try:
-                    return await pipe.execute()
+                    replies = await pipe.execute(raise_on_error=False)
+                    acked.logged = {}  # appended (or refused): never twice from here
+                    self._log_refusals(replies[:appends])
+                    for reply in replies[appends:]:
+                        if isinstance(reply, Exception):
+                            raise reply
+                    return list(replies)
                 except NoPermissionError as exc:
                     # not a refused key: "... no permissions to run the 'xtrim' command"
                     if not trimming or "'xtrim' command" not in str(exc).lower():
@@ -380,6 +392,28 @@ class Outbox:
             log.warning(
                 "Redis refused XTRIM: published entries are deleted with XDEL, which costs Redis far more",
                 fix="add +xtrim to the daemon's Redis user (see deploy/redis-users.acl)",
+            )
+
+    def _log_min_id(self) -> int:
+        """Where the event log is trimmed: entries older than its retention go,
+        by this machine's clock; a margin more is kept (the retention again,
+        at most a minute), so a clock that far ahead of Redis' does not trim
+        what `replay` promises."""
+        return max(0, int(time.time() * 1000) - self.event_log_ms - min(self.event_log_ms, 60_000))
+
+    def _log_refusals(self, replies: Sequence[Any]) -> None:
+        """An event log append Redis refused (full with noeviction, a key of
+        another type, an ACL without XADD) loses those log entries, never the
+        events: they are published and their outbox entries deleted all the
+        same. Said at most once a minute."""
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
+        if errors and time.monotonic() - self.log_failed_at > 60:
+            self.log_failed_at = time.monotonic()
+            log.error(
+                "event log append refused: these events were published but are not in the log for replay",
+                streams=len(errors),
+                error=str(errors[0]),
+                fix="free memory in Redis, or move a key of another type away from <prefix>:{P}:log",
             )
 
     async def _parse(

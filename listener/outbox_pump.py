@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from listener import logs
-from listener.events import StatusEvent, from_created_entry
+from listener.events import StatusEvent, from_created_entry, logged
 from listener.keys import KeyLayout
 from listener.mqtt import Publisher
 from listener.mqtt.window import refusal_text
@@ -80,17 +80,31 @@ class Deletes:
     upto: dict[str, bytes] = field(default_factory=dict)
     ids: dict[str, list[bytes]] = field(default_factory=dict)
     early: dict[str, list[bytes]] = field(default_factory=dict)
+    # per event log stream: the acknowledged events to append (events.logged), in PUBACK order
+    logged: dict[str, list[bytes]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.upto or self.early)
+        return bool(self.upto or self.early or self.logged)
 
     def merge(self, later: Deletes) -> None:
         """Take back deletes that were not sent; the ones made since are later in each stream."""
         for key, last in later.upto.items():
             self.upto.setdefault(key, last)
-        for mine, theirs in ((self.ids, later.ids), (self.early, later.early)):
+        for mine, theirs in ((self.ids, later.ids), (self.early, later.early), (self.logged, later.logged)):
             for key, ids in theirs.items():
                 mine[key] = ids + mine.get(key, [])
+
+    def queue_log(self, pipe: Any, trim_ms: int) -> int:
+        """Queue the event log appends: per log stream one entry holding the
+        events in PUBACK order as fields "0", "1", ... (one XADD, however many
+        events: far cheaper for Redis than one each), trimming entries older
+        than `trim_ms` (whole stream nodes). Returns how many commands."""
+        for key, values in self.logged.items():
+            fields: list[Any] = []
+            for index, value in enumerate(values):
+                fields += (index, value)
+            pipe.execute_command("XADD", key, "MINID", "~", trim_ms, "*", *fields)
+        return len(self.logged)
 
     def queue(self, pipe: Any, *, trim: bool) -> None:
         for key, ids in self.early.items():
@@ -122,8 +136,11 @@ class Pump:
         parse: Parse,
         batch: int,
         created_rate: float = 0.0,
+        log: bool = False,
     ) -> None:
         self.parts = parts
+        # acknowledged events go to the part's event log (Deletes.logged)
+        self.log_key = {part: layout.event_log(part) for part in parts} if log else {}
         # `created` events sent in turn at most this many a second (0: as fast as the
         # window allows): a bulk import's backlog must not outrun the subscribers'
         # queues at the broker. Sent ahead of a later event of their order, they
@@ -171,6 +188,8 @@ class Pump:
         item.acked = True
         assert item.event is not None
         self.published.append(item.event)
+        if self.log_key:
+            self.deletes.logged.setdefault(self.log_key[item.part], []).append(logged(item.event))
         if item.early:
             self.deletes.early.setdefault(item.key, []).append(item.entry_id)
         self._advance(item.key)

@@ -17,6 +17,8 @@ from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 
 from listener.config import Settings
 from listener.connection import RedisClient, connect_redis, redis_lost
+from listener.errors import BadRecord
+from listener.events import StatusEvent, from_packed
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.orders import Operation, Order, Reason, Status
 from listener.scripts import Scripts
@@ -98,6 +100,31 @@ _SCRIPT_OF: dict[Operation, tuple[str, str | None]] = {
 def _text(value: Any, errors: str = "replace") -> str:
     # a record written by hand may hold any bytes: shown, never a decoding error
     return value.decode(errors=errors) if isinstance(value, bytes) else str(value)
+
+
+def _order(order_id: str, packed: Any, raw: dict[Any, Any]) -> Order | None:
+    """The order from its bucket field (`packed`, or None) and its own hash (`raw`)."""
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    if "s" not in fields and packed is not None:
+        # pending: "<created entry id>|<deadline ms>"; own-hash fields win
+        created, deadline = _text(packed).split("|", 1)
+        fields.setdefault("c", created)
+        fields.setdefault("d", deadline)
+    if "c" not in fields:
+        return None
+    created_ms = int(fields["c"].split("-", 1)[0])
+    if "s" not in fields:
+        # never changed since create: status, version, reason and updated are implied
+        fields.update(s=Status.CREATED, v="1", r=Reason.CREATED, u=str(created_ms))
+    return Order(
+        order_id=order_id,
+        status=Status(fields["s"]),
+        version=int(fields["v"]),
+        reason=Reason(fields["r"]),
+        created_ms=created_ms,
+        updated_ms=int(fields["u"]),
+        deadline_ms=int(fields["d"]),
+    )
 
 
 def _ms(value: Any) -> int:
@@ -384,27 +411,45 @@ class Store:
             pipe.hmget(self.layout.bucket(order_id), [order_id])  # HMGET: both ACL users have it
             pipe.hgetall(self.layout.order(order_id))
             (packed,), raw = await pipe.execute()
-        fields = {_text(k): _text(v) for k, v in raw.items()}
-        if "s" not in fields and packed is not None:
-            # pending: "<created entry id>|<deadline ms>"; own-hash fields win
-            created, deadline = _text(packed).split("|", 1)
-            fields.setdefault("c", created)
-            fields.setdefault("d", deadline)
-        if "c" not in fields:
+        return _order(order_id, packed, raw)
+
+    async def get_with_history(self, order_id: str) -> tuple[Order, list[StatusEvent]] | None:
+        """The order and every event that announced a change of it, oldest
+        first; None if there is no such order. The history is kept in the
+        order's own hash from its first change on (`h<version>` fields,
+        lib.lua), so one HGETALL reads record and history together; a pending
+        order's one `created` event is built from its record. An order that
+        changed before histories were kept has an empty or partial one."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.layout.bucket(order_id), [order_id])
+            pipe.hgetall(self.layout.order(order_id))
+            (packed,), raw = await pipe.execute()
+        order = _order(order_id, packed, raw)
+        if order is None:
             return None
-        created_ms = int(fields["c"].split("-", 1)[0])
-        if "s" not in fields:
-            # never changed since create: status, version, reason and updated are implied
-            fields.update(s=Status.CREATED, v="1", r=Reason.CREATED, u=str(created_ms))
-        return Order(
-            order_id=order_id,
-            status=Status(fields["s"]),
-            version=int(fields["v"]),
-            reason=Reason(fields["r"]),
-            created_ms=created_ms,
-            updated_ms=int(fields["u"]),
-            deadline_ms=int(fields["d"]),
+        items = sorted(
+            (int(name[1:]), value)
+            for name, value in raw.items()
+            if name[:1] == b"h" and name[1:].isdigit() and len(name) <= 17
         )
+        try:
+            events = [from_packed(order_id, item) for _, item in items]
+        except ValueError as exc:
+            raise BadRecord(f"the stored history of {order_id!r} is malformed: {exc}") from None
+        if not events and order.version == 1:
+            events = [
+                StatusEvent(
+                    order_id=order_id,
+                    status="created",
+                    previous=None,
+                    reason="created",
+                    version=1,
+                    at_ms=order.created_ms,
+                    created_ms=order.created_ms,
+                    deadline_ms=order.deadline_ms,
+                )
+            ]
+        return order, events
 
     async def cancel_times(self, order_ids: Sequence[str]) -> list[tuple[int, int] | None]:
         """(deadline ms, last change ms) of each order as its own hash has them:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -62,6 +62,8 @@ class Modelled:
     created_entry: str
     updated: int
     short: bool  # its payment window is SHORT_MS: tests wait for it to pass
+    # its history's items, h1, h2, ... of its own hash (lib.lua): none until its first change
+    history: list[str] = field(default_factory=list)
 
 
 Entry = tuple[str, dict[str, str]]  # (stream key, fields)
@@ -202,6 +204,13 @@ class OrderMachine(RuleBasedStateMachine):
         assert len(entries) == len(steps), entries
         at = int(entries[0][1]["t"])
         assert at >= known.updated
+        created_ms = known.created_entry.split("-")[0]
+        if known.version == 1:  # the first change starts the history with the `created` event
+            known.history.append(f"created||created|1|{created_ms}|{created_ms}|{known.deadline}")
+        for number, step in enumerate(steps):
+            previous = known.status if number == 0 else steps[number - 1]
+            version = known.version + number + 1
+            known.history.append(f"{step}|{previous}|{reason}|{version}|{at}|{created_ms}|")
         for (key, fields), step in zip(entries, steps, strict=True):
             assert key == LAYOUT.outbox(part_of(oid))
             assert fields == {
@@ -300,6 +309,7 @@ class OrderMachine(RuleBasedStateMachine):
                 assert packed == f"{known.created_entry}|{known.deadline}", (oid, packed, known)
             else:
                 assert packed is None, (oid, packed, known)
+                # ... and its history, a field h<version> per event (lib.lua, emit)
                 assert record == {
                     "s": str(known.status),
                     "v": str(known.version),
@@ -307,6 +317,7 @@ class OrderMachine(RuleBasedStateMachine):
                     "c": known.created_entry,
                     "u": str(known.updated),
                     "d": str(known.deadline),
+                    **{f"h{number}": item for number, item in enumerate(known.history, 1)},
                 }, (oid, record, known)
             if known.status is Status.CREATED:
                 assert in_index == known.deadline

@@ -420,3 +420,55 @@ async def test_the_pause_switch_and_extend_on_a_cluster(
         await lanes_barrier(client, subscriber, ids)
     assert_cancelled_once(subscriber, ids[1:])
     assert [e["reason"] for e in subscriber.of("cpause-extended")] == ["created", "extended"]
+
+
+async def test_history_and_replay_on_a_cluster_with_two_daemons(
+    cluster_settings: Settings,
+    start_cluster_daemon: Callable[[], Awaitable[Daemon]],
+    subscriber: Subscriber,
+) -> None:
+    """Histories live in each order's slot and the event log in parts: on a
+    cluster with two daemons every order's history is what was published,
+    and `replay` gives each published event once, merged from every primary."""
+    await start_cluster_daemon()
+    await start_cluster_daemon()
+    ids = [f"story-{i:02d}" for i in range(64)]
+    assert {part_of(order_id) for order_id in ids} == set(range(PARTS))
+    async with OrderClient(cluster_settings) as client:
+        since_ms = await client.store.now_ms()
+        await client.create_many([(order_id, 1) for order_id in ids])
+        refunded = ids[::8]
+        for order_id in refunded:
+            await client.pay(order_id)
+            await client.refund(order_id)
+        expected = 8 * 4 + 56 * 2
+        await wait_until(lambda: len(subscriber.unique()) >= expected, 30, f"{expected} events")
+        for order_id in ids:
+            assert await client.history(order_id) == subscriber.of(order_id)
+    env = env_for(cluster_settings)
+    lines: list[str] = []
+
+    async def replayed_all() -> bool:
+        # the last acknowledged events are logged with their lane's next round trip
+        nonlocal lines
+        proc = await asyncio.create_subprocess_exec(
+            CLI,
+            "replay",
+            "--since",
+            str(since_ms / 1000),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        lines = out.decode().splitlines()
+        return len(lines) >= expected
+
+    await wait_until(replayed_all, 15, lambda: f"{expected} replayed events, not {len(lines)}: {lines[:3]}")
+    replayed = [json.loads(line) for line in lines]
+    assert sorted(e["event_id"] for e in replayed) == sorted(subscriber.unique())
+    versions: dict[str, list[int]] = {}
+    for event in replayed:
+        versions.setdefault(event["order_id"], []).append(event["version"])
+    assert all(v == list(range(1, len(v) + 1)) for v in versions.values()), versions

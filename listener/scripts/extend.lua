@@ -66,7 +66,7 @@ if in_bucket then
   redis.call('HDEL', bkey, id)
 end
 version = advance(okey, outbox, id, status, version, created, shown_later, {'created'}, 'extended', now,
-                  retention)
+                  retention, string.format('%d', deadline))
 redis.call('SET', timer, '1', 'PXAT', shown_later)
 -- Later than before: the part's earliest deadline never moves earlier, so no
 -- daemon needs waking (one that wakes at the old deadline finds nothing due).

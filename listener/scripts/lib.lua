@@ -254,10 +254,39 @@ local function unpend(timer, index, bkey, id, in_bucket)
   end
 end
 
--- Appends one status event (any after `created`) to the part's outbox stream.
--- `deadline` (ms) only on an event that leaves the order `created` (extend):
--- it is the new deadline the event announces.
-local function emit(outbox, id, status, previous, reason, version, at, created, deadline)
+-- An order's history: fields of its own hash, `h<version>` (h1 its `created`
+-- event, h2 the next, ...), one per event that announced a change of it:
+-- "<status>|<previous>|<reason>|<version>|<at ms>|<created ms>|<deadline ms>"
+-- (previous empty on `created`, deadline empty on events that carry none; at
+-- most about 80 bytes, so the hash stays a listpack). In the record itself, it
+-- is read with it and expires with it, at no key's cost. A pending order that
+-- never changed has none (its one `created` event is rebuilt from the record).
+-- listener/events.py, from_packed, turns an item into the published event.
+
+-- The own hash of order `id` from its part's outbox key ('<base>outbox').
+local function order_key(outbox, id)
+  return string.sub(outbox, 1, #outbox - 6) .. 'o:' .. id
+end
+
+-- The creation ms of a record's `created` entry id ('<ms>-<seq>').
+local function created_ms(created)
+  return string.match(created, '^(%d+)')
+end
+
+-- The history item of an order's `created` event, from its record as it was
+-- before its first change (creation entry id, first deadline).
+local function created_item(created, deadline)
+  local ms = created_ms(created)
+  return 'created||created|1|' .. ms .. '|' .. ms .. '|' .. deadline
+end
+
+-- Appends one status event (any after `created`) to the part's outbox stream,
+-- and to the order's history. `deadline` (ms) only on an event that leaves the
+-- order `created` (extend): it is the new deadline the event announces. The
+-- history item is written to the own hash here, or, when the caller gives
+-- `fields` (the field-value list of the HSET it writes the record with),
+-- added to those.
+local function emit(outbox, id, status, previous, reason, version, at, created, deadline, fields)
   if deadline then
     redis.call('XADD', outbox, '*', 'o', id, 's', status, 'p', previous, 'r', reason,
                'v', version, 't', at, 'c', created, 'd', deadline)
@@ -265,28 +294,46 @@ local function emit(outbox, id, status, previous, reason, version, at, created, 
     redis.call('XADD', outbox, '*', 'o', id, 's', status, 'p', previous, 'r', reason,
                'v', version, 't', at, 'c', created)
   end
+  local item = status .. '|' .. previous .. '|' .. reason .. '|' .. version .. '|' .. at .. '|' ..
+    created_ms(created) .. '|' .. (deadline or '')
+  if fields then
+    fields[#fields + 1] = 'h' .. version
+    fields[#fields + 1] = item
+  else
+    redis.call('HSET', order_key(outbox, id), 'h' .. version, item)
+  end
 end
 
 -- Moves an order through `steps`, one event and one version per step, and
 -- remembers `reason`: writes the order's own hash with all six fields s, v,
 -- r, c, u, d (a pending order had only its bucket field, or an own hash with
--- c and d). A cancelled order keeps its record for `retention` ms.
+-- c and d), and its history, in one HSET. A cancelled order keeps its
+-- record, history included, for `retention` ms. An order's first change
+-- (version 1 before it) starts its history with its `created` event: every
+-- first change goes through advance. `deadline` is the record's deadline
+-- after the change; `first_deadline` the one the order was created with,
+-- when the change moves it (extend).
 --
 -- Numbers go to Redis as text made here (`now` and `retention` may come as
 -- text already, made once by a caller that writes many orders): Redis formats
 -- every number argument of a call itself, which costs more than the write.
 local function advance(okey, outbox, id, status, version, created, deadline, steps, reason, now,
-                       retention)
+                       retention, first_deadline)
   local at = type(now) == 'string' and now or string.format('%d', now)
+  local fields = {}
+  if version == 1 then
+    fields[1], fields[2] = 'h1', created_item(created, first_deadline or deadline)
+  end
   local shown_version
   for _, nxt in ipairs(steps) do
     version = version + 1
     shown_version = string.format('%d', version)
-    emit(outbox, id, nxt, status, reason, shown_version, at, created, nxt == 'created' and deadline or nil)
+    emit(outbox, id, nxt, status, reason, shown_version, at, created, nxt == 'created' and deadline or nil,
+         fields)
     status = nxt
   end
   redis.call('HSET', okey, 's', status, 'v', shown_version, 'r', reason, 'c', created, 'u', at,
-             'd', deadline)
+             'd', deadline, unpack(fields))
   if status == 'cancelled' then
     redis.call('PEXPIRE', okey, type(retention) == 'string' and retention or string.format('%d', retention))
   end

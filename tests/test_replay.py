@@ -1,0 +1,266 @@
+"""The event log and `replay`, against a real redis-server, mosquitto and daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from listener.api import OrderClient
+from listener.config import Settings
+from listener.daemon import Daemon
+from listener.event_log import EventLog, parse_since
+from listener.events import from_logged, iso_ms
+from listener.keys import PARTS, KeyLayout
+from listener.servers import ServerProcess
+from tests.conftest import CliResult, Subscriber, env_for, wait_until, watch_topic
+from tests.test_script_inputs import ids_in_part
+
+LAYOUT = KeyLayout()
+
+
+def compact(event: dict[str, Any]) -> str:
+    """The event as the daemon's payload writes it (the received key order)."""
+    return json.dumps(event, separators=(",", ":"))
+
+
+async def logged(redis: Redis) -> list[tuple[bytes, bytes]]:
+    """Every event in the event log of every part: (entry id, value); a log
+    key of another type is left out."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for part in range(PARTS):
+            pipe.xrange(LAYOUT.event_log(part))
+        replies = await pipe.execute(raise_on_error=False)
+    return [
+        (entry_id, fields[name])
+        for reply in replies
+        if not isinstance(reply, Exception)
+        for entry_id, fields in reply
+        for name in sorted(fields, key=int)  # an entry: a round trip's events, fields "0", "1", ...
+    ]
+
+
+async def wait_logged(redis: Redis, count: int) -> None:
+    async def enough() -> bool:
+        return len(await logged(redis)) >= count
+
+    await wait_until(enough, 15, f"{count} event log entries")
+
+
+def per_order_versions(events: list[dict[str, Any]]) -> dict[str, list[int]]:
+    versions: dict[str, list[int]] = defaultdict(list)
+    for event in events:
+        versions[str(event["order_id"])].append(int(event["version"]))
+    return versions
+
+
+async def test_replay_gives_exactly_the_events_published_since_a_time(
+    settings: Settings,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    subscriber: Subscriber,
+    cli: Callable[..., Awaitable[CliResult]],
+    redis: Redis,
+    mqtt_server_proc: ServerProcess,
+) -> None:
+    await start_daemon()
+    async with OrderClient(settings) as client:
+        await client.create_many([(f"early-{i:02d}", 0.3) for i in range(25)])
+        await wait_until(lambda: len(subscriber.events) >= 50, 15, "the first 50 events")
+        await wait_logged(redis, 50)
+        before = subscriber.events[:]
+        since_ms = await client.store.now_ms() + 1
+        await wait_until(lambda: _later(client, since_ms), 5, "a millisecond to pass")
+        await client.create_many([(f"later-{i:02d}", 0.3) for i in range(25)])
+        await wait_until(lambda: len(subscriber.events) >= 100, 15, "the next 50 events")
+        await wait_logged(redis, 100)
+    after = subscriber.events[50:]
+    assert all(str(e["order_id"]).startswith("early-") for e in before)
+    assert len(after) == 50 and all(str(e["order_id"]).startswith("later-") for e in after)
+
+    for since in (str(since_ms / 1000), iso_ms(since_ms)):
+        replay = await cli("replay", "--since", since)
+        assert replay.code == 0, replay.err
+        lines = replay.out.splitlines()
+        # exactly the payloads published since then, byte for byte, none before
+        assert sorted(lines) == sorted(compact(e) for e in after)
+        replayed = [json.loads(line) for line in lines]
+        assert all(v == [1, 2] for v in per_order_versions(replayed).values())
+        assert len(per_order_versions(replayed)) == 25
+
+    # --until: the other half
+    start_ms = min(int(entry_id.split(b"-")[0]) for entry_id, _ in await logged(redis))
+    first = await cli("replay", "--since", str(start_ms / 1000), "--until", iso_ms(since_ms))
+    assert first.code == 0, first.err
+    assert sorted(first.out.splitlines()) == sorted(compact(e) for e in before)
+
+    # --order narrows it to one order
+    one = await cli("replay", "--since", iso_ms(since_ms), "--order", "later-07")
+    assert one.code == 0, one.err
+    assert one.out.splitlines() == [compact(e) for e in subscriber.of("later-07")]
+
+    # --since EVENT_ID: the events after that one (also those logged in the
+    # same millisecond in other parts: each is after it or before it, once)
+    lines = (await cli("replay", "--since", iso_ms(since_ms))).out.splitlines()
+    pivot = json.loads(lines[20])["event_id"]
+    rest = await cli("replay", "--since", pivot)
+    assert rest.code == 0, rest.err
+    assert rest.out.splitlines() == lines[21:]
+    async with OrderClient(settings) as client:
+        log = EventLog(await client.opened(), settings.event_log_retention_ms)
+        for index, line in enumerate(lines):
+            ref = parse_since(json.loads(line)["event_id"])
+            assert [e.payload().decode() async for e in log.events(ref)] == lines[index + 1 :]
+
+    # --publish: a subscriber connected now receives the same event_ids and payloads
+    async with watch_topic(settings, "orders/+/status", "replay-newcomer") as seen:
+        published = await cli("replay", "--since", iso_ms(since_ms), "--publish")
+        assert published.code == 0, published.err
+        await wait_until(lambda: len(seen) >= 50, 10, "the 50 replayed events")
+        await asyncio.sleep(0)  # nothing else is due; the count is checked below
+    got = [compact(r.event) for r in seen]
+    assert len(got) == len(lines), (len(got), len(lines), published.err)
+    assert got == lines, [(a[:30], b[:30]) for a, b in zip(got, lines, strict=True) if a != b]
+    assert "published 50 event(s) again" in published.err
+    # the daemon does not log its own events' replays: the log holds each published event once
+    entries = await logged(redis)
+    assert len(entries) == 100
+    assert len({from_logged(value).event_id for _, value in entries}) == 100
+
+
+async def _later(client: OrderClient, ms: int) -> bool:
+    return await client.store.now_ms() > ms
+
+
+async def test_malformed_since_is_bad_input_and_too_old_says_how_far_back(
+    settings: Settings,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    subscriber: Subscriber,
+    cli: Callable[..., Awaitable[CliResult]],
+    redis: Redis,
+) -> None:
+    for bad in ("yesterday", "2026-11-24T15:00:00", "2026-13-01T00:00:00Z", "a/b/c", "-5", ""):
+        result = await cli("replay", "--since", bad)
+        assert result.code == 2, (bad, result)
+        assert "--since" in result.err
+    assert (await cli("replay", "--since", "0", "--until", "soon")).code == 2
+    assert (await cli("replay", "--since", "0", "--order", "bad id")).code == 2
+    assert (await cli("replay")).code == 2
+
+    empty = await cli("replay", "--since", "0")
+    assert empty.code == 1 and "event log is empty" in empty.err
+
+    await start_daemon()
+    async with OrderClient(settings) as client:
+        await client.create("old-1", timeout=0.2)
+        await wait_until(lambda: len(subscriber.of("old-1")) >= 2, 10, "old-1's events")
+    await wait_logged(redis, 2)
+    too_old = await cli("replay", "--since", "2026-01-01T00:00:00Z")
+    assert too_old.code == 1 and too_old.out == ""
+    assert "older than what the event log keeps: it goes back to" in too_old.err
+    # within the retention is fine, also when nothing was published then
+    recent = await cli("replay", "--since", str(int(await client.store.now_ms() / 1000) - 3600))
+    assert recent.code == 0, recent.err
+    assert recent.out.splitlines() == [compact(e) for e in subscriber.of("old-1")]
+    unknown = await cli("replay", "--since", "old-1/1/9/paid/paid")
+    assert unknown.code == 1 and "not in the event log" in unknown.err
+
+
+async def test_the_log_is_trimmed_by_time(
+    settings: Settings,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    subscriber: Subscriber,
+    cli: Callable[..., Awaitable[CliResult]],
+    redis: Redis,
+) -> None:
+    short = dataclasses.replace(settings, event_log_retention=0.5)
+    daemon = await start_daemon(short)
+    async with OrderClient(settings) as client:
+        # 150 events of one part fill the first node(s) of its stream (100
+        # entries or 4 kB each at most): trimming removes whole nodes
+        ids = ids_in_part(3, 150, "trim")
+        await client.create_many([(oid, 600) for oid in ids])
+        await wait_logged(redis, 150)
+        first_ms = min(int(entry_id.split(b"-")[0]) for entry_id, _ in await logged(redis))
+        now = await client.store.now_ms()
+        await wait_until(lambda: _later(client, now + 1500), 5, "the retention and its margin to pass")
+        await client.change_many("cancel", ids)
+        await wait_until(lambda: len(subscriber.events) >= 300, 15, "300 events")
+
+        async def trimmed() -> bool:
+            entries = await logged(redis)
+            return len({from_logged(v).event_id for _, v in entries}) >= 150 and len(entries) < 300
+
+        await wait_until(trimmed, 15, "the created events to be trimmed away")
+        cancels = [compact(e) for e in subscriber.with_status("cancelled")]
+        env_short = {"ORDER_LISTENER_EVENT_LOG_RETENTION": "0.5"}
+        gone = await cli("replay", "--since", str(first_ms / 1000), env=env_for(settings, **env_short))
+        assert gone.code == 1 and "goes back to" in gone.err
+        kept = await cli("replay", "--since", str((now + 1500) / 1000), env=env_for(settings, **env_short))
+        assert kept.code == 0, kept.err
+        assert sorted(kept.out.splitlines()) == sorted(cancels)
+    assert daemon.outbox.published >= 300
+
+
+async def test_no_event_log_at_zero_retention(
+    settings: Settings,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    subscriber: Subscriber,
+    cli: Callable[..., Awaitable[CliResult]],
+    redis: Redis,
+) -> None:
+    off = dataclasses.replace(settings, event_log_retention=0)
+    await start_daemon(off)
+    async with OrderClient(settings) as client:
+        await client.create("off-1", timeout=0.2)
+        await wait_until(lambda: len(subscriber.of("off-1")) >= 2, 10, "off-1's events")
+    assert await logged(redis) == []
+    off_env = env_for(settings, ORDER_LISTENER_EVENT_LOG_RETENTION="0")
+    nothing = await cli("replay", "--since", "0", env=off_env)
+    assert nothing.code == 1 and "event log is empty" in nothing.err
+
+
+@pytest.mark.parametrize("daemons", [2])
+async def test_with_several_daemons_each_event_is_logged_once(
+    settings: Settings,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    subscriber: Subscriber,
+    redis: Redis,
+    daemons: int,
+) -> None:
+    for _ in range(daemons):
+        await start_daemon()
+    async with OrderClient(settings) as client:
+        await client.create_many([(f"many-{i:02d}", 0.3) for i in range(40)])
+        await wait_until(lambda: len(subscriber.unique()) >= 80, 15, "80 distinct events")
+    await wait_logged(redis, 80)
+    entries = await logged(redis)
+    ids = [from_logged(value).event_id for _, value in entries]
+    assert len(ids) == len(set(ids)) == 80
+    assert set(ids) == set(subscriber.unique())
+
+
+async def test_a_refused_append_loses_the_log_entry_never_the_event(
+    settings: Settings,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    subscriber: Subscriber,
+    redis: Redis,
+) -> None:
+    """A log key of another type (written by hand) refuses the appends of its
+    part: the events go out and leave the outbox all the same, and the other
+    parts are logged."""
+    broken, fine = ids_in_part(5, 1, "broken")[0], ids_in_part(6, 1, "fine")[0]
+    await redis.set(LAYOUT.event_log(5), "not a stream")
+    await start_daemon()
+    async with OrderClient(settings) as client:
+        await client.create_many([(broken, 0.2), (fine, 0.2)])
+        await wait_until(lambda: len(subscriber.events) >= 4, 10, "both orders' events")
+        await wait_logged(redis, 2)
+        assert await redis.xlen(LAYOUT.outbox(5)) == 0 and await redis.xlen(LAYOUT.outbox_created(5)) == 0
+        assert await redis.get(LAYOUT.event_log(5)) == b"not a stream"
+        assert [from_logged(v).order_id for _, v in await logged(redis)] == [fine, fine]
