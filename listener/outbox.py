@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import socket
 import time
 import uuid
@@ -365,9 +366,16 @@ class Outbox:
     async def _with_deletes(
         self, acked: Deletes, then: Callable[[Any], None], *, trim: bool = True
     ) -> list[Any]:
-        """One pipeline: the deletes of `acked`, then what `then` queues; its replies.
-        If Redis refuses the XTRIM command (NOPERM: the daemon's ACL predates it),
-        say so once and delete with XDEL from then on."""
+        """One pipeline: the event log appends and the deletes of `acked`, then
+        what `then` queues; its replies. An append Redis refuses costs only
+        those log entries: the pipeline goes again without them. If Redis
+        refuses the XTRIM command (NOPERM: the daemon's ACL predates it), say
+        so once and delete with XDEL from then on.
+
+        Errors are raised by the pipeline, not returned in its replies: that
+        is what makes redis-py's cluster pipeline send it again after a
+        failover (a lost connection to a primary that handed over), instead
+        of this lane starting over and sending what was in flight twice."""
         while True:
             trimming = trim and self.trim  # what this attempt sends (other lanes may change self.trim)
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -375,16 +383,17 @@ class Outbox:
                 acked.queue(pipe, trim=trimming)
                 then(pipe)
                 try:
-                    replies = await pipe.execute(raise_on_error=False)
-                    acked.logged = {}  # appended (or refused): never twice from here
-                    self._log_refusals(replies[:appends])
-                    for reply in replies[appends:]:
-                        if isinstance(reply, Exception):
-                            raise reply
+                    replies = await pipe.execute()
+                    acked.logged = {}  # appended: never twice from here
                     return list(replies)
-                except NoPermissionError as exc:
+                except ResponseError as exc:
+                    if 0 < _failed_command(exc) <= appends:
+                        self._log_refusals([exc])
+                        acked.logged = {}  # lost for the log; the deletes go again without them
+                        continue
                     # not a refused key: "... no permissions to run the 'xtrim' command"
-                    if not trimming or "'xtrim' command" not in str(exc).lower():
+                    refused_trim = isinstance(exc, NoPermissionError) and "'xtrim' command" in str(exc)
+                    if not trimming or not refused_trim:
                         raise
             if not self.trim:
                 continue  # another lane found it out first and said so
@@ -477,6 +486,14 @@ class Outbox:
 
 def _task_name(parts: list[int]) -> str:
     return f"outbox-lane-{parts[0]}" if len(parts) == 1 else "outbox-lanes"
+
+
+def _failed_command(exc: ResponseError) -> int:
+    """The position (from 1) of the pipeline command an error reply came from,
+    as redis-py names it ("Command # 3 (XADD ...) of pipeline caused error");
+    0 when it does not say."""
+    match = re.match(r"Command # (\d+) ", str(exc))
+    return int(match.group(1)) if match else 0
 
 
 async def _changed(publishers: list[Publisher], timeout: float) -> None:
