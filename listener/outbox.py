@@ -217,28 +217,13 @@ class Outbox:
         refusals = 0
         try:
             while True:
-                now_mine = {part for part in parts if self.held[part].is_set()}
-                for part in mine - now_mine:
-                    pump._reset_part(part)  # lease lost: the next holder sends it
-                mine = now_mine
+                mine = self._drop_lost_lanes(pump, parts, mine)
                 if not mine:
                     return
                 connection = await self.link.connection()
                 publishers = connection.publishers
-                if pump.gone:
-                    log.debug("publish failed; resending after reconnect", error=pump.gone)
-                    pump.reset()
-                    continue
-                if pump.refused:
-                    refusals += 1
-                    if refusals == 1:
-                        log.error(
-                            "the broker refused events; retrying with backoff",
-                            error=", ".join(sorted(set(pump.refused))),
-                            fix="allow this user to publish under the topic prefix",
-                        )
-                    pump.reset()
-                    await asyncio.sleep(min(5.0, 0.1 * 2**refusals))
+                if pump.gone or pump.refused:
+                    refusals = await self._start_over(pump, refusals)
                     continue
                 stopping = self.stopping.is_set()
                 room = any(publisher.room for publisher in publishers)
@@ -252,11 +237,7 @@ class Outbox:
                     try:
                         got = await pump.read(readable, block)
                     except ResponseError as exc:
-                        broken = await self._set_aside(readable) if "WRONGTYPE" in str(exc) else set()
-                        if not broken:
-                            raise
-                        for part in broken:
-                            pump._reset_part(part)  # read again from its first entry once repaired
+                        await self._set_aside_or_raise(pump, readable, exc)
                         continue
                     self.redis_service.ok()
                 deferred = not pump.send_due(publishers)
@@ -265,35 +246,65 @@ class Outbox:
                 except aiomqtt.MqttError as exc:  # the connection went while sending
                     pump.gone = str(exc)  # (a lost connection also zeroes what was in flight)
                     continue
-                if pump.published:
-                    self._report(pump.published)
-                    pump.published = []
-                    if refusals:
-                        log.info("the broker takes events again")
-                        refusals = 0
+                refusals = self._report_published(pump, refusals)
                 if stopping and not got and not sent and not pump.open and not pump.queued():
                     return
                 if sent:
                     continue
-                room = any(publisher.room for publisher in publishers)  # PUBACKs came while reading
-                if deferred or not room:
-                    # the window is (nearly) full (of this reader's publishes or another
-                    # lane's, on a cluster), or the connection is going
-                    await _changed(publishers, 1.0)
-                elif pace := pump.pace_wait():  # the `created` backlog's pace holds it
-                    await _changed(publishers, pace) if pump.open else await asyncio.sleep(pace)
-                elif pump.open:
-                    await _changed(publishers, POLL_S if not pump.queued() else 1.0)
-                elif not got and pump.queued():
-                    await asyncio.sleep(0.2)  # held, but the lease is being renewed
-                if pump.open and pump.idle_for() > PUBLISH_TIMEOUT:
-                    log.warning("no PUBACK from the broker; sending again", seconds=PUBLISH_TIMEOUT)
-                    pump.open -= sum(publisher.forget(pump) for publisher in publishers)
-                    pump.reset()
+                await _wait_for_something_to_send(pump, publishers, deferred=deferred, got=got)
+                _resend_if_silent(pump, publishers)
         finally:
-            deletes = pump.take_deletes()
-            if deletes:  # what the broker has must not go out again
-                await self._forget(deletes)
+            await self._forget(pump.take_deletes())  # what the broker has must not go out again
+
+    def _drop_lost_lanes(self, pump: Pump, parts: list[int], mine: set[int]) -> set[int]:
+        """The lanes of `parts` whose lease is held now; the reader forgets what it
+        read and sent of a lane in `mine` that lost its lease (the next holder sends it)."""
+        now_mine = {part for part in parts if self.held[part].is_set()}
+        for part in mine - now_mine:
+            pump._reset_part(part)  # lease lost: the next holder sends it
+        return now_mine
+
+    async def _start_over(self, pump: Pump, refusals: int) -> int:
+        """The connection was lost (it is back now) or the broker refused events:
+        every lane starts over from its first undeleted entry, after a refusal
+        with backoff (one error line for a run of refusals). Returns the count of
+        refusals in a row."""
+        if pump.gone:
+            log.debug("publish failed; resending after reconnect", error=pump.gone)
+            pump.reset()
+            return refusals
+        refusals += 1
+        if refusals == 1:
+            log.error(
+                "the broker refused events; retrying with backoff",
+                error=", ".join(sorted(set(pump.refused))),
+                fix="allow this user to publish under the topic prefix",
+            )
+        pump.reset()
+        await asyncio.sleep(min(5.0, 0.1 * 2**refusals))
+        return refusals
+
+    async def _set_aside_or_raise(self, pump: Pump, readable: list[int], exc: ResponseError) -> None:
+        """The read of `readable` failed with `exc`: a lane whose stream holds
+        another type is left out for a while (and read again from its first entry
+        once repaired); any other error is raised."""
+        broken = await self._set_aside(readable) if "WRONGTYPE" in str(exc) else set()
+        if not broken:
+            raise exc
+        for part in broken:
+            pump._reset_part(part)  # read again from its first entry once repaired
+
+    def _report_published(self, pump: Pump, refusals: int) -> int:
+        """Report what the broker acknowledged since the last look; the first
+        acknowledgement after refusals says the broker takes events again.
+        Returns the count of refusals in a row (0 once an event went through)."""
+        if not pump.published:
+            return refusals
+        self._report(pump.published)
+        pump.published = []
+        if refusals:
+            log.info("the broker takes events again")
+        return 0
 
     def _readable(self, mine: set[int]) -> list[int]:
         now = time.monotonic()
@@ -340,7 +351,10 @@ class Outbox:
         short, shielded round trip); if Redis is away they are sent again later.
         By id (XDEL), not XTRIM: this runs when a session ends, maybe on a
         failure, and after a failover a new primary whose writes and clock lag
-        could give new entries ids below the trim point; XDEL cannot touch them."""
+        could give new entries ids below the trim point; XDEL cannot touch them.
+        Nothing to delete: no round trip."""
+        if not deletes:
+            return
 
         async def delete() -> None:
             await self._with_deletes(deletes, lambda pipe: None, trim=False)
@@ -494,6 +508,34 @@ def _failed_command(exc: ResponseError) -> int:
     0 when it does not say."""
     match = re.match(r"Command # (\d+) ", str(exc))
     return int(match.group(1)) if match else 0
+
+
+async def _wait_for_something_to_send(
+    pump: Pump, publishers: list[Publisher], *, deferred: bool, got: bool
+) -> None:
+    """Nothing was sent this round (`deferred`: the writes were held back for a
+    fuller window; `got`: the read brought something): wait for what can let
+    events go."""
+    room = any(publisher.room for publisher in publishers)  # PUBACKs came while reading
+    if deferred or not room:
+        # the window is (nearly) full (of this reader's publishes or another
+        # lane's, on a cluster), or the connection is going
+        await _changed(publishers, 1.0)
+    elif pace := pump.pace_wait():  # the `created` backlog's pace holds it
+        await _changed(publishers, pace) if pump.open else await asyncio.sleep(pace)
+    elif pump.open:
+        await _changed(publishers, POLL_S if not pump.queued() else 1.0)
+    elif not got and pump.queued():
+        await asyncio.sleep(0.2)  # held, but the lease is being renewed
+
+
+def _resend_if_silent(pump: Pump, publishers: list[Publisher]) -> None:
+    """No PUBACK for PUBLISH_TIMEOUT while publishes are in flight: forget them
+    and start every lane over, so they go out again."""
+    if pump.open and pump.idle_for() > PUBLISH_TIMEOUT:
+        log.warning("no PUBACK from the broker; sending again", seconds=PUBLISH_TIMEOUT)
+        pump.open -= sum(publisher.forget(pump) for publisher in publishers)
+        pump.reset()
 
 
 async def _changed(publishers: list[Publisher], timeout: float) -> None:

@@ -71,6 +71,9 @@ class Item:
     acked: bool = False
 
 
+Batches = dict[int, tuple[list[StatusEvent], list[Item]]]  # per connection: its events, their items
+
+
 @dataclass
 class Deletes:
     """Acknowledged entries to delete: `upto` per stream (everything up to and
@@ -290,6 +293,13 @@ class Pump:
             got = _by_stream(await self.block_read(all_keys, block))
         if not got:
             return False
+        await self._queue_read(mine, got)
+        return True
+
+    async def _queue_read(self, mine: list[int], got: dict[str, list[Entry]]) -> None:
+        """Queue what a read brought, lane by lane. A lane's `created` entries go
+        first: a transition read with them then finds its order's `created` entry
+        read in turn (and sends it ahead from there, without a look-up)."""
         for part in mine:
             hi_entries = got.get(self.hi_key[part])
             lo_entries = got.get(self.lo_key[part])
@@ -297,7 +307,6 @@ class Pump:
                 await self._take_created(part, lo_entries)
             if hi_entries:
                 await self._take_transitions(part, hi_entries)
-        return True
 
     async def _take_created(self, part: int, entries: list[Entry]) -> None:
         key, gen = self.lo_key[part], self.gen[part]
@@ -384,61 +393,83 @@ class Pump:
     def send(self, publishers: list[Publisher]) -> int:
         """Send queued events as far as each connection's window allows:
         transitions first, then `created` events. Returns how many were sent."""
-        count = len(publishers)
         rooms = [publisher.room for publisher in publishers]
         sent = 0
         for queue in (self.hi, self.lo):
             if not any(rooms):
                 break
-            allowed = self._lo_allowance() if queue is self.lo else len(queue)
-            batches: dict[int, tuple[list[StatusEvent], list[Item]]] = {}
-            kept: list[Item] = []
-            blocked: set[int] = set()  # lanes with an item kept back: the rest of theirs waits too
-            while queue and any(rooms) and allowed > 0:
-                item = queue.popleft()
-                if item.gen != self.gen[item.part]:
-                    continue  # its lane started over
-                index = item.part % count
-                event = item.event
-                if item.part in blocked or not self.holds(item.part) or not (rooms[index] or item.early):
-                    # this connection is full, or the lease is being renewed: in stream
-                    # order, so nothing behind it is deleted (or sent) before it
-                    kept.append(item)
-                    blocked.add(item.part)
-                    continue
-                in_turn = queue is self.lo
-                if in_turn:
-                    self.lo_queued[item.part] -= 1
-                    if item.early:  # sent ahead of its turn: its turn now
-                        self.order[item.key].append(item)
-                        self._advance(item.key)
-                        continue
-                    del self.lo_unsent[(item.key, item.entry_id)]
-                if event is None:
-                    continue
-                if not rooms[index]:  # an early `created` in the transitions' queue, no room
-                    kept.append(item)
-                    blocked.add(item.part)
-                    continue
-                rooms[index] -= 1
-                if in_turn:
-                    allowed -= 1
-                    if self.created_rate:
-                        self.lo_tokens -= 1
-                events, items = batches.setdefault(index, ([], []))
-                events.append(event)
-                items.append(item)
-                if not item.early:
+            in_turn = queue is self.lo
+            allowed = self._lo_allowance() if in_turn else len(queue)
+            batches, left = self._take_sendable(queue, rooms, allowed)
+            if in_turn:
+                self._spend_pace(allowed - left, left)
+            sent += self._publish_batches(publishers, batches)
+        return sent
+
+    def _take_sendable(self, queue: deque[Item], rooms: list[int], allowed: int) -> tuple[Batches, int]:
+        """One pass over `queue` (the transitions, or the `created` events in turn):
+        takes off it, in order, the events each connection has room for, at most
+        `allowed` of them in turn, and takes `rooms` down by them. Returns them by
+        connection, and how many more were allowed."""
+        count = len(rooms)
+        in_turn = queue is self.lo
+        batches: Batches = {}
+        kept: list[Item] = []
+        blocked: set[int] = set()  # lanes with an item kept back: the rest of theirs waits too
+        while queue and any(rooms) and allowed > 0:
+            item = queue.popleft()
+            if item.gen != self.gen[item.part]:
+                continue  # its lane started over
+            index = item.part % count
+            event = item.event
+            if item.part in blocked or not self.holds(item.part) or not (rooms[index] or item.early):
+                # this connection is full, or the lease is being renewed: in stream
+                # order, so nothing behind it is deleted (or sent) before it
+                kept.append(item)
+                blocked.add(item.part)
+                continue
+            if in_turn:
+                self.lo_queued[item.part] -= 1
+                if item.early:  # sent ahead of its turn: its turn now
                     self.order[item.key].append(item)
-            queue.extendleft(reversed(kept))
-            if queue is self.lo:
-                self.pace_held = bool(self.created_rate) and allowed <= 0 and bool(queue)
-            for index, (events, items) in batches.items():
-                if not self.open:
-                    self.last_ack = time.monotonic()  # the broker's silence is counted from here
-                self.open += len(events)
-                publishers[index].send(events, items, self)
-                sent += len(events)
+                    self._advance(item.key)
+                    continue
+                del self.lo_unsent[(item.key, item.entry_id)]
+            if event is None:
+                continue
+            if not rooms[index]:  # an early `created` in the transitions' queue, no room
+                kept.append(item)
+                blocked.add(item.part)
+                continue
+            rooms[index] -= 1
+            if in_turn:
+                allowed -= 1
+            events, items = batches.setdefault(index, ([], []))
+            events.append(event)
+            items.append(item)
+            if not item.early:
+                self.order[item.key].append(item)
+        queue.extendleft(reversed(kept))
+        return batches, allowed
+
+    def _spend_pace(self, taken: int, left: int) -> None:
+        """After a pass over the `created` queue: the pace's tokens that `taken`
+        events sent in turn used, and whether the pace left events behind."""
+        if self.created_rate:
+            # once a pass, not once an event: whole numbers off a float at least as
+            # large (taken <= int(lo_tokens)) come out exactly the same either way
+            self.lo_tokens -= taken
+        self.pace_held = bool(self.created_rate) and left <= 0 and bool(self.lo)
+
+    def _publish_batches(self, publishers: list[Publisher], batches: Batches) -> int:
+        """Each connection's batch to its window; how many events that was."""
+        sent = 0
+        for index, (events, items) in batches.items():
+            if not self.open:
+                self.last_ack = time.monotonic()  # the broker's silence is counted from here
+            self.open += len(events)
+            publishers[index].send(events, items, self)
+            sent += len(events)
         return sent
 
     def idle_for(self) -> float:
