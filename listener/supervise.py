@@ -5,13 +5,15 @@ Each long-lived task runs its body through `supervise`; the body reports
 `Service.ok()` once its connection works, which ends the outage and resets
 the backoff. The first task back wakes every task still waiting out its
 backoff, so an outage ends for all of them when it ends for one (a scheduler
-in a long wait would otherwise cancel late after a short Redis restart).
+in a long wait would otherwise cancel late after a short Redis restart). A
+task is woken so once an outage: on a Redis Cluster with one node down the
+others keep reaching "redis", and the tasks of the lost node must keep to
+their backoff instead of retrying at each of those successes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
@@ -91,10 +93,14 @@ class Service:
             )
         self.up = False
 
-    async def wait_back(self, timeout: float) -> None:
-        """Sleep `timeout` seconds, less if another task reaches the service meanwhile."""
-        with contextlib.suppress(TimeoutError):
+    async def wait_back(self, timeout: float) -> bool:
+        """Sleep `timeout` seconds, less if another task reaches the service
+        meanwhile; whether it was less."""
+        try:
             await asyncio.wait_for(self._back.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 def delays(cap: float) -> Iterator[float]:
@@ -118,6 +124,7 @@ async def supervise(
     waits = delays(cap)
     seen = service.generation
     retried_in = -1  # the generation in which we last retried at once
+    may_wake = True  # not woken early yet in this outage
     while True:
         try:
             result = await body()
@@ -135,7 +142,11 @@ async def supervise(
                 seen = service.generation
                 if time.monotonic() - service.up_since > STABLE_AFTER:  # it worked for a while: a new outage
                     waits = delays(cap)
+                    may_wake = True
             service.failed(exc, task)
-            await service.wait_back(next(waits))
+            if may_wake:
+                may_wake = not await service.wait_back(next(waits))
+            else:
+                await asyncio.sleep(next(waits))
         else:
             return result

@@ -104,6 +104,40 @@ async def test_a_task_in_a_long_backoff_tries_again_when_another_reaches_the_ser
     assert body.calls == 2
 
 
+async def test_a_task_whose_server_stays_down_keeps_to_its_backoff_while_others_reach_theirs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Redis Cluster with one node down: the other nodes' tasks keep
+    reporting "redis" up; the lost node's listener is woken once, then keeps
+    to its backoff instead of retrying at each of their successes."""
+    monkeypatch.setattr("listener.supervise.delays", lambda cap: iter([0.25] * 1000))
+    service = Service("redis")
+    calls = 0
+
+    async def lost_node() -> None:
+        nonlocal calls
+        calls += 1
+        raise redis_errors.ConnectionError("Connection refused")
+
+    async def other_nodes() -> None:
+        while True:
+            service.ok()
+            await asyncio.sleep(0.001)
+
+    flapping = asyncio.create_task(other_nodes())
+    retrying = asyncio.create_task(supervise("expiry-listener lost-node", service, lost_node))
+    try:
+        await asyncio.sleep(1.0)  # the window in which attempts are counted
+    finally:
+        retrying.cancel()
+        flapping.cancel()
+        await asyncio.gather(retrying, flapping, return_exceptions=True)
+    # at the backoff's pace (4 steps in the second), each step with the one
+    # at-once retry a stale connection gets when others reach the service,
+    # plus the one early wake; woken at every success it would be hundreds
+    assert 2 <= calls <= 12, calls
+
+
 async def test_a_bug_is_raised_not_retried() -> None:
     service = Service("redis")
     service.ok()
