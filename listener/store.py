@@ -230,15 +230,20 @@ class Store:
 
     # -- transitions -------------------------------------------------------
 
-    def _transition_call(self, operation: Operation, order_id: str) -> ScriptCall:
-        name, reason = _SCRIPT_OF[operation]
+    def _transition_keys(self, order_id: str) -> list[str]:
+        """The KEYS of every script that changes one order: its hash, its
+        timer, its part's deadline index and outbox."""
         part = part_of(order_id)
-        keys = [
+        return [
             self.layout.order(order_id),
             self.layout.timer(order_id),
             self.layout.deadlines(part),
             self.layout.outbox(part),
         ]
+
+    def _transition_call(self, operation: Operation, order_id: str) -> ScriptCall:
+        name, reason = _SCRIPT_OF[operation]
+        keys = self._transition_keys(order_id)
         args: list[Any] = [order_id, self.retention_ms]
         if reason is not None:
             args.append(str(reason))
@@ -287,13 +292,7 @@ class Store:
     async def extend(self, order_id: str, extension_ms: int) -> ExtendResult:
         """The order's deadline `extension_ms` later (extend.lua); id and
         extension must be valid already."""
-        part = part_of(order_id)
-        keys = [
-            self.layout.order(order_id),
-            self.layout.timer(order_id),
-            self.layout.deadlines(part),
-            self.layout.outbox(part),
-        ]
+        keys = self._transition_keys(order_id)
         (reply,) = await self.run_scripts(
             [(self.scripts.extend, keys, [order_id, self.retention_ms, extension_ms])]
         )
