@@ -66,7 +66,7 @@ class Settings:
     sweep_batch: int = 1000
     publish_batch: int = 500
     mqtt_connections: int = 1  # the outbox lanes are spread over them
-    created_rate: float = 10_000.0  # `created` events a second from a backlog; 0: unpaced
+    created_rate: float | None = None  # `created` events a second from a backlog; None: auto, 0: unpaced
     shutdown_timeout: float = 10.0
     resync_interval: float = 5.0
     metrics_addr: str = ""  # host:port for /metrics and /healthz; empty: off
@@ -236,11 +236,13 @@ def _event_log_retention(value: Any) -> float:
 
 
 _SECONDS = _number(float, 0, math.inf, "a number of seconds above 0")
-_RATE_RULE = "0 (unpaced) or a number of events a second up to 1000000"
+_RATE_RULE = "auto, 0 (unpaced) or a number of events a second up to 1000000"
 
 
-def _rate(value: Any) -> float:
-    """Events a second, or 0 for no pace."""
+def _rate(value: Any) -> float | None:
+    """Events a second, 0 for no pace, None (`auto`) for the broker to decide."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
     try:
         return float(_number(float, 0, 1e6, _RATE_RULE)(value))
     except ValueError:

@@ -66,7 +66,7 @@ class Outbox:
         redis_service: Service,
         *,
         batch: int = 500,
-        created_rate: float = 0.0,
+        created_rate: float | None = None,
         owner: str | None = None,
         on_published: Callable[[Sequence[StatusEvent]], None] | None = None,
         on_dead_letter: Callable[[], None] | None = None,

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -51,6 +51,19 @@ HI_AHEAD = 5000  # transitions read ahead, waiting for room in the window, befor
 # peer's receive runs in the writer's system call); a backlog pays it less often.
 READ_EVERY_S = 0.002
 PACE_STEP_S = 0.005  # a paced `created` backlog goes out in steps of this many seconds' worth
+# The pace when none is set: for a broker that allows fewer than UNTUNED_WINDOW
+# messages in flight (mosquitto's default 20, EMQX's 32). Such a broker most
+# likely keeps its default queue per subscriber too (1,000 messages for both),
+# past which it drops. A broker that allows more was tuned: no pace.
+AUTO_RATE = 10_000.0
+UNTUNED_WINDOW = 100
+
+
+def auto_rate(windows: Iterable[int]) -> float:
+    """The pace of `created` events when none is set, from the windows the
+    broker allows (its Receive Maximum): AUTO_RATE for one that looks untuned,
+    else none (0)."""
+    return AUTO_RATE if min(windows) < UNTUNED_WINDOW else 0.0
 
 
 def id_tuple(entry_id: bytes) -> tuple[int, int]:
@@ -138,7 +151,7 @@ class Pump:
         xrange_one: Callable[[list[tuple[str, bytes]]], Awaitable[list[list[Entry]]]],
         parse: Parse,
         batch: int,
-        created_rate: float = 0.0,
+        created_rate: float | None = 0.0,
         log: bool = False,
     ) -> None:
         self.parts = parts
@@ -148,7 +161,8 @@ class Pump:
         # window allows): a bulk import's backlog must not outrun the subscribers'
         # queues at the broker. Sent ahead of a later event of their order, they
         # are not counted (a cancellation never waits for the pace).
-        self.created_rate = created_rate
+        self.configured_rate = created_rate  # None: by the broker (AUTO_RATE or none)
+        self.created_rate = created_rate or 0.0  # the pace in force, set per send
         self.lo_tokens = 0.0
         self.lo_refilled = time.monotonic()
         self.pace_held = False  # the last send left `created` events behind for the pace
@@ -393,6 +407,8 @@ class Pump:
     def send(self, publishers: list[Publisher]) -> int:
         """Send queued events as far as each connection's window allows:
         transitions first, then `created` events. Returns how many were sent."""
+        if self.configured_rate is None:
+            self.created_rate = auto_rate(publisher.window for publisher in publishers)
         rooms = [publisher.room for publisher in publishers]
         sent = 0
         for queue in (self.hi, self.lo):

@@ -5,6 +5,7 @@ full, and `check` reports what such a broker holds back."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 import signal
@@ -14,9 +15,12 @@ from pathlib import Path
 import pytest
 
 from listener.api import OrderClient
-from listener.config import Settings
+from listener.config import Settings, load_settings
 from listener.daemon import Daemon
+from listener.mqtt import MqttLink
+from listener.outbox_pump import AUTO_RATE, auto_rate
 from listener.servers import ServerProcess, mosquitto
+from listener.supervise import Service
 from tests.conftest import CliResult, env_for, wait_until, watch_topic
 
 BACKLOG = 5000
@@ -142,3 +146,28 @@ async def test_a_created_backlog_goes_at_its_pace_and_a_cancellation_does_not_wa
     assert cancelled_at < created[-1], "the cancellation waited for the paced backlog"
     versions = [r.event["version"] for r in seen if r.event["order_id"] == f"{tag}-due"]
     assert versions == [1, 2], "its own `created` event still goes first"
+
+
+@pytest.mark.parametrize(("profile", "paced"), [("stock", True), ("tuned", False)])
+async def test_without_a_set_pace_a_broker_that_looks_untuned_gets_one(
+    settings: Settings, workdir: Path, profile: str, paced: bool
+) -> None:
+    """ORDER_LISTENER_CREATED_RATE=auto (the default): a broker announcing a
+    small Receive Maximum (mosquitto's default 20) most likely keeps its
+    default queue per subscriber too, so a backlog is paced; a tuned one is not."""
+    broker = mosquitto(workdir / f"{profile}-{random.randrange(10**9)}", profile=profile, durable=False)
+    broker.start()
+    try:
+        link = MqttLink(on_broker(settings, broker), Service("mqtt"))
+        task = asyncio.create_task(link.run())
+        try:
+            await asyncio.wait_for(link.connected.wait(), 10)
+            publishers = (await link.connection()).publishers
+            rate = auto_rate(publisher.window for publisher in publishers)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        broker.stop()
+    assert (rate == AUTO_RATE) if paced else (rate == 0.0)
+    assert load_settings().created_rate is None, "auto is the default"
