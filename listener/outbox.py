@@ -33,6 +33,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
 from listener import logs
+from listener.connection import redis_lost
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
 from listener.keys import PARTS, KeyLayout
 from listener.mqtt import MqttLink, Publisher
@@ -382,7 +383,8 @@ class Outbox:
     ) -> list[Any]:
         """One pipeline: the event log appends and the deletes of `acked`, then
         what `then` queues; its replies. An append Redis refuses costs only
-        those log entries: the pipeline goes again without them. If Redis
+        those log entries: the pipeline goes again without them (a failover's
+        READONLY or LOADING is an outage, raised like any other). If Redis
         refuses the XTRIM command (NOPERM: the daemon's ACL predates it), say
         so once and delete with XDEL from then on.
 
@@ -401,7 +403,7 @@ class Outbox:
                     acked.logged = {}  # appended: never twice from here
                     return list(replies)
                 except ResponseError as exc:
-                    if 0 < _failed_command(exc) <= appends:
+                    if 0 < _failed_command(exc) <= appends and not redis_lost(exc):
                         self._log_refusals([exc])
                         acked.logged = {}  # lost for the log; the deletes go again without them
                         continue

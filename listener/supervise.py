@@ -126,11 +126,18 @@ async def supervise(
     retried_in = -1  # the generation in which we last retried at once
     may_wake = True  # not woken early yet in this outage
     while True:
+        started = time.monotonic()
         try:
             result = await body()
         except Exception as exc:
             if not is_transient(exc):
                 raise
+            if time.monotonic() - started > STABLE_AFTER:
+                # this task's session worked for a while: a new outage for it,
+                # whatever the shared service's state says (on a cluster others
+                # may have kept "redis" up throughout)
+                waits = delays(cap)
+                may_wake = True
             if service.up and service.generation != retried_in:
                 # Others reach the service: most likely a pooled connection
                 # that went stale in an outage that has ended. Try again at

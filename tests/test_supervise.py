@@ -138,6 +138,33 @@ async def test_a_task_whose_server_stays_down_keeps_to_its_backoff_while_others_
     assert 2 <= calls <= 12, calls
 
 
+async def test_a_task_woken_in_one_outage_is_woken_again_in_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Woken early once in an outage, the task's session then works for a
+    while (others kept the service up throughout, as on a cluster): its next
+    outage wakes it early again instead of leaving it to a long backoff."""
+    monkeypatch.setattr("listener.supervise.delays", lambda cap: iter([3600.0] * 100))
+    monkeypatch.setattr("listener.supervise.STABLE_AFTER", 0.2)
+    service = Service("redis")
+    service.ok()
+    calls = 0
+
+    async def session() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            await asyncio.sleep(0.3)  # worked for longer than STABLE_AFTER
+        if calls < 5:
+            raise redis_errors.ConnectionError("Connection refused")
+        return "done"
+
+    task = asyncio.create_task(supervise("scheduler", service, session))
+    await wait_until(lambda: calls == 2 and not service.up, 5, "the first outage's wait")
+    service.ok()
+    await wait_until(lambda: calls == 4 and not service.up, 5, "the second outage's wait")
+    service.ok()
+    assert await asyncio.wait_for(task, 5) == "done"
+
+
 async def test_a_bug_is_raised_not_retried() -> None:
     service = Service("redis")
     service.ok()
