@@ -30,7 +30,7 @@ from typing import Any, cast
 
 import aiomqtt
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import NoPermissionError, OutOfMemoryError, ResponseError
 
 from listener import logs
 from listener.connection import redis_lost
@@ -403,7 +403,10 @@ class Outbox:
                     acked.logged = {}  # appended: never twice from here
                     return list(replies)
                 except ResponseError as exc:
-                    if 0 < _failed_command(exc) <= appends and not redis_lost(exc):
+                    # full (noeviction) loses the log entries, as the deletes free memory;
+                    # a failover's READONLY or LOADING is an outage
+                    refused = isinstance(exc, OutOfMemoryError) or not redis_lost(exc)
+                    if 0 < _failed_command(exc) <= appends and refused:
                         self._log_refusals([exc])
                         acked.logged = {}  # lost for the log; the deletes go again without them
                         continue
