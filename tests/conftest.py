@@ -24,6 +24,7 @@ import pytest
 from redis.asyncio import Redis
 
 from listener import logs
+from listener.api import OrderClient
 from listener.config import Settings, load_settings
 from listener.daemon import Daemon
 from listener.mqtt import make_client
@@ -329,3 +330,13 @@ async def spawn_daemon(
     for daemon in procs:
         daemon.kill()
         await daemon.proc.wait()
+
+
+def compact(event: dict[str, Any]) -> str:
+    """An event as the daemon's payload writes it (keys in the received order)."""
+    return json.dumps(event, separators=(",", ":"))
+
+
+async def redis_clock_past(client: OrderClient, ms: int) -> bool:
+    """Whether the Redis clock (the one deadlines are kept by) is past `ms`."""
+    return await client.store.now_ms() > ms

@@ -12,14 +12,10 @@ from listener.api import OrderClient
 from listener.config import Settings
 from listener.daemon import Daemon
 from listener.keys import KeyLayout
-from tests.conftest import CliResult, Subscriber, wait_until
+from tests.conftest import CliResult, Subscriber, compact, redis_clock_past, wait_until
 
 LAYOUT = KeyLayout()
 
-
-def compact(event: dict[str, object]) -> str:
-    """An event as the daemon's payload writes it (keys in the received order)."""
-    return json.dumps(event, separators=(",", ":"))
 
 
 async def test_a_whole_life_lists_five_transitions_with_the_published_event_ids(
@@ -114,7 +110,7 @@ async def test_orders_cancelled_while_no_daemon_ran_get_their_history_from_the_s
     async with OrderClient(settings) as client:
         await client.create_many([(f"swept-{i}", 0.1) for i in range(5)])
         now = await client.store.now_ms()
-        await wait_until(lambda: _after(client, now + 200), 5, "the deadlines to pass")
+        await wait_until(lambda: redis_clock_past(client, now + 200), 5, "the deadlines to pass")
         await start_daemon()  # its catch-up sweep cancels them
         await wait_until(lambda: len(subscriber.with_status("cancelled")) >= 5, 10, "five cancellations")
         for i in range(5):
@@ -123,15 +119,12 @@ async def test_orders_cancelled_while_no_daemon_ran_get_their_history_from_the_s
     async with OrderClient(settings) as client:
         await client.create("late-pay", timeout=0.1)
         now = await client.store.now_ms()
-        await wait_until(lambda: _after(client, now + 200), 5, "the deadline to pass")
+        await wait_until(lambda: redis_clock_past(client, now + 200), 5, "the deadline to pass")
         change = await client.change_many("pay", ["late-pay"])
         assert not hasattr(change[0], "changed")  # refused: the order was cancelled by its timeout
         await wait_until(lambda: len(subscriber.of("late-pay")) >= 2, 10, "late-pay's events")
         assert await client.history("late-pay") == subscriber.of("late-pay")
 
-
-async def _after(client: OrderClient, ms: int) -> bool:
-    return await client.store.now_ms() > ms
 
 
 async def test_a_history_item_no_script_writes_is_shown_as_an_error(

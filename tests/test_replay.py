@@ -19,15 +19,10 @@ from listener.event_log import EventLog, parse_since
 from listener.events import from_logged, iso_ms
 from listener.keys import PARTS, KeyLayout
 from listener.servers import ServerProcess
-from tests.conftest import CliResult, Subscriber, env_for, wait_until, watch_topic
+from tests.conftest import CliResult, Subscriber, compact, env_for, redis_clock_past, wait_until, watch_topic
 from tests.test_script_inputs import ids_in_part
 
 LAYOUT = KeyLayout()
-
-
-def compact(event: dict[str, Any]) -> str:
-    """The event as the daemon's payload writes it (the received key order)."""
-    return json.dumps(event, separators=(",", ":"))
 
 
 async def logged(redis: Redis) -> list[tuple[bytes, bytes]]:
@@ -75,7 +70,7 @@ async def test_replay_gives_exactly_the_events_published_since_a_time(
         await wait_logged(redis, 50)
         before = subscriber.events[:]
         since_ms = await client.store.now_ms() + 1
-        await wait_until(lambda: _later(client, since_ms), 5, "a millisecond to pass")
+        await wait_until(lambda: redis_clock_past(client, since_ms), 5, "a millisecond to pass")
         await client.create_many([(f"later-{i:02d}", 0.3) for i in range(25)])
         await wait_until(lambda: len(subscriber.events) >= 100, 15, "the next 50 events")
         await wait_logged(redis, 100)
@@ -132,9 +127,6 @@ async def test_replay_gives_exactly_the_events_published_since_a_time(
     assert len(entries) == 100
     assert len({from_logged(value).event_id for _, value in entries}) == 100
 
-
-async def _later(client: OrderClient, ms: int) -> bool:
-    return await client.store.now_ms() > ms
 
 
 async def test_malformed_since_is_bad_input_and_too_old_says_how_far_back(
@@ -193,7 +185,7 @@ async def test_the_log_is_trimmed_by_time(
         first_ms = min(int(entry_id.split(b"-")[0]) for entry_id, _ in await logged(redis))
         now = await client.store.now_ms()
         since_ms = now + 2 * retention_ms
-        await wait_until(lambda: _later(client, since_ms), 10, "the retention and its margin to pass")
+        await wait_until(lambda: redis_clock_past(client, since_ms), 10, "the retention and its margin")
         await client.change_many("cancel", ids)
         await wait_until(lambda: len(subscriber.events) >= 300, 15, "300 events")
 
