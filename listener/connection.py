@@ -10,6 +10,8 @@ every primary (`cluster_primaries`, `node_client`).
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,9 +61,26 @@ REDIS_TRANSIENT: tuple[type[BaseException], ...] = (
 TRANSIENT_REPLIES = ("UNBLOCKED", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "READONLY")
 
 
+def _closed_under_us(exc: BaseException) -> bool:
+    """A connection closed by one task while another used it: redis-py's
+    asyncio connection drops its reader and writer on disconnect, and a
+    command already past its "is connected" check then fails with
+    "'NoneType' object has no attribute 'writelines'" (or is not callable,
+    one level down in asyncio). Seen when the cluster client disconnects the
+    connections of a node killed under load. Told apart from a bug of ours
+    by where it was raised: inside redis-py's connection code, on a None."""
+    if not isinstance(exc, AttributeError | TypeError) or "'NoneType' object" not in str(exc):
+        return False
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(frame.filename.endswith(_CONNECTION_MODULE) for frame in frames)
+
+
+_CONNECTION_MODULE = os.path.join("redis", "asyncio", "connection.py")
+
+
 def redis_lost(exc: BaseException) -> bool:
     """Redis lost, or in the middle of a failover (not a refusal, not a bug)."""
-    if isinstance(exc, REDIS_TRANSIENT):
+    if isinstance(exc, REDIS_TRANSIENT) or _closed_under_us(exc):
         return True
     if isinstance(exc, redis_errors.RedisClusterException):
         # "Redis Cluster cannot be connected ...": no node reachable now. The

@@ -100,6 +100,7 @@ class Outbox:
         # deletes go by id: see _forget.)
         self.trim = not isinstance(self.redis, RedisCluster)
         self.broken: dict[int, float] = {}  # part -> until when its lane is left out (wrong key type)
+        self.forgetting: set[asyncio.Task[None]] = set()  # deletes that outlived their wait
 
     async def run(self) -> None:
         """Run the leases and all lanes until `stop()` drained them."""
@@ -360,10 +361,20 @@ class Outbox:
         async def delete() -> None:
             await self._with_deletes(deletes, lambda pipe: None, trim=False)
 
-        try:
+        # A delete that outlives its timeout goes on alone: kept referenced
+        # until it ends, and its failure read and logged then, not left to
+        # the loop's "exception was never retrieved".
+        task = asyncio.create_task(delete(), name="outbox-forget")
+        self.forgetting.add(task)
+        task.add_done_callback(self._forgotten)
+        # At least once: a delete that fails costs a repeat, and _forgotten logs it.
+        with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
-                await asyncio.shield(delete())
-        except Exception as exc:  # at least once: a repeat is the worst case
+                await asyncio.shield(task)
+
+    def _forgotten(self, task: asyncio.Task[None]) -> None:
+        self.forgetting.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
             log.debug("could not delete published entries; they may be sent again", error=str(exc))
 
     async def _block_read(self, streams: dict[str, bytes], block: int) -> Any:

@@ -10,9 +10,11 @@ from collections.abc import Awaitable, Callable
 import pytest
 import redis.exceptions as redis_errors
 import structlog
+from redis.asyncio.connection import Connection
 
 from listener.config import Settings
 from listener.daemon import Daemon
+from listener.servers import ServerProcess
 from listener.supervise import Service, is_transient, supervise
 from tests.conftest import wait_until
 
@@ -52,6 +54,28 @@ def test_failover_and_outage_replies_are_transient(exc: Exception) -> None:
 )
 def test_bugs_and_refusals_are_not(exc: Exception) -> None:
     assert not is_transient(exc)
+
+
+async def test_a_connection_closed_under_a_command_is_an_outage(redis_server_proc: ServerProcess) -> None:
+    """The cluster client disconnects a failed node's connections while other
+    tasks still send on them; redis-py then fails a command on the missing
+    writer with an AttributeError (seen when a primary was killed under
+    load). The same race, made on purpose: a command past its "connected"
+    check, its connection closed before it writes."""
+    connection = Connection(host="127.0.0.1", port=redis_server_proc.port, socket_timeout=5.0)
+    await connection.connect()
+    send = asyncio.create_task(connection.send_packed_command(b"PING\r\n", check_health=False))
+    await asyncio.sleep(0)  # the send is past its check and waits to write
+    await connection.disconnect(nowait=True)
+    with pytest.raises(AttributeError, match="'NoneType' object") as raised:
+        await send
+    assert is_transient(raised.value)
+
+
+def test_a_none_in_our_own_code_is_a_bug() -> None:
+    with pytest.raises(AttributeError, match="'NoneType' object") as raised:
+        None.writelines([])  # type: ignore[attr-defined]
+    assert not is_transient(raised.value)
 
 
 class Flaky:
