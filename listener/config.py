@@ -65,7 +65,7 @@ class Settings:
     log_format: LogFormat = LogFormat.AUTO
     sweep_batch: int = 1000
     publish_batch: int = 500
-    mqtt_connections: int = 1  # the outbox lanes are spread over them
+    mqtt_connections: int | None = None  # the outbox lanes are spread over them; None: auto
     created_rate: float | None = None  # `created` events a second from a backlog; None: auto, 0: unpaced
     shutdown_timeout: float = 10.0
     resync_interval: float = 5.0
@@ -236,6 +236,14 @@ def _event_log_retention(value: Any) -> float:
 
 
 _SECONDS = _number(float, 0, math.inf, "a number of seconds above 0")
+_CONNECTIONS = _number(int, 1, 16, "auto or a whole number from 1 to 16")
+
+
+def _connections(value: Any) -> int | None:
+    """MQTT connections to publish over; None (`auto`) for the broker to decide."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    return int(_CONNECTIONS(value))
 _RATE_RULE = "auto, 0 (unpaced) or a number of events a second up to 1000000"
 
 
@@ -267,7 +275,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "log_format": _log_format,
     "sweep_batch": _number(int, 1, 5000, "a whole number from 1 to 5000"),
     "publish_batch": _number(int, 1, 10000, "a whole number from 1 to 10000"),
-    "mqtt_connections": _number(int, 1, 16, "a whole number from 1 to 16"),
+    "mqtt_connections": _connections,
     "created_rate": _rate,
     "shutdown_timeout": _SECONDS,
     "resync_interval": _SECONDS,

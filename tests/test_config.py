@@ -43,7 +43,7 @@ def test_every_bad_value_is_named_with_what_is_allowed(monkeypatch: pytest.Monke
         "  ORDER_LISTENER_MQTT_PROTOCOL: must be one of 5, 3.1.1 (got '4')",
         "  ORDER_LISTENER_RETENTION: must be 0.001 to 3153600000 seconds (100 years) (got '0')",
         "  ORDER_LISTENER_PUBLISH_BATCH: must be a whole number from 1 to 10000 (got '10001')",
-        "  ORDER_LISTENER_MQTT_CONNECTIONS: must be a whole number from 1 to 16 (got 2.5)",
+        "  ORDER_LISTENER_MQTT_CONNECTIONS: must be auto or a whole number from 1 to 16 (got 2.5)",
         "  ORDER_LISTENER_RESYNC_INTERVAL: must be a number of seconds above 0 (got 'inf')",
         "  ORDER_LISTENER_METRICS_ADDR: 'nowhere' is not host:port (e.g. 127.0.0.1:9464)",
     ]

@@ -28,6 +28,7 @@ from listener.config import Settings
 from listener.events import StatusEvent, iso_ms
 from listener.fastpath import paho_io
 from listener.mqtt import MqttLink, Publisher
+from listener.mqtt.link import connections_for
 from listener.mqtt.packets import _length, encode_publish, property_bytes
 from listener.servers import ServerProcess, mosquitto
 from listener.supervise import Service
@@ -190,6 +191,55 @@ def small_broker(workdir: Path) -> Any:
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.mark.parametrize(
+    ("receive_maximum", "connections"), [(20, 4), (32, 2), (5, 8), (1, 8), (64, 1), (65535, 1), (None, 1)]
+)
+def test_auto_connections_keep_about_64_in_flight(receive_maximum: int | None, connections: int) -> None:
+    assert connections_for(receive_maximum) == connections
+
+
+@pytest.mark.parametrize(
+    ("protocol", "configured", "small", "expected"),
+    [
+        ("5", None, False, 4),
+        ("5", None, True, 8),
+        ("3.1.1", None, False, 1),
+        ("5", 1, False, 1),
+        ("5", 3, True, 3),
+    ],
+)
+async def test_auto_opens_connections_by_the_brokers_receive_maximum(
+    settings: Settings,
+    small_broker: ServerProcess,
+    subscriber: Subscriber,
+    protocol: str,
+    configured: int | None,
+    small: bool,
+    expected: int,
+) -> None:
+    """The test broker keeps mosquitto's default of 20 in flight; the small
+    one announces 5. Whatever the count, every lane's events arrive in order."""
+    config = dataclasses.replace(settings, mqtt_protocol=protocol, mqtt_connections=configured)
+    if small:
+        config = dataclasses.replace(config, mqtt_url=f"mqtt://127.0.0.1:{small_broker.port}")
+    tag = f"auto{protocol.replace('.', '')}{configured}{'s' if small else ''}"
+    events = events_for(tag, orders=50, versions=2)
+    async with running(config) as link:
+        current = await link.connection()
+        assert len(current.publishers) == expected
+        assert len({id(p.client) for p in current.publishers}) == expected
+        if not small:
+            await publish_lanes(link, events, lanes=16, batch=7)
+    if not small:
+        await wait_until(
+            lambda: len([e for e in subscriber.events if e["order_id"].startswith(f"{tag}-")]) == len(events),
+            15,
+            "every event at the subscriber",
+        )
+        for n in range(50):
+            assert [e["version"] for e in subscriber.of(f"{tag}-{n}")] == [2, 3]
 
 
 async def test_the_brokers_receive_maximum_bounds_what_is_in_flight(

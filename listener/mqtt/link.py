@@ -28,6 +28,26 @@ log = logs.get("listener.mqtt")
 Handler = Callable[[aiomqtt.Message], Awaitable[None]]
 
 
+# `auto` connections: a broker that allows fewer than UNTUNED_INFLIGHT
+# messages in flight per connection (a stock mosquitto 20, EMQX 32) holds a
+# single connection to that many unacknowledged publishes, which bounds what
+# one connection carries at every PUBACK round trip. Spread over several
+# connections the lanes keep about this many in flight in all. A power of
+# two, so the 16 lanes share them evenly.
+UNTUNED_INFLIGHT = 64
+AUTO_CONNECTIONS_MAX = 8
+
+
+def connections_for(receive_maximum: int | None) -> int:
+    """The connections `auto` opens for a broker announcing `receive_maximum`
+    (None: MQTT 3.1.1, where the broker does not say; one connection)."""
+    count = 1
+    if receive_maximum is not None:
+        while count * receive_maximum < UNTUNED_INFLIGHT and count < AUTO_CONNECTIONS_MAX:
+            count *= 2
+    return count
+
+
 @dataclass
 class Connection:
     """The connections of one session, all up together."""
@@ -38,9 +58,10 @@ class Connection:
 class MqttLink:
     """Keeps the connections to the broker; publishers borrow the current ones.
 
-    Connection 0 subscribes and receives; with `mqtt_connections` > 1 more
-    publish-only connections share the publishing, each taking whole outbox
-    lanes (`part`), so an order's events stay on one connection, in order."""
+    Connection 0 subscribes and receives; with more connections (set, or
+    `auto` for a broker with a small Receive Maximum) publish-only ones share
+    the publishing, each taking whole outbox lanes (`part`), so an order's
+    events stay on one connection, in order."""
 
     def __init__(
         self,
@@ -56,7 +77,8 @@ class MqttLink:
         self.subscriptions = list(subscriptions)
         self.handler = handler
         self.v5 = settings.mqtt_protocol == "5"
-        self.count = settings.mqtt_connections
+        self.configured = settings.mqtt_connections  # None: auto, from the first CONNACK
+        self.count = self.configured or 1  # the connections of the current (or last) session
         persistent = bool(settings.mqtt_client_id)
         self._identifier = settings.mqtt_client_id or default_client_id("daemon")
         self._persistent = persistent
@@ -91,14 +113,17 @@ class MqttLink:
         return client
 
     async def _session(self) -> None:
-        clients = [self._make(index) for index in range(self.count)]
-        main = clients[0]
+        main = self._make(0)
         if self.handler is not None:
             # PUBACK a message only once the handler has applied it to Redis,
             # so the broker redelivers what a crash or an outage interrupted.
             main.paho.manual_ack_set(True)
         async with contextlib.AsyncExitStack() as stack:
-            for client in clients:
+            await stack.enter_async_context(main)
+            # auto: the count follows the Receive Maximum the broker announced
+            self.count = self.configured or connections_for(main.receive_maximum if self.v5 else None)
+            clients = [main, *(self._make(index) for index in range(1, self.count))]
+            for client in clients[1:]:
                 await stack.enter_async_context(client)
             for topic in self.subscriptions:
                 granted = await main.subscribe(topic, qos=1)
