@@ -16,6 +16,7 @@ from listener.connection import RedisClient, open_redis
 from listener.keys import KeyLayout
 from listener.mqtt import default_client_id, make_client
 from listener.mqtt.client import CheckedClient
+from listener.mqtt.link import connections_for
 from listener.notifications import check_notifications, expired_channel
 from listener.scripts import NAMES, source
 from listener.store import Store
@@ -228,9 +229,15 @@ async def _probe_broker(client: CheckedClient, topic: str, settings: Settings, r
         return
     window = client.receive_maximum
     if window < SMALL_WINDOW:
+        connections = settings.mqtt_connections or connections_for(window)
+        spread = (
+            f"; the daemon publishes over {connections} connections ({connections * window} in flight)"
+            if connections > 1
+            else ""
+        )
         report.note(
-            f"mqtt: the broker allows {window} QoS 1 messages in flight (Receive Maximum): a backlog "
-            f"of events drains at most {window} per round trip",
+            f"mqtt: the broker allows {window} QoS 1 messages in flight (Receive Maximum) per connection: "
+            f"a backlog of events drains at most {window} per round trip on each{spread}",
             "mosquitto: `max_inflight_messages 0` (no limit) or 1000 in mosquitto.conf (other brokers: "
             "their receive maximum / max inflight setting); expected: a 100,000-event backlog out "
             "several times faster on a busy link",
