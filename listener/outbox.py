@@ -26,7 +26,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import aiomqtt
 from redis.asyncio.cluster import RedisCluster
@@ -208,7 +208,6 @@ class Outbox:
             self.layout,
             holds=self.holds,
             run_pipeline=self._with_deletes,
-            block_read=self._block_read,
             xrange_one=self._xrange_each,
             parse=lambda key, entries, created: self._parse(key, entries, created=created),
             batch=self.batch,
@@ -376,9 +375,6 @@ class Outbox:
         self.forgetting.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.debug("could not delete published entries; they may be sent again", error=str(exc))
-
-    async def _block_read(self, streams: dict[str, bytes], block: int) -> Any:
-        return await self.redis.xread(cast(Any, streams), count=self.batch, block=block)
 
     async def _xrange_each(self, lookups: list[tuple[str, bytes]]) -> list[list[Entry]]:
         """The entry of each (stream, id), or an empty list: one round trip."""

@@ -147,7 +147,6 @@ class Pump:
         *,
         holds: Callable[[int], bool],
         run_pipeline: Callable[[Deletes, Callable[[Any], None]], Awaitable[list[Any]]],
-        block_read: Callable[[dict[str, bytes], int], Awaitable[Any]],
         xrange_one: Callable[[list[tuple[str, bytes]]], Awaitable[list[list[Entry]]]],
         parse: Parse,
         batch: int,
@@ -168,7 +167,7 @@ class Pump:
         self.pace_held = False  # the last send left `created` events behind for the pace
         self.layout = layout
         self.holds = holds
-        self.run_pipeline, self.block_read = run_pipeline, block_read
+        self.run_pipeline = run_pipeline
         self.xrange_one, self.parse = xrange_one, parse
         self.batch = batch
         self.hi_key = {part: layout.outbox(part) for part in parts}
@@ -284,8 +283,15 @@ class Pump:
         low = [part for part in mine if self.lo_queued[part] < CREATED_READ // 2]
         lo = {self.lo_key[part]: self.pos[self.lo_key[part]] for part in low}
         batch = self.batch
+        # Nothing queued and nothing else to do: the deletes and one blocking
+        # read of every lane in one round trip (it returns at once if anything
+        # is there), instead of a read that finds nothing and then the wait.
+        blocking = block is not None and not self.queued()
 
         def reads(pipe: Any) -> None:
+            if blocking:
+                pipe.xread({**hi, **lo}, count=batch, block=block)
+                return
             if hi:
                 pipe.xread(hi, count=batch)
             if lo:
@@ -299,12 +305,8 @@ class Pump:
             self.deletes.merge(deletes)  # acknowledged all the same: deleted by the next round trip
             raise
         got: dict[str, list[Entry]] = {}
-        for reply in replies[len(replies) - (bool(hi) + bool(lo)) :]:
+        for reply in replies[len(replies) - (1 if blocking else bool(hi) + bool(lo)) :]:
             got |= _by_stream(reply)
-        if not got and block is not None and not self.queued():
-            all_keys = {self.hi_key[part]: self.pos[self.hi_key[part]] for part in mine}
-            all_keys |= {self.lo_key[part]: self.pos[self.lo_key[part]] for part in mine}
-            got = _by_stream(await self.block_read(all_keys, block))
         if not got:
             return False
         await self._queue_read(mine, got)

@@ -39,7 +39,6 @@ def pump() -> Pump:
         KeyLayout(),
         holds=lambda part: True,
         run_pipeline=unused,
-        block_read=unused,
         xrange_one=unused,
         parse=parse,
         batch=500,
