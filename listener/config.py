@@ -244,6 +244,8 @@ def _connections(value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
         return None
     return int(_CONNECTIONS(value))
+
+
 _RATE_RULE = "auto, 0 (unpaced) or a number of events a second up to 1000000"
 
 

@@ -61,6 +61,9 @@ REDIS_TRANSIENT: tuple[type[BaseException], ...] = (
 TRANSIENT_REPLIES = ("UNBLOCKED", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "READONLY")
 
 
+_CONNECTION_MODULE = os.path.join("redis", "asyncio", "connection.py")
+
+
 def _closed_under_us(exc: BaseException) -> bool:
     """A connection closed by one task while another used it: redis-py's
     asyncio connection drops its reader and writer on disconnect, and a
@@ -73,9 +76,6 @@ def _closed_under_us(exc: BaseException) -> bool:
         return False
     frames = traceback.extract_tb(exc.__traceback__)
     return any(frame.filename.endswith(_CONNECTION_MODULE) for frame in frames)
-
-
-_CONNECTION_MODULE = os.path.join("redis", "asyncio", "connection.py")
 
 
 def redis_lost(exc: BaseException) -> bool:

@@ -237,7 +237,7 @@ async def _probe_broker(client: CheckedClient, topic: str, settings: Settings, r
         )
         report.note(
             f"mqtt: the broker allows {window} QoS 1 messages in flight (Receive Maximum) per connection: "
-            f"a backlog of events drains at most {window} per round trip on each{spread}",
+            f"a backlog of events drains at most {window} per round trip and connection{spread}",
             "mosquitto: `max_inflight_messages 0` (no limit) or 1000 in mosquitto.conf (other brokers: "
             "their receive maximum / max inflight setting); expected: a 100,000-event backlog out "
             "several times faster on a busy link",

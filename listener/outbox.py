@@ -111,6 +111,8 @@ class Outbox:
             ]
             await asyncio.gather(*readers)
             leases.cancel()
+        if self.forgetting:  # deletes that outlived their wait: what they delete is not sent again
+            await asyncio.wait(set(self.forgetting), timeout=2.0)
         await self._release_leases()
 
     def _groups(self) -> list[list[int]]:

@@ -283,21 +283,24 @@ class Pump:
         low = [part for part in mine if self.lo_queued[part] < CREATED_READ // 2]
         lo = {self.lo_key[part]: self.pos[self.lo_key[part]] for part in low}
         batch = self.batch
-        # Nothing queued and nothing else to do: the deletes and one blocking
-        # read of every lane in one round trip (it returns at once if anything
-        # is there), instead of a read that finds nothing and then the wait.
-        blocking = block is not None and not self.queued()
+        deletes = self.take_deletes()
+        # Nothing queued, nothing to delete: one read of every lane that waits
+        # in Redis for the next entry (and returns at once if one is there).
+        # With deletes the read does not wait: their event log appends must
+        # not stay unanswered for a second (a cancelled or failed round trip
+        # appends them again); the next round, without deletes, waits.
+        blocking = block is not None and not self.queued() and not deletes
+        every_lane = [self.hi_key[part] for part in mine] + [self.lo_key[part] for part in mine]
 
         def reads(pipe: Any) -> None:
             if blocking:
-                pipe.xread({**hi, **lo}, count=batch, block=block)
+                pipe.xread({key: self.pos[key] for key in every_lane}, count=CREATED_READ, block=block)
                 return
             if hi:
                 pipe.xread(hi, count=batch)
             if lo:
                 pipe.xread(lo, count=CREATED_READ)
 
-        deletes = self.take_deletes()
         self.last_read = time.monotonic()
         try:
             replies = await self.run_pipeline(deletes, reads)

@@ -29,11 +29,11 @@ Handler = Callable[[aiomqtt.Message], Awaitable[None]]
 
 
 # `auto` connections: a broker that allows fewer than UNTUNED_INFLIGHT
-# messages in flight per connection (a stock mosquitto 20, EMQX 32) holds a
-# single connection to that many unacknowledged publishes, which bounds what
-# one connection carries at every PUBACK round trip. Spread over several
+# messages in flight per connection (its defaults: docs/design.md, "The broker
+# as installed") holds one connection to that many unacknowledged publishes,
+# which bounds what it carries per PUBACK round trip. Spread over several
 # connections the lanes keep about this many in flight in all. A power of
-# two, so the 16 lanes share them evenly.
+# two divides the outbox lanes (keys.PARTS) evenly.
 UNTUNED_INFLIGHT = 64
 AUTO_CONNECTIONS_MAX = 8
 
@@ -78,6 +78,7 @@ class MqttLink:
         self.handler = handler
         self.v5 = settings.mqtt_protocol == "5"
         self.configured = settings.mqtt_connections  # None: auto, from the first CONNACK
+        self._auto_cap = AUTO_CONNECTIONS_MAX  # lowered when the broker refuses one under auto
         self.count = self.configured or 1  # the connections of the current (or last) session
         persistent = bool(settings.mqtt_client_id)
         self._identifier = settings.mqtt_client_id or default_client_id("daemon")
@@ -120,11 +121,8 @@ class MqttLink:
             main.paho.manual_ack_set(True)
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(main)
-            # auto: the count follows the Receive Maximum the broker announced
-            self.count = self.configured or connections_for(main.receive_maximum if self.v5 else None)
-            clients = [main, *(self._make(index) for index in range(1, self.count))]
-            for client in clients[1:]:
-                await stack.enter_async_context(client)
+            clients = [main, *await self._open_more(stack, main)]
+            self.count = len(clients)
             for topic in self.subscriptions:
                 granted = await main.subscribe(topic, qos=1)
                 if any(is_failure(code) for code in granted):
@@ -158,6 +156,39 @@ class MqttLink:
                     publisher.fail(f"connection to the broker lost while publishing ({reason})")
                 self.connected.clear()
                 self._current = None
+
+    async def _open_more(self, stack: contextlib.AsyncExitStack, main: CheckedClient) -> list[CheckedClient]:
+        """The publish-only connections beside `main`: as many as configured, or
+        for `auto` as the Receive Maximum in main's CONNACK asks for. A set
+        count is what the operator asked for: a refusal fails the session like
+        any other. Under `auto` the daemon goes on with the connections the
+        broker accepted (a limit on connections per user, an ACL on client
+        ids), says so once, and asks for no more than that from then on."""
+        if self.configured is not None:
+            wanted = self.configured
+        else:
+            wanted = min(self._auto_cap, connections_for(main.receive_maximum if self.v5 else None))
+        opened: list[CheckedClient] = []
+        for index in range(1, wanted):
+            client = self._make(index)
+            if self.configured is not None:
+                await stack.enter_async_context(client)
+            else:
+                try:
+                    await stack.enter_async_context(client)
+                except aiomqtt.MqttError as exc:
+                    self._auto_cap = index
+                    log.warning(
+                        "the broker refused another publish connection; publishing over fewer",
+                        connections=index,
+                        wanted=wanted,
+                        error=str(exc),
+                        fix=f"allow this user {wanted} connections and the client ids "
+                        f"{self._identifier}-p1 ... -p{wanted - 1}, or set ORDER_LISTENER_MQTT_CONNECTIONS",
+                    )
+                    break
+            opened.append(client)
+        return opened
 
     async def _receive_until_lost(self, clients: list[CheckedClient]) -> None:
         """Hand incoming messages to the handler until a connection is lost
