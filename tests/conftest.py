@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import sys
@@ -73,6 +74,15 @@ def mqtt_server_proc(workdir: Path) -> Iterator[ServerProcess]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def small_broker(workdir: Path) -> Iterator[ServerProcess]:
+    """A mosquitto of its own that tells MQTT 5 clients Receive Maximum 5."""
+    broker = mosquitto(workdir / f"rm-{random.randrange(10**9)}", extra_conf="max_inflight_messages 5\n")
+    broker.start()
+    yield broker
+    broker.stop()
 
 
 def quiet_logs() -> None:

@@ -20,7 +20,6 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 import pytest
-import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -29,11 +28,10 @@ from listener.config import Settings
 from listener.events import StatusEvent, iso_ms
 from listener.fastpath import paho_io
 from listener.mqtt import MqttLink, Publisher
-from listener.mqtt.link import connections_for
 from listener.mqtt.packets import _length, encode_publish, property_bytes
 from listener.servers import ServerProcess, mosquitto
 from listener.supervise import Service
-from tests.conftest import Subscriber, wait_until, watch_topic
+from tests.conftest import Subscriber, wait_until
 
 # CI runs these once more with ORDER_LISTENER_FAST_PATHS=off (both ways stay green)
 pytestmark = pytest.mark.fastpath
@@ -183,96 +181,6 @@ async def test_lanes_over_connections_arrive_complete_and_in_order(
     )
     for n in range(300):
         assert [e["version"] for e in subscriber.of(f"{tag}-{n}")] == [2, 3, 4]
-
-
-@pytest.fixture
-def small_broker(workdir: Path) -> Any:
-    """A mosquitto of its own that tells MQTT 5 clients Receive Maximum 5."""
-    broker = mosquitto(workdir / f"rm-{random.randrange(10**9)}", extra_conf="max_inflight_messages 5\n")
-    broker.start()
-    yield broker
-    broker.stop()
-
-
-@pytest.mark.parametrize(
-    ("receive_maximum", "connections"), [(20, 4), (32, 2), (5, 8), (1, 8), (64, 1), (65535, 1), (None, 1)]
-)
-def test_auto_connections_keep_about_64_in_flight(receive_maximum: int | None, connections: int) -> None:
-    assert connections_for(receive_maximum) == connections
-
-
-@pytest.mark.parametrize(
-    ("protocol", "configured", "small", "expected"),
-    [
-        ("5", None, False, 4),
-        ("5", None, True, 8),
-        ("3.1.1", None, False, 1),
-        ("5", 1, False, 1),
-        ("5", 3, True, 3),
-    ],
-)
-async def test_auto_opens_connections_by_the_brokers_receive_maximum(
-    settings: Settings,
-    small_broker: ServerProcess,
-    protocol: str,
-    configured: int | None,
-    small: bool,
-    expected: int,
-) -> None:
-    """The test broker keeps mosquitto's default of 20 in flight; the small
-    one announces 5. Whatever the count, every lane's events arrive in order."""
-    config = dataclasses.replace(settings, mqtt_protocol=protocol, mqtt_connections=configured)
-    if small:
-        config = dataclasses.replace(config, mqtt_url=f"mqtt://127.0.0.1:{small_broker.port}")
-    tag = f"auto{protocol.replace('.', '')}{configured}{'s' if small else ''}{random.randrange(10**6)}"
-    events = events_for(tag, orders=50, versions=2)
-    async with watch_topic(config, f"{config.topic_prefix}/+/status", f"{tag}-watch") as seen:
-        async with running(config) as link:
-            current = await link.connection()
-            assert len(current.publishers) == expected
-            assert len({id(p.client) for p in current.publishers}) == expected
-            await publish_lanes(link, events, lanes=16, batch=7)
-        await wait_until(lambda: len(seen) >= len(events), 15, "every event at the subscriber")
-    for n in range(50):
-        assert [r.event["version"] for r in seen if r.event["order_id"] == f"{tag}-{n}"] == [2, 3]
-
-
-@pytest.fixture
-def connection_limited_broker(workdir: Path) -> Any:
-    """A mosquitto that takes 2 clients at once (mosquitto 2.0 admits one more
-    than its `max_connections`; the next gets no CONNACK) and allows 20 in flight."""
-    broker = mosquitto(
-        workdir / f"limited-{random.randrange(10**9)}", extra_conf="max_connections 1\n", durable=False
-    )
-    broker.start()
-    yield broker
-    broker.stop()
-
-
-async def test_auto_goes_on_with_the_connections_the_broker_accepts(
-    settings: Settings, connection_limited_broker: ServerProcess
-) -> None:
-    """auto asks a stock broker for 4 connections; this one refuses the third:
-    the link publishes over the two it has, says so, and asks for no more on
-    its next session."""
-    config = dataclasses.replace(settings, mqtt_url=f"mqtt://127.0.0.1:{connection_limited_broker.port}")
-    with structlog.testing.capture_logs() as logged:
-        link = MqttLink(config, Service("mqtt"))
-        task = asyncio.create_task(link.run())
-        try:
-            # the refused connection is given up after the client's connect timeout
-            await asyncio.wait_for(link.connected.wait(), 30)
-            assert len((await link.connection()).publishers) == 2
-            assert link.count == 2
-            assert link._auto_cap == 2
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    refused = "the broker refused another publish connection"
-    warnings = [line for line in logged if line["event"].startswith(refused)]
-    assert len(warnings) == 1 and warnings[0]["wanted"] == 4
-
 
 
 async def test_the_brokers_receive_maximum_bounds_what_is_in_flight(
