@@ -284,12 +284,13 @@ class Pump:
         lo = {self.lo_key[part]: self.pos[self.lo_key[part]] for part in low}
         batch = self.batch
         deletes = self.take_deletes()
-        # Nothing queued, nothing to delete: one read of every lane that waits
-        # in Redis for the next entry (and returns at once if one is there).
-        # With deletes the read does not wait: their event log appends must
-        # not stay unanswered for a second (a cancelled or failed round trip
-        # appends them again); the next round, without deletes, waits.
-        blocking = block is not None and not self.queued() and not deletes
+        # Nothing queued: the deletes, then one read of every lane that waits
+        # in Redis for the next entry (and returns at once if one is there),
+        # in one round trip. Redis applies the deletes and the event log
+        # appends before the read waits; if the round trip is cut short they
+        # go again, which changes nothing (an entry is deleted once, and
+        # replay gives an append sent again once: event_log._Seen).
+        blocking = block is not None and not self.queued()
         every_lane = [self.hi_key[part] for part in mine] + [self.lo_key[part] for part in mine]
 
         def reads(pipe: Any) -> None:
