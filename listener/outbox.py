@@ -264,7 +264,7 @@ class Outbox:
         read and sent of a lane in `mine` that lost its lease (the next holder sends it)."""
         now_mine = {part for part in parts if self.held[part].is_set()}
         for part in mine - now_mine:
-            pump._reset_part(part)  # lease lost: the next holder sends it
+            pump.reset_part(part)  # lease lost: the next holder sends it
         return now_mine
 
     async def _start_over(self, pump: Pump, refusals: int) -> int:
@@ -295,7 +295,7 @@ class Outbox:
         if not broken:
             raise exc
         for part in broken:
-            pump._reset_part(part)  # read again from its first entry once repaired
+            pump.reset_part(part)  # read again from its first entry once repaired
 
     def _report_published(self, pump: Pump, refusals: int) -> int:
         """Report what the broker acknowledged since the last look; the first

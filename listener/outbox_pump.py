@@ -78,7 +78,7 @@ class Item:
     part: int
     key: str  # its stream
     entry_id: bytes
-    event: StatusEvent | None  # None: a dead-lettered entry's place (nothing to send)
+    event: StatusEvent  # (a dead-lettered entry gets no item: its lane reads on past it)
     gen: int  # the lane's generation when read: a reset lane ignores older acks
     early: bool = False  # a `created` entry sent ahead of its turn
     acked: bool = False
@@ -188,7 +188,7 @@ class Pump:
         self.open = 0  # sent, not answered
         self.lo_unsent: dict[tuple[str, bytes], Item] = {}  # read in turn, not sent yet
         for part in parts:
-            self._reset_part(part)
+            self.reset_part(part)
 
     # -- AckSink ---------------------------------------------------------------
 
@@ -202,7 +202,6 @@ class Pump:
             self.refused.append(refusal_text(reason))
             return
         item.acked = True
-        assert item.event is not None
         self.published.append(item.event)
         if self.log_key:
             self.deletes.logged.setdefault(self.log_key[item.part], []).append(logged(item.event))
@@ -228,7 +227,7 @@ class Pump:
 
     # -- state -----------------------------------------------------------------
 
-    def _reset_part(self, part: int) -> None:
+    def reset_part(self, part: int) -> None:
         """Forget what the lane read and sent; read it again from its first entry."""
         self.gen[part] += 1
         for key in (self.hi_key[part], self.lo_key[part]):
@@ -243,7 +242,7 @@ class Pump:
 
     def reset(self) -> None:
         for part in self.parts:
-            self._reset_part(part)
+            self.reset_part(part)
         self.refused.clear()
         self.gone = ""
         # `open` stays: what is in flight is answered (and ignored) or lost with the connection
@@ -443,7 +442,6 @@ class Pump:
             if item.gen != self.gen[item.part]:
                 continue  # its lane started over
             index = item.part % count
-            event = item.event
             if item.part in blocked or not self.holds(item.part) or not (rooms[index] or item.early):
                 # this connection is full, or the lease is being renewed: in stream
                 # order, so nothing behind it is deleted (or sent) before it
@@ -457,8 +455,6 @@ class Pump:
                     self._advance(item.key)
                     continue
                 del self.lo_unsent[(item.key, item.entry_id)]
-            if event is None:
-                continue
             if not rooms[index]:  # an early `created` in the transitions' queue, no room
                 kept.append(item)
                 blocked.add(item.part)
@@ -467,7 +463,7 @@ class Pump:
             if in_turn:
                 allowed -= 1
             events, items = batches.setdefault(index, ([], []))
-            events.append(event)
+            events.append(item.event)
             items.append(item)
             if not item.early:
                 self.order[item.key].append(item)

@@ -26,15 +26,10 @@ from listener.events import from_outbox_entry, iso_ms
 from listener.keys import KeyLayout, part_of
 from listener.orders import parse_extension
 from listener.store import Store
-from tests.conftest import CliResult, Subscriber, wait_until
+from tests.conftest import CliResult, Subscriber, redis_clock_past, wait_until
 from tests.life import rows, validator
 
 LAYOUT = KeyLayout("order")
-
-
-async def redis_ms(redis: Redis) -> int:
-    seconds, micros = await redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 async def test_an_extended_order_is_cancelled_at_its_new_deadline_not_the_old_one(
@@ -53,7 +48,7 @@ async def test_an_extended_order_is_cancelled_at_its_new_deadline_not_the_old_on
         assert new == old + 1250 and extended.version == 2
 
         # the timer, the index and the record follow the new deadline together
-        now = await redis_ms(redis)
+        now = await client.store.now_ms()
         ttl = await redis.pttl(LAYOUT.timer("ext-1"))
         assert new - now - 20 <= ttl <= new - now, (ttl, new - now)
         assert await redis.zscore(LAYOUT.deadlines(part_of("ext-1")), "ext-1") == new
@@ -66,10 +61,7 @@ async def test_an_extended_order_is_cancelled_at_its_new_deadline_not_the_old_on
         )
 
         # past the old deadline: still waiting for payment, nothing cancelled
-        async def past_old() -> bool:
-            return await redis_ms(redis) > old + 300
-
-        await wait_until(past_old, 5, "the old deadline to pass")
+        await wait_until(lambda: redis_clock_past(client, old + 300), 5, "the old deadline to pass")
         assert (await client.get("ext-1")).status == "created"
         assert subscriber.cancelled_ids() == set()
 

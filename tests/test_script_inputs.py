@@ -150,6 +150,16 @@ def changed(
     return Case(script, new_keys, [arg for arg in new_args if arg is not None], says)
 
 
+# Values refused where a script takes whole milliseconds up to 30 days.
+BAD_MS_UP_TO_30_DAYS = {
+    "negative": "-1",
+    "decimal": "1.5",
+    "abc": "abc",
+    "empty": "",
+    "over-30-days": "2592000001",
+}
+
+
 def cases() -> Iterator[tuple[str, Case]]:
     # create: the second order of the call is the bad one (the first would be
     # written if the checks came one order at a time)
@@ -353,14 +363,7 @@ def cases() -> Iterator[tuple[str, Case]]:
         )
     yield "release-owner-missing", Case("release", VALID["release"][0], [], ("1 KEYS and 0 ARGV given",))
 
-    for name, bad in {
-        "zero": "0",
-        "negative": "-1",
-        "decimal": "1.5",
-        "abc": "abc",
-        "empty": "",
-        "over-30-days": "2592000001",
-    }.items():
+    for name, bad in {"zero": "0", **BAD_MS_UP_TO_30_DAYS}.items():
         yield (
             f"extend-extension-{name}",
             changed("extend", args={3: bad}, says=("ARGV[3] (extension ms)", "from 1 to 2592000000")),
@@ -386,13 +389,7 @@ def cases() -> Iterator[tuple[str, Case]]:
         "resume-wake-channel",
         changed("resume", args={1: "other:wake"}, says=("ARGV[1] (wake channel)", "must be order:wake")),
     )
-    for name, bad in {
-        "negative": "-1",
-        "decimal": "1.5",
-        "abc": "abc",
-        "empty": "",
-        "over-30-days": "2592000001",
-    }.items():
+    for name, bad in BAD_MS_UP_TO_30_DAYS.items():
         yield (
             f"resume-grace-{name}",
             changed("resume", args={2: bad}, says=("ARGV[2] (grace ms)", "from 0 to 2592000000")),

@@ -171,22 +171,21 @@ class MqttLink:
         opened: list[CheckedClient] = []
         for index in range(1, wanted):
             client = self._make(index)
-            if self.configured is not None:
+            try:
                 await stack.enter_async_context(client)
-            else:
-                try:
-                    await stack.enter_async_context(client)
-                except aiomqtt.MqttError as exc:
-                    self._auto_cap = index
-                    log.warning(
-                        "the broker refused another publish connection; publishing over fewer",
-                        connections=index,
-                        wanted=wanted,
-                        error=str(exc),
-                        fix=f"allow this user {wanted} connections and the client ids "
-                        f"{self._identifier}-p1 ... -p{wanted - 1}, or set ORDER_LISTENER_MQTT_CONNECTIONS",
-                    )
-                    break
+            except aiomqtt.MqttError as exc:
+                if self.configured is not None:
+                    raise
+                self._auto_cap = index
+                log.warning(
+                    "the broker refused another publish connection; publishing over fewer",
+                    connections=index,
+                    wanted=wanted,
+                    error=str(exc),
+                    fix=f"allow this user {wanted} connections and the client ids "
+                    f"{self._identifier}-p1 ... -p{wanted - 1}, or set ORDER_LISTENER_MQTT_CONNECTIONS",
+                )
+                break
             opened.append(client)
         return opened
 
