@@ -209,9 +209,11 @@ end
 -- (only c and d: written by an earlier create) is pending too. Returns status,
 -- version (as stored: a string), reason, c, d, and whether the bucket holds
 -- the order; nil when there is no record (neither an own hash with s or c nor
--- a bucket field).
-local function read_record(okey, bkey, id)
-  local cur = redis.call('HMGET', okey, 's', 'v', 'r', 'c', 'd')
+-- a bucket field). `no_own`: the caller knows okey does not exist (one
+-- EXISTS over a whole batch of keys costs less than an HMGET of each).
+local NO_FIELDS = {}
+local function read_record(okey, bkey, id, no_own)
+  local cur = no_own and NO_FIELDS or redis.call('HMGET', okey, 's', 'v', 'r', 'c', 'd')
   if cur[1] then
     return cur[1], cur[2], cur[3], cur[4], cur[5], false
   end
