@@ -260,6 +260,7 @@ def _rate(value: Any) -> float | None:
             return 0.0
         raise
 
+
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "redis_url": _redis_url,
     "mqtt_url": _mqtt_url,

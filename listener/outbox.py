@@ -25,7 +25,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiomqtt
@@ -101,6 +101,11 @@ class Outbox:
         self.trim = not isinstance(self.redis, RedisCluster)
         self.broken: dict[int, float] = {}  # part -> until when its lane is left out (wrong key type)
         self.forgetting: set[asyncio.Task[None]] = set()  # deletes that outlived their wait
+        self.pumps: set[Pump] = set()  # of the readers running now
+
+    def read_ahead(self) -> int:
+        """Events read from the outbox that wait for room in the broker's window."""
+        return sum(len(pump.hi) + len(pump.lo) for pump in self.pumps)
 
     async def run(self) -> None:
         """Run the leases and all lanes until `stop()` drained them."""
@@ -218,46 +223,63 @@ class Outbox:
         )
         mine = set(parts)
         refusals = 0
+        reading = _ReadUnderWay(pump, self._set_aside_or_raise, self.redis_service)
+        self.pumps.add(pump)
         try:
             while True:
-                mine = self._drop_lost_lanes(pump, parts, mine)
+                got, mine = await self._settle_lanes(pump, reading, parts, mine)
                 if not mine:
                     return
                 connection = await self.link.connection()
                 publishers = connection.publishers
                 if pump.gone or pump.refused:
+                    await reading.settle()
                     refusals = await self._start_over(pump, refusals)
                     continue
                 stopping = self.stopping.is_set()
-                room = any(publisher.room for publisher in publishers)
-                got = False
                 readable = self._readable(mine)
                 if not readable:
+                    await reading.settle()
                     await asyncio.sleep(1.0)  # every held lane's stream is of the wrong type
                     continue
-                if (room or pump.deletes) and pump.read_due(publishers):
-                    block = None if (stopping or pump.open or pump.queued()) else BLOCK_MS
-                    try:
-                        got = await pump.read(readable, block)
-                    except ResponseError as exc:
-                        await self._set_aside_or_raise(pump, readable, exc)
-                        continue
-                    self.redis_service.ok()
+                room = any(publisher.room for publisher in publishers)
+                if not reading.task and (room or pump.deletes) and pump.read_due(publishers):
+                    read = await reading.read(readable, stopping)
+                    if read is None:
+                        continue  # lanes were set aside
+                    got = got or read
                 deferred = not pump.send_due(publishers)
                 try:
-                    sent = 0 if deferred else pump.send(publishers)
+                    # while a read is under way only transitions go: a cancellation it
+                    # brings must not wait behind `created` events sent meanwhile
+                    sent = 0 if deferred else pump.send(publishers, in_turn=not reading.task)
                 except aiomqtt.MqttError as exc:  # the connection went while sending
                     pump.gone = str(exc)  # (a lost connection also zeroes what was in flight)
                     continue
                 refusals = self._report_published(pump, refusals)
-                if stopping and not got and not sent and not pump.open and not pump.queued():
+                if stopping and not (reading.task or got or sent or pump.open or pump.queued()):
                     return
                 if sent:
                     continue
-                await _wait_for_something_to_send(pump, publishers, deferred=deferred, got=got)
-                _resend_if_silent(pump, publishers)
+                await _wait_for_something_to_send(
+                    pump, publishers, deferred=deferred, got=got, reading=reading.task
+                )
+                await _resend_if_silent(pump, publishers, reading)
         finally:
+            self.pumps.discard(pump)
+            await reading.cancel()  # (its deletes go back to the pump: forgotten below)
             await self._forget(pump.take_deletes())  # what the broker has must not go out again
+
+    async def _settle_lanes(
+        self, pump: Pump, reading: _ReadUnderWay, parts: list[int], mine: set[int]
+    ) -> tuple[bool, set[int]]:
+        """A finished read's entries to the queues; the lanes held now (a lane
+        that lost its lease is dropped once the read under way is settled).
+        Returns whether a read brought something, and the lanes."""
+        got = await reading.settle() if reading.done() else False
+        if any(self.held[part].is_set() != (part in mine) for part in parts):
+            got = await reading.settle() or got
+        return got, self._drop_lost_lanes(pump, parts, mine)
 
     def _drop_lost_lanes(self, pump: Pump, parts: list[int], mine: set[int]) -> set[int]:
         """The lanes of `parts` whose lease is held now; the reader forgets what it
@@ -524,42 +546,127 @@ def _failed_command(exc: ResponseError) -> int:
     return int(match.group(1)) if match else 0
 
 
+class _ReadUnderWay:
+    """A pump's read that goes on beside its sends. A read waits in Redis
+    behind other clients' commands (a sweep of thousands of orders holds Redis
+    for milliseconds); awaited in turn, it would idle the window all that
+    while. So while events are queued the read runs as a task of its own and
+    its entries join the queues when it returns. Only transitions go out
+    meanwhile: `created` events in turn wait for the read, so a cancellation
+    it brings still overtakes a backlog of them. A lane starts over only once
+    the read is settled: a reset under it would take its stale entries."""
+
+    def __init__(
+        self,
+        pump: Pump,
+        set_aside_or_raise: Callable[[Pump, list[int], ResponseError], Awaitable[None]],
+        redis_service: Service,
+    ) -> None:
+        self.pump = pump
+        self.set_aside_or_raise = set_aside_or_raise
+        self.redis_service = redis_service
+        self.task: asyncio.Task[bool] | None = None
+        self.lanes: list[int] = []
+
+    def done(self) -> bool:
+        return self.task is not None and self.task.done()
+
+    async def read(self, readable: list[int], stopping: bool) -> bool | None:
+        """Read now: beside the sends when transitions are queued (False:
+        nothing yet), else in turn (True if it brought something; None: lanes
+        of it were set aside). With nothing queued or in flight the read waits
+        in Redis for the next entry (up to BLOCK_MS)."""
+        pump = self.pump
+        if pump.hi:
+            self.task = asyncio.create_task(pump.read(readable, None), name="outbox-read")
+            self.lanes = readable
+            return False
+        block = None if (stopping or pump.open) else BLOCK_MS
+        try:
+            got = await pump.read(readable, block)
+        except ResponseError as exc:
+            await self.set_aside_or_raise(pump, readable, exc)
+            return None
+        self.redis_service.ok()
+        return got
+
+    async def settle(self) -> bool:
+        """Wait for the read under way, if any: True if it brought something."""
+        if self.task is None:
+            return False
+        task, self.task = self.task, None
+        try:
+            got = await task
+        except ResponseError as exc:
+            await self.set_aside_or_raise(self.pump, self.lanes, exc)
+            return False
+        self.redis_service.ok()
+        return got
+
+    async def cancel(self) -> None:
+        """Stop the read under way (its deletes go back to the pump)."""
+        if self.task is not None:
+            task, self.task = self.task, None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 async def _wait_for_something_to_send(
-    pump: Pump, publishers: list[Publisher], *, deferred: bool, got: bool
+    pump: Pump,
+    publishers: list[Publisher],
+    *,
+    deferred: bool,
+    got: bool,
+    reading: asyncio.Task[bool] | None,
 ) -> None:
     """Nothing was sent this round (`deferred`: the writes were held back for a
     fuller window; `got`: the read brought something): wait for what can let
-    events go."""
+    events go. A read under way (`reading`) ends every wait: it may bring them."""
     room = any(publisher.room for publisher in publishers)  # PUBACKs came while reading
     if deferred or not room:
         # the window is (nearly) full (of this reader's publishes or another
         # lane's, on a cluster), or the connection is going
-        await _changed(publishers, 1.0)
+        await _changed(publishers, 1.0, reading)
     elif pace := pump.pace_wait():  # the `created` backlog's pace holds it
-        await _changed(publishers, pace) if pump.open else await asyncio.sleep(pace)
+        await _changed(publishers, pace, reading) if pump.open else await _read_or_sleep(reading, pace)
     elif pump.open:
-        await _changed(publishers, POLL_S if not pump.queued() else 1.0)
+        await _changed(publishers, POLL_S if not pump.queued() else 1.0, reading)
+    elif reading is not None:
+        await asyncio.wait([reading])
     elif not got and pump.queued():
         await asyncio.sleep(0.2)  # held, but the lease is being renewed
 
 
-def _resend_if_silent(pump: Pump, publishers: list[Publisher]) -> None:
+async def _resend_if_silent(pump: Pump, publishers: list[Publisher], reading: _ReadUnderWay) -> None:
     """No PUBACK for PUBLISH_TIMEOUT while publishes are in flight: forget them
-    and start every lane over, so they go out again."""
+    and start every lane over (once the read under way is settled), so they go
+    out again."""
     if pump.open and pump.idle_for() > PUBLISH_TIMEOUT:
+        await reading.settle()
         log.warning("no PUBACK from the broker; sending again", seconds=PUBLISH_TIMEOUT)
         pump.open -= sum(publisher.forget(pump) for publisher in publishers)
         pump.reset()
 
 
-async def _changed(publishers: list[Publisher], timeout: float) -> None:
-    """Until a PUBACK on any of the connections, or `timeout`."""
-    if len(publishers) == 1:
+async def _read_or_sleep(reading: asyncio.Task[bool] | None, seconds: float) -> None:
+    """`seconds`, or less if the read under way ends first (it is not cancelled)."""
+    if reading is None:
+        await asyncio.sleep(seconds)
+    else:
+        await asyncio.wait([reading], timeout=seconds)
+
+
+async def _changed(
+    publishers: list[Publisher], timeout: float, reading: asyncio.Task[bool] | None = None
+) -> None:
+    """Until a PUBACK on any of the connections, the end of the read under way, or `timeout`."""
+    if len(publishers) == 1 and reading is None:
         await publishers[0].changed(timeout)
         return
     waits = [asyncio.ensure_future(publisher.changed(timeout)) for publisher in publishers]
     try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        ends = [*waits, reading] if reading is not None else waits
+        await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for wait in waits:
+        for wait in waits:  # (never the read: it goes on)
             wait.cancel()

@@ -11,8 +11,10 @@ import random
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+from redis.asyncio import Connection
 
 from listener.api import OrderClient
 from listener.config import Settings, load_settings
@@ -26,6 +28,16 @@ from listener.supervise import Service
 from tests.conftest import CliResult, env_for, wait_until, watch_topic
 
 BACKLOG = 5000
+BUSY_BACKLOG = 3000
+BUSY_AHEAD = 1000  # read ahead, waiting for the window, when Redis is held
+HOLD_MS = 1000
+# Holds Redis for ARGV[1] ms (by its clock): no other client is served meanwhile.
+HOLD_SCRIPT = """
+local function now() local t = redis.call('TIME') return t[1] * 1000 + t[2] / 1000 end
+local until_ms = now() + tonumber(ARGV[1])
+while now() < until_ms do end
+return 1
+"""
 STOCK_RECEIVE_MAXIMUM = 20  # mosquitto's default max_inflight_messages
 
 
@@ -83,6 +95,45 @@ async def test_a_cancellation_overtakes_a_created_backlog_and_keeps_its_order(
     assert [r.event["version"] for r in seen if r.event["order_id"] == last] == [1, 2]
     assert len({r.event["event_id"] for r in seen}) == BACKLOG + 1, "every event once"
     assert daemon.outbox.published >= BACKLOG + 1
+
+
+async def test_a_read_waiting_in_redis_does_not_idle_the_window(
+    settings: Settings, workdir: Path, start_daemon: Callable[..., Awaitable[Daemon]]
+) -> None:
+    """Redis held by another client's script (as a sweep of thousands of
+    orders holds it for milliseconds): the read that waits behind it runs
+    beside the sends, so the cancellations read ahead keep the window full.
+    A broker that allows 2 in flight and one connection make the read-ahead
+    last."""
+    broker = mosquitto(workdir / f"rm2-{random.randrange(10**9)}", extra_conf="max_inflight_messages 2\n")
+    broker.start()
+    config = dataclasses.replace(on_broker(settings, broker), mqtt_connections=1)
+    url = urlsplit(config.redis_url)
+    holder = Connection(host=url.hostname or "127.0.0.1", port=url.port or 6379)
+    try:
+        daemon = await start_daemon(config)
+        outbox = daemon.outbox
+        tag = f"busy{random.randrange(10**6)}"
+        ids = [f"{tag}-{n}" for n in range(BUSY_BACKLOG)]
+        async with watch_topic(config, f"{config.topic_prefix}/+/status", f"{tag}-watch") as seen:
+            async with OrderClient(config) as orders:
+                await orders.create_many([(order_id, 600) for order_id in ids])
+                await wait_until(lambda: outbox.published >= BUSY_BACKLOG, 60, "the created events out")
+                changes = await orders.change_many("cancel", ids)
+                assert {getattr(change, "status", None) for change in changes} == {"cancelled"}
+            await wait_until(lambda: outbox.read_ahead() >= BUSY_AHEAD, 30, "cancellations read ahead")
+            before = outbox.published
+            await holder.send_command("EVAL", HOLD_SCRIPT, 0, HOLD_MS)
+            assert await holder.read_response() == 1
+            during = outbox.published - before
+            await wait_until(lambda: len(seen) >= 2 * BUSY_BACKLOG, 60, "every event received")
+    finally:
+        await holder.disconnect()
+        broker.stop()
+    assert during >= BUSY_AHEAD // 2, f"{during} events went out while Redis was held"
+    assert len({r.event["event_id"] for r in seen}) == 2 * BUSY_BACKLOG, "every event once"
+    cancelled = [r.event["order_id"] for r in seen if r.event["status"] == "cancelled"]
+    assert len(cancelled) == BUSY_BACKLOG
 
 
 async def test_check_names_a_small_receive_maximum_and_a_tuned_broker_passes(
