@@ -37,7 +37,7 @@ from listener.connection import redis_lost
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
 from listener.keys import PARTS, KeyLayout
 from listener.mqtt import MqttLink, Publisher
-from listener.outbox_pump import BLOCK_MS, POLL_S, Deletes, Pump, debug_published
+from listener.outbox_pump import BLOCK_MS, POLL_S, READ_EVERY_S, Deletes, Pump, debug_published
 from listener.store import Store
 from listener.supervise import Service, supervise
 
@@ -572,12 +572,16 @@ class _ReadUnderWay:
         return self.task is not None and self.task.done()
 
     async def read(self, readable: list[int], stopping: bool) -> bool | None:
-        """Read now: beside the sends when transitions are queued (False:
-        nothing yet), else in turn (True if it brought something; None: lanes
-        of it were set aside). With nothing queued or in flight the read waits
-        in Redis for the next entry (up to BLOCK_MS)."""
+        """Read now: beside the sends when transitions are queued, at most
+        every READ_EVERY_S (False: nothing yet; when the queue cannot go out,
+        reads do not follow each other back to back); else in turn (True if
+        it brought something; None: lanes of it were set aside). With nothing
+        queued or in flight the read waits in Redis for the next entry (up to
+        BLOCK_MS)."""
         pump = self.pump
         if pump.hi:
+            if time.monotonic() - pump.last_read < READ_EVERY_S:
+                return False
             self.task = asyncio.create_task(pump.read(readable, None), name="outbox-read")
             self.lanes = readable
             return False
@@ -627,12 +631,12 @@ async def _wait_for_something_to_send(
         # the window is (nearly) full (of this reader's publishes or another
         # lane's, on a cluster), or the connection is going
         await _changed(publishers, 1.0, reading)
+    elif reading is not None:  # (what it brings goes first; `created` events wait for it)
+        await _changed(publishers, 1.0, reading)
     elif pace := pump.pace_wait():  # the `created` backlog's pace holds it
-        await _changed(publishers, pace, reading) if pump.open else await _read_or_sleep(reading, pace)
+        await _changed(publishers, pace) if pump.open else await asyncio.sleep(pace)
     elif pump.open:
-        await _changed(publishers, POLL_S if not pump.queued() else 1.0, reading)
-    elif reading is not None:
-        await asyncio.wait([reading])
+        await _changed(publishers, POLL_S if not pump.queued() else 1.0)
     elif not got and pump.queued():
         await asyncio.sleep(0.2)  # held, but the lease is being renewed
 
@@ -646,14 +650,6 @@ async def _resend_if_silent(pump: Pump, publishers: list[Publisher], reading: _R
         log.warning("no PUBACK from the broker; sending again", seconds=PUBLISH_TIMEOUT)
         pump.open -= sum(publisher.forget(pump) for publisher in publishers)
         pump.reset()
-
-
-async def _read_or_sleep(reading: asyncio.Task[bool] | None, seconds: float) -> None:
-    """`seconds`, or less if the read under way ends first (it is not cancelled)."""
-    if reading is None:
-        await asyncio.sleep(seconds)
-    else:
-        await asyncio.wait([reading], timeout=seconds)
 
 
 async def _changed(

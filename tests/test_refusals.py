@@ -94,6 +94,37 @@ async def test_broker_refusing_publishes_loses_nothing(
         assert [r.event["status"] for r in seen] == ["created", "cancelled"]
 
 
+async def test_daemon_user_without_exists_sweeps_all_the_same(
+    settings: Settings,
+    redis: Redis,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    subscriber: Subscriber,
+) -> None:
+    """The daemon's Redis user as deploy/redis-users.acl had it before the
+    sweep asked EXISTS of its batch (no +exists): Redis refuses it inside the
+    script, which then reads every order's hash; the sweep cancels every order."""
+    shipped = acl_with_passwords(REDIS_ACL.read_text(), redis_version())
+    (rules,) = [line for line in shipped.splitlines() if line.startswith("user order-listener ")]
+    assert " +exists " in rules, "the shipped ACL grants EXISTS"
+    await redis.execute_command("ACL", "SETUSER", *rules.replace(" +exists ", " ").split()[1:])
+    await redis.acl_log_reset()
+    try:
+        config = dataclasses.replace(
+            settings,
+            redis_url=settings.redis_url.replace(
+                "redis://", f"redis://order-listener:{PASSWORDS['order-listener']}@"
+            ),
+        )
+        daemon = await start_daemon(config)
+        async with OrderClient(settings) as client:
+            await client.create_many([(f"no-exists-{i}", 0.3) for i in range(20)])
+            await wait_until(lambda: len(subscriber.with_status("cancelled")) == 20, 15, "the cancellations")
+        assert daemon.scheduler.cancelled == 20, "every order cancelled by a sweep"
+        assert any(entry["object"] == "exists" for entry in await redis.acl_log())
+    finally:
+        await redis.execute_command("ACL", "DELUSER", "order-listener")
+
+
 async def test_daemon_user_without_xtrim_deletes_published_entries_with_xdel(
     settings: Settings,
     redis: Redis,

@@ -61,7 +61,9 @@ if #due > 0 then
   -- script before it wrote anything: the outbox, then each record.
   redis.call('XLEN', outbox)
   -- A pending order that never changed has no own hash: when none of the
-  -- batch has one (the usual case), one EXISTS spares an HMGET per order.
+  -- batch has one (the usual case), one EXISTS spares an HMGET per order. A
+  -- daemon user whose ACL predates it (no +exists) is refused: then every
+  -- order's hash is read, as before.
   local okeys, valid = {}, {}
   for i, id in ipairs(due) do
     if valid_id(id) then
@@ -69,7 +71,7 @@ if #due > 0 then
       valid[#valid + 1] = okeys[i]
     end
   end
-  local no_own = #valid == 0 or redis.call('EXISTS', unpack(valid)) == 0
+  local no_own = #valid == 0 or redis.pcall('EXISTS', unpack(valid)) == 0
   local records, bucket_keys, bucket_ids = {}, {}, {}
   for i, id in ipairs(due) do
     local problem
