@@ -550,8 +550,8 @@ class _ReadUnderWay:
     """A pump's read that goes on beside its sends. A read waits in Redis
     behind other clients' commands (a sweep of thousands of orders holds Redis
     for milliseconds); awaited in turn, it would idle the window all that
-    while. So while events are queued the read runs as a task of its own and
-    its entries join the queues when it returns. Only transitions go out
+    while. So while transitions are queued the read runs as a task of its
+    own and its entries join the queues when it returns. Only transitions go out
     meanwhile: `created` events in turn wait for the read, so a cancellation
     it brings still overtakes a backlog of them. A lane starts over only once
     the read is settled: a reset under it would take its stale entries."""
