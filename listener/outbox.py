@@ -252,7 +252,7 @@ class Outbox:
                 try:
                     # while a read is under way only transitions go: a cancellation it
                     # brings must not wait behind `created` events sent meanwhile
-                    sent = 0 if deferred else pump.send(publishers, in_turn=not reading.task)
+                    sent = 0 if deferred else pump.send(publishers, created=not reading.task)
                 except aiomqtt.MqttError as exc:  # the connection went while sending
                     pump.gone = str(exc)  # (a lost connection also zeroes what was in flight)
                     continue

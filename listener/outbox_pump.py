@@ -409,15 +409,15 @@ class Pump:
 
     # -- sending ---------------------------------------------------------------
 
-    def send(self, publishers: list[Publisher], *, in_turn: bool = True) -> int:
+    def send(self, publishers: list[Publisher], *, created: bool = True) -> int:
         """Send queued events as far as each connection's window allows:
-        transitions first, then (`in_turn`) `created` events. Returns how many
-        were sent."""
+        transitions first, then (`created`) `created` events in turn. Returns
+        how many were sent."""
         if self.configured_rate is None:
             self.created_rate = auto_rate(publisher.window for publisher in publishers)
         rooms = [publisher.room for publisher in publishers]
         sent = 0
-        for queue in (self.hi, self.lo) if in_turn else (self.hi,):
+        for queue in (self.hi, self.lo) if created else (self.hi,):
             if not any(rooms):
                 break
             in_turn = queue is self.lo
