@@ -655,14 +655,20 @@ async def _resend_if_silent(pump: Pump, publishers: list[Publisher], reading: _R
 async def _changed(
     publishers: list[Publisher], timeout: float, reading: asyncio.Task[bool] | None = None
 ) -> None:
-    """Until a PUBACK on any of the connections, the end of the read under way, or `timeout`."""
+    """Until a PUBACK on any of the connections, the end of the read under way,
+    or `timeout`. Every connection's waiter is registered before anything else
+    runs: a PUBACK read in the meantime would otherwise wake nobody, and the
+    wait would last the whole `timeout` with the window empty."""
     if len(publishers) == 1 and reading is None:
         await publishers[0].changed(timeout)
         return
-    waits = [asyncio.ensure_future(publisher.changed(timeout)) for publisher in publishers]
+    if any(publisher.lost for publisher in publishers):
+        await asyncio.sleep(0.01)  # the link is replacing the connection: let it
+        return
+    waiters = [publisher.waiter() for publisher in publishers]
     try:
-        ends = [*waits, reading] if reading is not None else waits
-        await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+        ends: list[asyncio.Future[Any]] = [*waiters, reading] if reading is not None else [*waiters]
+        await asyncio.wait(ends, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for wait in waits:  # (never the read: it goes on)
-            wait.cancel()
+        for waiter in waiters:  # (never the read: it goes on)
+            waiter.cancel()

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import structlog
 from listener.config import Settings
 from listener.mqtt import MqttLink
 from listener.mqtt.link import connections_for
+from listener.outbox import _changed
 from listener.servers import ServerProcess, mosquitto
 from listener.supervise import Service
 from tests.conftest import wait_until, watch_topic
@@ -65,6 +67,41 @@ async def test_auto_opens_connections_by_the_brokers_receive_maximum(
         await wait_until(lambda: len(seen) >= len(events), 15, "every event at the subscriber")
     for n in range(50):
         assert [r.event["version"] for r in seen if r.event["order_id"] == f"{tag}-{n}"] == [2, 3]
+
+
+class _Answers:
+    """What the broker answered to the publishes of one test (an AckSink)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[Any] = []
+
+    def acked(self, token: Any, reason: int) -> None:
+        self.tokens.append(token)
+
+    def lost(self, reason: str) -> None:
+        pass
+
+
+async def test_a_puback_handled_as_the_wait_begins_ends_the_wait(settings: Settings) -> None:
+    """Waiting for a PUBACK on any of several connections: one handled in the
+    same turn of the event loop as the wait begins (before the wait first
+    ran) ends it, instead of the wait lasting its whole timeout while the
+    window stands empty."""
+    async with running(settings) as link:
+        publishers = (await link.connection()).publishers
+        assert len(publishers) > 1, "auto opens several connections on a stock broker"
+        first = publishers[0]
+        answers = _Answers()
+        first.send(events_for("wake", orders=1, versions=1), ["the one"], answers)
+        (mid,) = first.client.pending
+        # The PUBACK as the socket reader hands it over, in the next turn of the
+        # loop and before anything the wait schedules (the broker's own PUBACK
+        # for it comes later and finds nothing pending).
+        asyncio.get_running_loop().call_soon(first.client.acker, mid, 0)
+        started = time.monotonic()
+        await _changed(publishers, 5.0)
+        assert time.monotonic() - started < 1.0, "the wait missed the PUBACK"
+        assert answers.tokens == ["the one"]
 
 
 @pytest.fixture

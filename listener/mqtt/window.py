@@ -148,13 +148,24 @@ class Publisher:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def waiter(self) -> asyncio.Future[None]:
+        """A future done at the next PUBACK or when the connection is lost
+        (done already if it is gone). It counts from now, not from when the
+        caller first awaits it: a PUBACK read in between (the caller waiting
+        on several connections at once) still ends the wait."""
+        waiter = self._loop.create_future()
+        if self._lost:
+            waiter.set_result(None)
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
     async def changed(self, timeout: float | None) -> bool:
         """Wait until a PUBACK arrives or the connection is lost (True), or `timeout` passes (False)."""
         if self._lost:
             await asyncio.sleep(0.01)  # the link is replacing the connection: let it
             return True
-        waiter = self._loop.create_future()
-        self._waiters.append(waiter)
+        waiter = self.waiter()
         try:
             async with asyncio.timeout(timeout):
                 await waiter
