@@ -33,6 +33,12 @@ RECENT_MAX = 100_000
 CancelledHook = Callable[[str, int, int], None]  # order id, deadline ms, cancelled-at ms
 DroppedHook = Callable[[str, str], None]  # order id, what is wrong with its record
 SHOWN_ID_MAX = 200  # an id the rules refuse may be of any length: logs show its start
+# At most this many orders cancelled per round trip to a shard, over all its
+# due parts: Redis runs a round trip's scripts back to back and serves no other
+# client meanwhile (producers, the outbox reader, the expired events); at
+# 15-40 µs an order, 16 parts of a full batch each held it for up to 0.7 s.
+# Smaller costs the catch-up more round trips (docs/figures.md).
+ROUND_TRIP_ORDERS = 4000
 
 
 class DeadlineScheduler:
@@ -125,16 +131,18 @@ class DeadlineScheduler:
         hold up the others: its parts are retried with their own backoff. When
         every shard fails, the failure is the session's (supervise backs off)."""
         groups = self.store.by_shard(due)
+        limits = [self._limit(len(group)) for group in groups]
         replies = await asyncio.gather(
-            *(self.store.try_sweep(group, self.batch) for group in groups), return_exceptions=True
+            *(self.store.try_sweep(group, limit) for group, limit in zip(groups, limits, strict=True)),
+            return_exceptions=True,
         )
         failed: list[tuple[list[int], BaseException]] = []
-        for group, reply in zip(groups, replies, strict=True):
+        for group, limit, reply in zip(groups, limits, replies, strict=True):
             if isinstance(reply, BaseException):
                 failed.append((group, reply))
                 continue
             swept = [result for result in reply if isinstance(result, SweepResult)]
-            self._absorb(swept)
+            self._absorb(swept, limit)
             self._recovered([result.part for result in swept])
             for part, result in zip(group, reply, strict=True):
                 if not isinstance(result, SweepResult):
@@ -178,7 +186,11 @@ class DeadlineScheduler:
         for part in parts:
             self._retries.pop(part, None)
 
-    def _absorb(self, results: list[SweepResult]) -> None:
+    def _limit(self, parts: int) -> int:
+        """Orders per part in a round trip that sweeps `parts` parts of a shard."""
+        return max(1, min(self.batch, ROUND_TRIP_ORDERS // parts))
+
+    def _absorb(self, results: list[SweepResult], limit: int) -> None:
         received = time.monotonic()
         cancel_log = log.bind()  # the configured logger, resolved once per reply, not per order
         for result in results:
@@ -211,7 +223,7 @@ class DeadlineScheduler:
                 )
                 if self.on_dropped is not None:
                     self.on_dropped(order_id, problem)
-            if len(result.cancelled) + len(result.dropped) >= self.batch:
+            if len(result.cancelled) + len(result.dropped) >= limit:
                 self._heads[result.part] = 0.0  # more due: go again at once
             elif result.next_deadline_ms is None:
                 self._heads[result.part] = math.inf

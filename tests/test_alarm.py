@@ -49,7 +49,7 @@ def test_a_sleep_is_timed_from_the_sweeps_microsecond_clock() -> None:
     scheduler = DeadlineScheduler(MagicMock(), Service("redis"))
     now_ms, micros = 1_800_000_000_123, 900  # Redis at ...123.9 ms
     before = time.monotonic()
-    scheduler._absorb([SweepResult(3, now_ms, now_ms * 1000 + micros, now_ms + 5, [])])
+    scheduler._absorb([SweepResult(3, now_ms, now_ms * 1000 + micros, now_ms + 5, [])], scheduler.batch)
     after = time.monotonic()
     head = scheduler._heads[3]
     assert before + 0.0041 <= head <= after + 0.0041  # 5 ms - 0.9 ms, not 5 ms
