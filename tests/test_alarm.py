@@ -7,7 +7,7 @@ import time
 from unittest.mock import MagicMock
 
 from listener.alarm import Alarm
-from listener.scheduler import DeadlineScheduler
+from listener.scheduler import ROUND_TRIP_ORDERS, DeadlineScheduler
 from listener.store import SweepResult
 from listener.supervise import Service
 
@@ -54,3 +54,18 @@ def test_a_sleep_is_timed_from_the_sweeps_microsecond_clock() -> None:
     head = scheduler._heads[3]
     assert before + 0.0041 <= head <= after + 0.0041  # 5 ms - 0.9 ms, not 5 ms
     assert scheduler._offsets[4] is None  # each part has its own node's clock
+
+
+def test_a_round_trip_sweeps_at_most_its_share_of_orders_per_part() -> None:
+    """A burst: each due part of a shard gets its share of ROUND_TRIP_ORDERS
+    (Redis serves no other client during a round trip), and a part that
+    returned its full share has more due, so it is swept again at once."""
+    scheduler = DeadlineScheduler(MagicMock(), Service("redis"), batch=1000)
+    assert ROUND_TRIP_ORDERS == 4000
+    assert [scheduler._limit(parts) for parts in (1, 4, 8, 16)] == [1000, 1000, 500, 250]
+    now_ms = 1_800_000_000_000
+    full = [(f"o-{n}", now_ms - 10) for n in range(250)]
+    scheduler._absorb([SweepResult(3, now_ms, now_ms * 1000, now_ms + 60_000, full)], 250)
+    assert scheduler._heads[3] == 0.0, "its share was full: more is due"
+    scheduler._absorb([SweepResult(4, now_ms, now_ms * 1000, now_ms + 60_000, full[:249])], 250)
+    assert scheduler._heads[4] > time.monotonic() + 50, "the rest waits for its deadline"
