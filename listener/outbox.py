@@ -37,7 +37,7 @@ from listener.connection import redis_lost
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
 from listener.keys import PARTS, KeyLayout
 from listener.mqtt import MqttLink, Publisher
-from listener.outbox_pump import BLOCK_MS, POLL_S, READ_EVERY_S, Deletes, Pump, debug_published
+from listener.outbox_pump import BLOCK_MS, POLL_S, Deletes, Pump, debug_published
 from listener.store import Store
 from listener.supervise import Service, supervise
 
@@ -273,21 +273,18 @@ class Outbox:
     async def _settle_lanes(
         self, pump: Pump, reading: _ReadUnderWay, parts: list[int], mine: set[int]
     ) -> tuple[bool, set[int]]:
-        """A finished read's entries to the queues; the lanes held now (a lane
-        that lost its lease is dropped once the read under way is settled).
-        Returns whether a read brought something, and the lanes."""
+        """A finished read's entries to the queues, and the lanes of `parts`
+        whose lease is held now: the reader forgets what it read and sent of a
+        lane in `mine` that lost its lease (the next holder sends it), once the
+        read under way is settled. Returns whether a read brought something,
+        and the lanes."""
         got = await reading.settle() if reading.done() else False
-        if any(self.held[part].is_set() != (part in mine) for part in parts):
-            got = await reading.settle() or got
-        return got, self._drop_lost_lanes(pump, parts, mine)
-
-    def _drop_lost_lanes(self, pump: Pump, parts: list[int], mine: set[int]) -> set[int]:
-        """The lanes of `parts` whose lease is held now; the reader forgets what it
-        read and sent of a lane in `mine` that lost its lease (the next holder sends it)."""
         now_mine = {part for part in parts if self.held[part].is_set()}
-        for part in mine - now_mine:
-            pump.reset_part(part)  # lease lost: the next holder sends it
-        return now_mine
+        if now_mine != mine:
+            got = await reading.settle() or got
+            for part in mine - now_mine:
+                pump.reset_part(part)  # lease lost: the next holder sends it
+        return got, now_mine
 
     async def _start_over(self, pump: Pump, refusals: int) -> int:
         """The connection was lost (it is back now) or the broker refused events:
@@ -572,38 +569,33 @@ class _ReadUnderWay:
         return self.task is not None and self.task.done()
 
     async def read(self, readable: list[int], stopping: bool) -> bool | None:
-        """Read now: beside the sends when transitions are queued, at most
-        every READ_EVERY_S (False: nothing yet; when the queue cannot go out,
-        reads do not follow each other back to back); else in turn (True if
-        it brought something; None: lanes of it were set aside). With nothing
-        queued or in flight the read waits in Redis for the next entry (up to
-        BLOCK_MS)."""
+        """Read now: beside the sends when transitions are queued (False:
+        nothing yet); else in turn (True if it brought something; None: lanes
+        of it were set aside). With nothing queued or in flight the read waits
+        in Redis for the next entry (up to BLOCK_MS)."""
         pump = self.pump
         if pump.hi:
-            if time.monotonic() - pump.last_read < READ_EVERY_S:
-                return False
             self.task = asyncio.create_task(pump.read(readable, None), name="outbox-read")
             self.lanes = readable
             return False
         block = None if (stopping or pump.open) else BLOCK_MS
-        try:
-            got = await pump.read(readable, block)
-        except ResponseError as exc:
-            await self.set_aside_or_raise(pump, readable, exc)
-            return None
-        self.redis_service.ok()
-        return got
+        return await self._outcome(pump.read(readable, block), readable)
 
     async def settle(self) -> bool:
         """Wait for the read under way, if any: True if it brought something."""
         if self.task is None:
             return False
         task, self.task = self.task, None
+        return bool(await self._outcome(task, self.lanes))
+
+    async def _outcome(self, read: Awaitable[bool], lanes: list[int]) -> bool | None:
+        """What `read` of `lanes` brought (True: something); None when lanes of
+        it were set aside (a stream of the wrong type); any other error raised."""
         try:
-            got = await task
+            got = await read
         except ResponseError as exc:
-            await self.set_aside_or_raise(self.pump, self.lanes, exc)
-            return False
+            await self.set_aside_or_raise(self.pump, lanes, exc)
+            return None
         self.redis_service.ok()
         return got
 
@@ -627,11 +619,10 @@ async def _wait_for_something_to_send(
     fuller window; `got`: the read brought something): wait for what can let
     events go. A read under way (`reading`) ends every wait: it may bring them."""
     room = any(publisher.room for publisher in publishers)  # PUBACKs came while reading
-    if deferred or not room:
+    if deferred or not room or reading is not None:
         # the window is (nearly) full (of this reader's publishes or another
-        # lane's, on a cluster), or the connection is going
-        await _changed(publishers, 1.0, reading)
-    elif reading is not None:  # (what it brings goes first; `created` events wait for it)
+        # lane's, on a cluster), or the connection is going, or a read is under
+        # way (what it brings goes first; `created` events wait for it)
         await _changed(publishers, 1.0, reading)
     elif pace := pump.pace_wait():  # the `created` backlog's pace holds it
         await _changed(publishers, pace) if pump.open else await asyncio.sleep(pace)

@@ -255,9 +255,11 @@ class Pump:
         return bool(self.hi or self.lo)
 
     def read_due(self, publishers: Sequence[Publisher]) -> bool:
-        """Whether to read (and delete) now: always when what is queued may not
-        fill the window, else at most every READ_EVERY_S."""
-        if len(self.hi) + len(self.lo) <= sum(publisher.room for publisher in publishers):
+        """Whether to read (and delete) now: at most every READ_EVERY_S while
+        transitions are queued (such a read goes beside the sends: a queue that
+        cannot go out must not make reads follow each other back to back) or
+        what is queued fills the window; else always."""
+        if not self.hi and len(self.lo) <= sum(publisher.room for publisher in publishers):
             return True
         return time.monotonic() - self.last_read >= READ_EVERY_S
 

@@ -3,11 +3,12 @@ The daemon survives, loses nothing, and says what is wrong."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import subprocess
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,27 @@ async def test_broker_refusing_publishes_loses_nothing(
         assert [r.event["status"] for r in seen] == ["created", "cancelled"]
 
 
+@contextlib.asynccontextmanager
+async def daemon_user_without(redis: Redis, settings: Settings, command: str) -> AsyncIterator[Settings]:
+    """The daemon's Redis user as deploy/redis-users.acl has it but without
+    `command` (as an earlier ACL had it), an empty ACL LOG, and the settings
+    that connect as that user; the user is removed afterwards."""
+    shipped = acl_with_passwords(REDIS_ACL.read_text(), redis_version())
+    (rules,) = [line for line in shipped.splitlines() if line.startswith("user order-listener ")]
+    assert f" +{command} " in rules, f"the shipped ACL grants {command.upper()}"
+    await redis.execute_command("ACL", "SETUSER", *rules.replace(f" +{command} ", " ").split()[1:])
+    await redis.acl_log_reset()
+    try:
+        yield dataclasses.replace(
+            settings,
+            redis_url=settings.redis_url.replace(
+                "redis://", f"redis://order-listener:{PASSWORDS['order-listener']}@"
+            ),
+        )
+    finally:
+        await redis.execute_command("ACL", "DELUSER", "order-listener")
+
+
 async def test_daemon_user_without_exists_sweeps_all_the_same(
     settings: Settings,
     redis: Redis,
@@ -103,26 +125,13 @@ async def test_daemon_user_without_exists_sweeps_all_the_same(
     """The daemon's Redis user as deploy/redis-users.acl had it before the
     sweep asked EXISTS of its batch (no +exists): Redis refuses it inside the
     script, which then reads every order's hash; the sweep cancels every order."""
-    shipped = acl_with_passwords(REDIS_ACL.read_text(), redis_version())
-    (rules,) = [line for line in shipped.splitlines() if line.startswith("user order-listener ")]
-    assert " +exists " in rules, "the shipped ACL grants EXISTS"
-    await redis.execute_command("ACL", "SETUSER", *rules.replace(" +exists ", " ").split()[1:])
-    await redis.acl_log_reset()
-    try:
-        config = dataclasses.replace(
-            settings,
-            redis_url=settings.redis_url.replace(
-                "redis://", f"redis://order-listener:{PASSWORDS['order-listener']}@"
-            ),
-        )
+    async with daemon_user_without(redis, settings, "exists") as config:
         daemon = await start_daemon(config)
         async with OrderClient(settings) as client:
             await client.create_many([(f"no-exists-{i}", 0.3) for i in range(20)])
             await wait_until(lambda: len(subscriber.with_status("cancelled")) == 20, 15, "the cancellations")
         assert daemon.scheduler.cancelled == 20, "every order cancelled by a sweep"
         assert any(entry["object"] == "exists" for entry in await redis.acl_log())
-    finally:
-        await redis.execute_command("ACL", "DELUSER", "order-listener")
 
 
 async def test_daemon_user_without_xtrim_deletes_published_entries_with_xdel(
@@ -134,18 +143,7 @@ async def test_daemon_user_without_xtrim_deletes_published_entries_with_xdel(
     """The daemon's Redis user as deploy/redis-users.acl had it before the
     outbox trimmed its streams (no +xtrim): Redis refuses XTRIM, the daemon
     says so and deletes what it published with XDEL; nothing is lost or sent twice."""
-    shipped = acl_with_passwords(REDIS_ACL.read_text(), redis_version())
-    (rules,) = [line for line in shipped.splitlines() if line.startswith("user order-listener ")]
-    assert " +xtrim " in rules, "the shipped ACL grants XTRIM"
-    await redis.execute_command("ACL", "SETUSER", *rules.replace(" +xtrim ", " ").split()[1:])
-    await redis.acl_log_reset()
-    try:
-        config = dataclasses.replace(
-            settings,
-            redis_url=settings.redis_url.replace(
-                "redis://", f"redis://order-listener:{PASSWORDS['order-listener']}@"
-            ),
-        )
+    async with daemon_user_without(redis, settings, "xtrim") as config:
         daemon = await start_daemon(config)
         async with OrderClient(settings) as client:
             await client.create_many([(f"no-xtrim-{i}", 0.3) for i in range(20)])
@@ -160,5 +158,3 @@ async def test_daemon_user_without_xtrim_deletes_published_entries_with_xdel(
         sent = Counter((event["order_id"], event["status"]) for event in subscriber.events)
         expected = {(f"no-xtrim-{i}", status): 1 for i in range(20) for status in ("created", "cancelled")}
         assert sent == expected, "each event exactly once"
-    finally:
-        await redis.execute_command("ACL", "DELUSER", "order-listener")
