@@ -96,6 +96,7 @@ class Burst:
     subscriber_cpu_s: float = 0.0
     machine_cpu_s: float = 0.0  # every process on the machine, all cores
     commands: list[tuple[str, int, float]] = field(default_factory=list)  # name, calls, Redis s
+    housekeeping: dict[str, int] = field(default_factory=dict)  # INFO stats deltas during the burst
     daemon_exit: int | None = None
     log: str = ""
     notes: list[str] = field(default_factory=list)
@@ -175,6 +176,7 @@ async def run(
             cpu_broker, cpu_sub = lag.cpu_seconds(broker_pid), lag.cpu_seconds(sub_pid)
             cpu_machine = lag.machine_seconds()[0]
             commands_before = await lag.command_usage(redis)
+            stats_before = await redis.info("stats")
             try:
                 while (await sub.counts()).measured < len(deadlines):
                     daemon.check_alive()
@@ -191,6 +193,11 @@ async def run(
             result.subscriber_cpu_s = lag.cpu_seconds(sub_pid) - cpu_sub
             result.machine_cpu_s = lag.machine_seconds()[0] - cpu_machine
             result.commands = command_delta(commands_before, await lag.command_usage(redis))
+            stats_after = await redis.info("stats")
+            result.housekeeping = {
+                name: int(stats_after.get(name, 0)) - int(stats_before.get(name, 0))
+                for name in ("expired_keys", "total_forks", "expired_time_cap_reached_count")
+            }
             result.rss_peak_sampled_kb = peak[0]
             result.hwm_kb = rss_kb(pid)[1]
             await asyncio.sleep(5)
@@ -284,6 +291,12 @@ def report(result: Burst, subscriber: str) -> None:
     print(
         "Redis commands during the burst (a script's time includes its commands'): "
         + ", ".join(f"{name} {calls:,} calls {secs:.2f} s" for name, calls, secs in result.commands[:8])
+    )
+    print(
+        "Redis during the burst: "
+        + ", ".join(f"{name} {value:,}" for name, value in result.housekeeping.items())
+        + " (expired_keys: timers Redis expired before a sweep deleted them; total_forks: "
+        "RDB snapshots and AOF rewrites begun)"
     )
     print(f"daemon exit status {result.daemon_exit}; its log: {result.log}")
 
