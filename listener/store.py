@@ -127,6 +127,39 @@ def _order(order_id: str, packed: Any, raw: dict[Any, Any]) -> Order | None:
     )
 
 
+def _implied_history(order: Order) -> list[StatusEvent]:
+    """The events of an order whose record holds no history items but says
+    what they were: pending and never changed (its `created` event), or
+    cancelled at its deadline straight from pending, as the sweep leaves it
+    (version 2, reason timeout: `created`, then `cancelled` at its last
+    change; lib.lua). Version 2 means one change since `create`, so its
+    deadline is the first one. Empty for any other record."""
+    created = StatusEvent(
+        order_id=order.order_id,
+        status="created",
+        previous=None,
+        reason="created",
+        version=1,
+        at_ms=order.created_ms,
+        created_ms=order.created_ms,
+        deadline_ms=order.deadline_ms,
+    )
+    if order.version == 1:
+        return [created]
+    if order.version == 2 and order.status is Status.CANCELLED and order.reason is Reason.TIMEOUT:
+        cancelled = StatusEvent(
+            order_id=order.order_id,
+            status="cancelled",
+            previous="created",
+            reason="timeout",
+            version=2,
+            at_ms=order.updated_ms,
+            created_ms=order.created_ms,
+        )
+        return [created, cancelled]
+    return []
+
+
 def _ms(value: Any) -> int:
     """A time in ms that a script took from an order record as it was stored:
     one written by hand may say `1e12` or worse; that must not end the caller
@@ -416,9 +449,10 @@ class Store:
         """The order and every event that announced a change of it, oldest
         first; None if there is no such order. The history is kept in the
         order's own hash from its first change on (`h<version>` fields,
-        lib.lua), so one HGETALL reads record and history together; a pending
-        order's one `created` event is built from its record. An order that
-        changed before histories were kept has an empty or partial one."""
+        lib.lua), so one HGETALL reads record and history together. Two kinds
+        of order have no items, their events following from the record (see
+        `_implied_history`). An order that changed before histories were kept
+        has an empty or partial one."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(self.layout.bucket(order_id), [order_id])
             pipe.hgetall(self.layout.order(order_id))
@@ -435,20 +469,7 @@ class Store:
             events = [from_packed(order_id, item) for _, item in items]
         except ValueError as exc:
             raise BadRecord(f"the stored history of {order_id!r} is malformed: {exc}") from None
-        if not events and order.version == 1:
-            events = [
-                StatusEvent(
-                    order_id=order_id,
-                    status="created",
-                    previous=None,
-                    reason="created",
-                    version=1,
-                    at_ms=order.created_ms,
-                    created_ms=order.created_ms,
-                    deadline_ms=order.deadline_ms,
-                )
-            ]
-        return order, events
+        return order, events or _implied_history(order)
 
     async def cancel_times(self, order_ids: Sequence[str]) -> list[tuple[int, int] | None]:
         """(deadline ms, last change ms) of each order as its own hash has them:

@@ -74,9 +74,10 @@ async def test_a_timed_out_order_shows_two_kept_in_its_record(
         ("created", "created", 1),
         ("cancelled", "timeout", 2),
     ]
-    # the history is in the record (h1, h2), so it expires with it
+    # the history is the record's (its items h1 and h2, or none when the sweep
+    # cancelled it: the two events follow from the record), so it expires with it
     record = await redis.hgetall(LAYOUT.order("late-1"))
-    assert sorted(name for name in record if name.startswith(b"h")) == [b"h1", b"h2"]
+    assert sorted(name for name in record if name.startswith(b"h")) in ([], [b"h1", b"h2"])
     assert 0 < await redis.pttl(LAYOUT.order("late-1")) <= settings.retention_ms
 
 
@@ -115,6 +116,9 @@ async def test_orders_cancelled_while_no_daemon_ran_get_their_history_from_the_s
         await wait_until(lambda: len(subscriber.with_status("cancelled")) >= 5, 10, "five cancellations")
         for i in range(5):
             assert await client.history(f"swept-{i}") == subscriber.of(f"swept-{i}")
+            # the sweep writes no history items: both events follow from the record
+            record = await redis.hgetall(LAYOUT.order(f"swept-{i}"))
+            assert record[b"s"] == b"cancelled" and not [name for name in record if name[:1] == b"h"]
     # a late pay applies the timeout first: the same two events, and nothing else
     async with OrderClient(settings) as client:
         await client.create("late-pay", timeout=0.1)
@@ -125,6 +129,45 @@ async def test_orders_cancelled_while_no_daemon_ran_get_their_history_from_the_s
         await wait_until(lambda: len(subscriber.of("late-pay")) >= 2, 10, "late-pay's events")
         assert await client.history("late-pay") == subscriber.of("late-pay")
 
+
+
+async def test_a_record_without_items_gives_the_events_it_implies_and_no_others(
+    settings: Settings, cli: Callable[..., Awaitable[CliResult]], redis: Redis
+) -> None:
+    """Records as a sweep (or a daemon from before histories) leaves them, with
+    no h<version> items: version 2, cancelled at the deadline, gives its
+    `created` and `cancelled` events; one changed otherwise gives none (the
+    record does not say what its events were), and `show` says so."""
+    record = {"s": "cancelled", "v": "2", "r": "timeout", "c": "1795564749929-0", "u": "1795566549935"}
+    await redis.hset(LAYOUT.order("implied-1"), mapping={**record, "d": "1795566549929"})
+    await redis.hset(LAYOUT.order("implied-2"), mapping={**record, "r": "customer", "d": "1795566549929"})
+    await redis.hset(LAYOUT.order("implied-3"), mapping={**record, "v": "3", "d": "1795566549929"})
+    async with OrderClient(settings) as client:
+        history = await client.history("implied-1")
+        assert [await client.history(f"implied-{i}") for i in (2, 3)] == [[], []]
+    assert history == [
+        {
+            "event_id": "implied-1/1795564749929/1/created/created",
+            "order_id": "implied-1",
+            "status": "created",
+            "previous": None,
+            "reason": "created",
+            "at": "2026-11-24T23:59:09.929Z",
+            "version": 1,
+            "deadline": "2026-11-25T00:29:09.929Z",
+        },
+        {
+            "event_id": "implied-1/1795564749929/2/cancelled/timeout",
+            "order_id": "implied-1",
+            "status": "cancelled",
+            "previous": "created",
+            "reason": "timeout",
+            "at": "2026-11-25T00:29:09.935Z",
+            "version": 2,
+        },
+    ]
+    shown = await cli("show", "implied-2", "--history")
+    assert shown.code == 0 and "history: none kept" in shown.out
 
 
 async def test_a_history_item_no_script_writes_is_shown_as_an_error(

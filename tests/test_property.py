@@ -265,7 +265,10 @@ class OrderMachine(RuleBasedStateMachine):
         assert [(flat[i], int(flat[i + 1])) for i in range(0, len(flat), 2)] == [(i, d) for d, i in due]
         assert len(entries) == len(due), entries
         for position, (_, oid) in enumerate(due):
+            first_change = mine[oid].version == 1
             self.advance(oid, mine[oid], (Status.CANCELLED,), Reason.TIMEOUT, [entries[position]])
+            if first_change:  # the sweep writes no items for these: the record implies both (lib.lua)
+                mine[oid].history = []
             assert int(entries[position][1]["t"]) == now
         left = [o.deadline for o in mine.values() if o.status is Status.CREATED]
         assert nxt == (min(left) if left else -1)

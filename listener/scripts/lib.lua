@@ -262,8 +262,12 @@ end
 -- (previous empty on `created`, deadline empty on events that carry none; at
 -- most about 80 bytes, so the hash stays a listpack). In the record itself, it
 -- is read with it and expires with it, at no key's cost. A pending order that
--- never changed has none (its one `created` event is rebuilt from the record).
--- listener/events.py, from_packed, turns an item into the published event.
+-- never changed has none (its one `created` event is rebuilt from the record),
+-- and neither has one the sweep cancelled straight from pending (version 2,
+-- `cancelled`, `timeout`: its `created` and `cancelled` events are rebuilt
+-- from c, d and u; the sweep cancels most orders, and two items would be about
+-- a third of the record). listener/events.py, from_packed, turns an item into
+-- the published event; listener/store.py rebuilds the others.
 
 -- The own hash of order `id` from its part's outbox key ('<base>outbox').
 local function order_key(outbox, id)
