@@ -16,10 +16,14 @@ every `resync_interval` seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from redis.exceptions import ResponseError
 
 from listener import logs
 from listener.alarm import Alarm
@@ -39,6 +43,19 @@ SHOWN_ID_MAX = 200  # an id the rules refuse may be of any length: logs show its
 # 15-40 µs an order, 16 parts of a full batch each held it for up to 0.7 s.
 # Smaller costs the catch-up more round trips (docs/figures.md).
 ROUND_TRIP_ORDERS = 4000
+
+
+@dataclass
+class _Sweep:
+    """One round trip per shard: the parts of each, the batch limit, the reply
+    (a result or a script's refusal per part; an exception for a lost shard)."""
+
+    groups: list[list[int]]
+    limits: list[int]
+    replies: list[list[SweepResult | ResponseError] | BaseException]
+
+    def __iter__(self) -> Iterator[tuple[list[int], int, list[SweepResult | ResponseError] | BaseException]]:
+        return zip(self.groups, self.limits, self.replies, strict=True)
 
 
 class DeadlineScheduler:
@@ -129,28 +146,86 @@ class DeadlineScheduler:
         """Sweep the due parts, one round trip per shard (one on a single Redis),
         all shards at once. A shard that fails (a failover under way) does not
         hold up the others: its parts are retried with their own backoff. When
-        every shard fails, the failure is the session's (supervise backs off)."""
+        every shard fails, the failure is the session's (supervise backs off).
+
+        While parts come back with a full batch (a burst, a catch-up), the
+        next round trip for them, and for any other part due by then, is on
+        its way before this one's reply is absorbed: Redis sweeps while we log
+        and count, instead of waiting for us between round trips."""
+        sweep = await self._send(due)
+        while True:
+            more = [] if self._stopping else self._more_due(sweep)
+            ahead = asyncio.create_task(self._send(more)) if more else None
+            try:
+                await self._settle(sweep)
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                    with contextlib.suppress(BaseException):
+                        await ahead
+                raise
+            if ahead is None:
+                return
+            sweep = await ahead
+
+    async def _send(self, due: list[int]) -> _Sweep:
         groups = self.store.by_shard(due)
         limits = [self._limit(len(group)) for group in groups]
-        replies = await asyncio.gather(
-            *(self.store.try_sweep(group, limit) for group, limit in zip(groups, limits, strict=True)),
-            return_exceptions=True,
-        )
+        replies: list[list[SweepResult | ResponseError] | BaseException]
+        if len(groups) == 1:  # one Redis: the request is written in this task's first step
+            try:
+                replies = [await self.store.try_sweep(groups[0], limits[0])]
+            except Exception as exc:
+                replies = [exc]
+        else:
+            replies = await asyncio.gather(
+                *(self.store.try_sweep(group, limit) for group, limit in zip(groups, limits, strict=True)),
+                return_exceptions=True,
+            )
+        return _Sweep(groups, limits, replies)
+
+    def _more_due(self, sweep: _Sweep) -> list[int]:
+        """The parts to sweep next at once: those whose batch came back full,
+        and those not in `sweep` whose head has come."""
+        now = time.monotonic()
+        swept: set[int] = set()
+        full: list[int] = []
+        for group, limit, reply in sweep:
+            swept.update(group)
+            if isinstance(reply, BaseException):
+                continue
+            full.extend(
+                result.part
+                for result in reply
+                if isinstance(result, SweepResult) and len(result.cancelled) + len(result.dropped) >= limit
+            )
+        if not full:
+            return []
+        others = [part for part, head in enumerate(self._heads) if head <= now and part not in swept]
+        return sorted(full + others)
+
+    async def _settle(self, sweep: _Sweep) -> None:
+        """Absorb each part's result, letting other tasks run between parts
+        (the round trip sent ahead, the outbox): a full round trip carries
+        thousands of orders."""
         failed: list[tuple[list[int], BaseException]] = []
-        for group, limit, reply in zip(groups, limits, replies, strict=True):
+        for group, limit, reply in sweep:
             if isinstance(reply, BaseException):
                 failed.append((group, reply))
                 continue
-            swept = [result for result in reply if isinstance(result, SweepResult)]
-            self._absorb(swept, limit)
-            self._recovered([result.part for result in swept])
+            swept: list[int] = []
             for part, result in zip(group, reply, strict=True):
-                if not isinstance(result, SweepResult):
+                await asyncio.sleep(0)
+                if isinstance(result, SweepResult):
+                    self._absorb([result], limit)
+                    swept.append(part)
+                else:
                     self._refused(part, result)
+            self._recovered(swept)
         for _, exc in failed:
             if not is_transient(exc):
                 raise exc
-        if failed and len(failed) == len(groups):
+        if failed and len(failed) == len(sweep.groups):
             raise failed[0][1]
         self.service.ok()
         for group, exc in failed:

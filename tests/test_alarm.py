@@ -7,7 +7,7 @@ import time
 from unittest.mock import MagicMock
 
 from listener.alarm import Alarm
-from listener.scheduler import ROUND_TRIP_ORDERS, DeadlineScheduler
+from listener.scheduler import ROUND_TRIP_ORDERS, DeadlineScheduler, _Sweep
 from listener.store import SweepResult
 from listener.supervise import Service
 
@@ -69,3 +69,27 @@ def test_a_round_trip_sweeps_at_most_its_share_of_orders_per_part() -> None:
     assert scheduler._heads[3] == 0.0, "its share was full: more is due"
     scheduler._absorb([SweepResult(4, now_ms, now_ms * 1000, now_ms + 60_000, full[:249])], 250)
     assert scheduler._heads[4] > time.monotonic() + 50, "the rest waits for its deadline"
+
+
+def test_the_round_trip_sent_ahead_takes_the_full_parts_and_the_others_due() -> None:
+    """While a reply is absorbed the next round trip is already asked for: the
+    parts whose share came back full, plus any part not in that round trip
+    whose deadline has come meanwhile; none when no part came back full (the
+    burst is over: the scheduler's own loop takes it from there)."""
+
+    scheduler = DeadlineScheduler(MagicMock(), Service("redis"), batch=1000)
+    now_ms = 1_800_000_000_000
+    full = [(f"o-{n}", now_ms - 10) for n in range(500)]
+    scheduler._heads = [float("inf")] * 16
+    scheduler._heads[9] = 0.0  # came due while the round trip was under way
+    scheduler._heads[4] = 0.0  # swept in this round trip: its reply decides
+    replies = [
+        SweepResult(3, now_ms, now_ms * 1000, None, full),
+        SweepResult(4, now_ms, now_ms * 1000, None, full[:1]),
+    ]
+    sweep = _Sweep([[3, 4]], [500], [list(replies)])
+    assert scheduler._more_due(sweep) == [3, 9]
+    quiet = _Sweep([[3, 4]], [500], [[replies[1], replies[1]]])
+    assert scheduler._more_due(quiet) == []
+    lost = _Sweep([[3, 4]], [500], [ConnectionError("shard away")])
+    assert scheduler._more_due(lost) == []
