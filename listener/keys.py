@@ -46,7 +46,10 @@ listpack): ``s`` status, ``v`` version, ``r`` last reason, ``c`` the id of its
 ``created`` outbox entry (``<Unix ms>-<seq>``: the creation time, and where to
 find the `created` event while it is unpublished), ``u`` updated (Unix ms),
 ``d`` deadline (Unix ms); and its history, a field ``h<version>`` per event
-from ``h1`` (its `created` event) on (lib.lua, emit). Records of earlier layouts are read and changed as
+from ``h1`` (its `created` event) on (lib.lua, emit), except an order the
+sweep cancelled straight from pending: version 2, `cancelled`, reason
+`timeout` and no items, its two events implied by the record (store.py,
+_implied_history). Records of earlier layouts are read and changed as
 they are: an own hash with all six fields from ``create`` on, or one with only
 ``c`` and ``d`` (pending, like a bucket field). Fields of the own hash win
 over the bucket's value.

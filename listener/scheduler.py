@@ -16,7 +16,6 @@ every `resync_interval` seconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections import OrderedDict
@@ -45,6 +44,9 @@ SHOWN_ID_MAX = 200  # an id the rules refuse may be of any length: logs show its
 ROUND_TRIP_ORDERS = 4000
 
 
+_Reply = list[SweepResult | ResponseError] | BaseException
+
+
 @dataclass
 class _Sweep:
     """One round trip per shard: the parts of each, the batch limit, the reply
@@ -52,10 +54,11 @@ class _Sweep:
 
     groups: list[list[int]]
     limits: list[int]
-    replies: list[list[SweepResult | ResponseError] | BaseException]
+    replies: list[_Reply]
+    received: list[float]  # time.monotonic() as each shard's reply was read
 
-    def __iter__(self) -> Iterator[tuple[list[int], int, list[SweepResult | ResponseError] | BaseException]]:
-        return zip(self.groups, self.limits, self.replies, strict=True)
+    def __iter__(self) -> Iterator[tuple[list[int], int, _Reply, float]]:
+        return zip(self.groups, self.limits, self.replies, self.received, strict=True)
 
 
 class DeadlineScheduler:
@@ -82,6 +85,9 @@ class DeadlineScheduler:
         # Redis Cluster each shard has its own clock, and a wake's deadline
         # was computed on the clock of the part's node
         self._offsets: list[float | None] = [None] * PARTS
+        # per part: the earliest wake since its last round trip was sent; a
+        # reply absorbed later must not undo it (the sweep ran before that create)
+        self._woken = [math.inf] * PARTS
         self._wake = asyncio.Event()
         self._stopping = False
         self.caught_up = asyncio.Event()
@@ -101,6 +107,7 @@ class DeadlineScheduler:
         if not 0 <= part < PARTS:
             return
         due = self._local(part, deadline_ms)
+        self._woken[part] = min(self._woken[part], due)
         if due < self._heads[part]:
             self._heads[part] = due
             self._wake.set()
@@ -158,31 +165,43 @@ class DeadlineScheduler:
             ahead = asyncio.create_task(self._send(more)) if more else None
             try:
                 await self._settle(sweep)
-            except BaseException:
+            except asyncio.CancelledError:
                 if ahead is not None:
                     ahead.cancel()
-                    with contextlib.suppress(BaseException):
-                        await ahead
+                    await asyncio.wait({ahead})
+                raise
+            except Exception:
+                if ahead is not None:
+                    # its scripts may have run already: their cancellations are
+                    # logged, counted and remembered all the same
+                    self._absorb_all(await ahead)
                 raise
             if ahead is None:
                 return
             sweep = await ahead
 
     async def _send(self, due: list[int]) -> _Sweep:
+        """One round trip per shard of `due`; a lost shard's exception in its
+        place. Raises nothing but a cancellation of its own."""
+        for part in due:
+            self._woken[part] = math.inf
         groups = self.store.by_shard(due)
         limits = [self._limit(len(group)) for group in groups]
-        replies: list[list[SweepResult | ResponseError] | BaseException]
         if len(groups) == 1:  # one Redis: the request is written in this task's first step
-            try:
-                replies = [await self.store.try_sweep(groups[0], limits[0])]
-            except Exception as exc:
-                replies = [exc]
+            answers = [await self._sweep_shard(groups[0], limits[0])]
         else:
-            replies = await asyncio.gather(
-                *(self.store.try_sweep(group, limit) for group, limit in zip(groups, limits, strict=True)),
-                return_exceptions=True,
+            answers = await asyncio.gather(
+                *(self._sweep_shard(group, limit) for group, limit in zip(groups, limits, strict=True))
             )
-        return _Sweep(groups, limits, replies)
+        return _Sweep(groups, limits, [reply for reply, _ in answers], [at for _, at in answers])
+
+    async def _sweep_shard(self, group: list[int], limit: int) -> tuple[_Reply, float]:
+        reply: _Reply
+        try:
+            reply = await self.store.try_sweep(group, limit)
+        except Exception as exc:
+            reply = exc
+        return reply, time.monotonic()
 
     def _more_due(self, sweep: _Sweep) -> list[int]:
         """The parts to sweep next at once: those whose batch came back full,
@@ -190,7 +209,7 @@ class DeadlineScheduler:
         now = time.monotonic()
         swept: set[int] = set()
         full: list[int] = []
-        for group, limit, reply in sweep:
+        for group, limit, reply, _ in sweep:
             swept.update(group)
             if isinstance(reply, BaseException):
                 continue
@@ -209,7 +228,7 @@ class DeadlineScheduler:
         (the round trip sent ahead, the outbox): a full round trip carries
         thousands of orders."""
         failed: list[tuple[list[int], BaseException]] = []
-        for group, limit, reply in sweep:
+        for group, limit, reply, received in sweep:
             if isinstance(reply, BaseException):
                 failed.append((group, reply))
                 continue
@@ -217,7 +236,7 @@ class DeadlineScheduler:
             for part, result in zip(group, reply, strict=True):
                 await asyncio.sleep(0)
                 if isinstance(result, SweepResult):
-                    self._absorb([result], limit)
+                    self._absorb([result], limit, received)
                     swept.append(part)
                 else:
                     self._refused(part, result)
@@ -265,8 +284,18 @@ class DeadlineScheduler:
         """Orders per part in a round trip that sweeps `parts` parts of a shard."""
         return max(1, min(self.batch, ROUND_TRIP_ORDERS // parts))
 
-    def _absorb(self, results: list[SweepResult], limit: int) -> None:
-        received = time.monotonic()
+    def _absorb_all(self, sweep: _Sweep) -> None:
+        """Absorb what a round trip cancelled, at once (its caller is failing)."""
+        for _, limit, reply, received in sweep:
+            if not isinstance(reply, BaseException):
+                self._absorb([result for result in reply if isinstance(result, SweepResult)], limit, received)
+
+    def _absorb(self, results: list[SweepResult], limit: int, received: float | None = None) -> None:
+        """Log, count and remember what `results` cancelled and set each part's
+        next head. `received`: time.monotonic() when the reply was read (now
+        if not given), which times the part's clock."""
+        if received is None:
+            received = time.monotonic()
         cancel_log = log.bind()  # the configured logger, resolved once per reply, not per order
         for result in results:
             # The reply left Redis a little before we read it: the offset errs
@@ -298,11 +327,13 @@ class DeadlineScheduler:
                 )
                 if self.on_dropped is not None:
                     self.on_dropped(order_id, problem)
-            if len(result.cancelled) + len(result.dropped) >= limit:
-                self._heads[result.part] = 0.0  # more due: go again at once
-            elif result.next_deadline_ms is None:
-                self._heads[result.part] = math.inf
-            elif result.next_deadline_ms <= result.now_ms:
-                self._heads[result.part] = 0.0
-            else:  # timed from the clock in this reply, to the microsecond
-                self._heads[result.part] = self._local(result.part, result.next_deadline_ms)
+            self._heads[result.part] = min(self._next_head(result, limit), self._woken[result.part])
+
+    def _next_head(self, result: SweepResult, limit: int) -> float:
+        if len(result.cancelled) + len(result.dropped) >= limit:
+            return 0.0  # more due: go again at once
+        if result.next_deadline_ms is None:
+            return math.inf
+        if result.next_deadline_ms <= result.now_ms:
+            return 0.0
+        return self._local(result.part, result.next_deadline_ms)  # from this reply's clock, to the µs

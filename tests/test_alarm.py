@@ -6,6 +6,8 @@ import asyncio
 import time
 from unittest.mock import MagicMock
 
+import pytest
+
 from listener.alarm import Alarm
 from listener.scheduler import ROUND_TRIP_ORDERS, DeadlineScheduler, _Sweep
 from listener.store import SweepResult
@@ -87,9 +89,89 @@ def test_the_round_trip_sent_ahead_takes_the_full_parts_and_the_others_due() -> 
         SweepResult(3, now_ms, now_ms * 1000, None, full),
         SweepResult(4, now_ms, now_ms * 1000, None, full[:1]),
     ]
-    sweep = _Sweep([[3, 4]], [500], [list(replies)])
+    sweep = _Sweep([[3, 4]], [500], [list(replies)], [0.0])
     assert scheduler._more_due(sweep) == [3, 9]
-    quiet = _Sweep([[3, 4]], [500], [[replies[1], replies[1]]])
+    quiet = _Sweep([[3, 4]], [500], [[replies[1], replies[1]]], [0.0])
     assert scheduler._more_due(quiet) == []
-    lost = _Sweep([[3, 4]], [500], [ConnectionError("shard away")])
+    lost = _Sweep([[3, 4]], [500], [ConnectionError("shard away")], [0.0])
     assert scheduler._more_due(lost) == []
+
+
+def _store_of(sweeps: dict[int, list[SweepResult | Exception]]) -> MagicMock:
+    """A store whose every part is a shard of its own and whose sweeps of a
+    part answer `sweeps[part]` in turn (an exception is raised)."""
+    store = MagicMock()
+    store.by_shard = lambda due: [[part] for part in due]
+
+    async def try_sweep(group: list[int], limit: int) -> list[SweepResult]:
+        answer = sweeps[group[0]].pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return [answer]
+
+    store.try_sweep = try_sweep
+    return store
+
+
+async def test_a_wake_while_a_round_trip_is_under_way_is_not_undone_by_its_reply() -> None:
+    """A create makes its order the earliest of a part just after the sweep
+    emptied that part: the reply, absorbed later, says "nothing pending" but
+    the wake's deadline stays the part's head."""
+    now_ms = 1_800_000_000_000
+    scheduler: DeadlineScheduler
+
+    async def answer(group: list[int], limit: int) -> list[SweepResult]:
+        scheduler.wake(3, now_ms + 50)  # arrives after Redis ran the sweep
+        return [SweepResult(3, now_ms, now_ms * 1000, None, [])]
+
+    store = MagicMock()
+    store.by_shard = lambda due: [due]
+    store.try_sweep = answer
+    scheduler = DeadlineScheduler(store, Service("redis"))
+    scheduler._offsets[3] = now_ms / 1000 - time.monotonic()
+    woken = scheduler._local(3, now_ms + 50)
+    await scheduler._settle(await scheduler._send([3]))
+    assert scheduler._heads[3] == woken
+
+
+async def test_a_parts_clock_is_timed_from_when_its_reply_was_read() -> None:
+    """Absorbing the parts of a reply one by one takes time (and other tasks
+    run between them): each part's clock is timed from the reply's reading."""
+    now_ms = 1_800_000_000_000
+
+    def slow_hook(order_id: str, deadline_ms: int, at_ms: int) -> None:
+        until = time.monotonic() + 0.05
+        while time.monotonic() < until:  # a slow absorb of part 3
+            pass
+
+    scheduler = DeadlineScheduler(MagicMock(), Service("redis"), on_cancelled=slow_hook)
+    read_at = time.monotonic()
+    replies = [
+        SweepResult(3, now_ms, now_ms * 1000, None, [("o-1", now_ms - 1)]),
+        SweepResult(4, now_ms, now_ms * 1000 + 400, None, []),
+    ]
+    await scheduler._settle(_Sweep([[3, 4]], [1000], [replies], [read_at]))
+    assert scheduler._offsets[4] == (now_ms * 1000 + 400) / 1e6 - read_at
+
+
+async def test_a_round_trip_sent_ahead_is_absorbed_when_the_one_before_fails() -> None:
+    """Part 3 came back full, so its next round trip went ahead; part 4's
+    shard answered with a bug, which ends the session. The round trip sent
+    ahead ran in Redis: its cancellations are counted and remembered too."""
+    now_ms = 1_800_000_000_000
+    full = [(f"o-{n}", now_ms - 10) for n in range(500)]
+    more = [(f"p-{n}", now_ms - 10) for n in range(7)]
+    store = _store_of(
+        {
+            3: [
+                SweepResult(3, now_ms, now_ms * 1000, None, full),
+                SweepResult(3, now_ms, now_ms * 1000, None, more),
+            ],
+            4: [RuntimeError("a bug in a reply's handling")],
+        }
+    )
+    scheduler = DeadlineScheduler(store, Service("redis"), batch=500)
+    with pytest.raises(RuntimeError):
+        await scheduler._sweep_by_shard([3, 4])
+    assert scheduler.cancelled == 507
+    assert "p-6" in scheduler.recent
