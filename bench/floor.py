@@ -1,0 +1,199 @@
+"""The floor under a burst's publishing: the broker and the subscriber alone.
+
+    .venv/bin/python bench/floor.py [--events 100000] [--broker stock|tuned] [--repeat 3]
+
+How fast can N `cancelled` events get from a publisher through mosquitto to
+a `mosquitto_sub` subscriber on this machine, with no daemon and no Redis?
+The publishers are `--publishers` (4, as many connections as the daemon
+opens to a stock broker) `mosquitto_pub` processes at once (the C client,
+MQTT 5, QoS 1, one message per line of its input, its default of 20 in
+flight and whatever the broker allows; one client cannot take more than
+65,535 messages at once), fed N event payloads as the daemon writes them
+(distinct orders, about 240 bytes each) in equal shares. The subscriber is the one `bench/lag.py` and
+`bench/burst.py` use (QoS 1 on `orders/+/status`, its receipts written to a
+file).
+
+For each run: a fresh mosquitto (`--broker`, stock by default) on a free
+loopback port, the subscriber, then the publisher; prints the time until
+the publisher had every PUBACK and exited, until the subscriber had them
+all (or `--grace` s passed: the rest is missing, dropped by a stock broker's
+queue of 1,000 messages for a subscriber that falls behind), and the CPU of
+the broker, the subscriber and the publisher. Then the median of the runs.
+
+What a burst of N adds to this is the daemon's and Redis' work on the same
+two cores. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lag
+from benchlib import print_setup
+from brokers import add_broker_arg, bench_broker, broker_line
+
+from listener.events import StatusEvent
+
+TOPIC = "orders/floor/status"
+POLL_S = 0.02
+
+
+@dataclass
+class Run:
+    published_s: float  # until the publisher had every PUBACK and exited
+    received_s: float  # until the subscriber had all (or the grace ran out)
+    received: int
+    broker_cpu: float
+    subscriber_cpu: float
+    publisher_cpu: float
+
+
+def payloads(events: int) -> bytes:
+    """N `cancelled` events of distinct orders, one JSON per line, as the daemon sends them."""
+    at = int(time.time() * 1000)
+    lines = (
+        StatusEvent(
+            order_id=f"{lag.MEASURED_PREFIX}floor-{i}",
+            status="cancelled",
+            previous="created",
+            reason="timeout",
+            version=2,
+            at_ms=at,
+            created_ms=at - 1_800_000,
+        ).payload()
+        for i in range(events)
+    )
+    return b"\n".join(lines) + b"\n"
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def one_run(profile: str, events: int, publishers: int, grace: float, workdir: Path) -> Run:
+    broker = bench_broker(workdir / "mosquitto", profile)
+    broker.start()
+    sub = lag.MosquittoSubSubscriber("127.0.0.1", broker.port, workdir)
+    try:
+        await sub.start()
+        assert broker.proc is not None
+        broker_pid, sub_pid = broker.proc.pid, sub.pid()
+        lines = payloads(events).splitlines(keepends=True)
+        sources = []
+        for n in range(publishers):
+            sources.append(workdir / f"payloads-{n}.txt")
+            sources[-1].write_bytes(b"".join(lines[n::publishers]))
+        binary = shutil.which("mosquitto_pub")
+        if binary is None:
+            raise RuntimeError("no mosquitto_pub on PATH (apt-get install mosquitto-clients)")
+        cpu_broker, cpu_sub, cpu_children = (
+            lag.cpu_seconds(broker_pid),
+            lag.cpu_seconds(sub_pid),
+            children_cpu(),
+        )
+        started, started_unix = time.monotonic(), time.time()
+        await asyncio.gather(*(publish(binary, broker.port, source) for source in sources))
+        published = time.monotonic() - started
+        publisher_cpu = children_cpu() - cpu_children
+        await wait_received(sub, events, time.monotonic() + grace)
+        counts = await sub.counts()
+        stamps = await sub.results()
+        last = max((stamp for stamp, _ in stamps.values()), default=0.0)
+        received = last - started_unix if stamps else float("nan")  # receipts carry the Unix time
+        return Run(
+            published,
+            received,
+            counts.measured,
+            lag.cpu_seconds(broker_pid) - cpu_broker,
+            lag.cpu_seconds(sub_pid) - cpu_sub,
+            publisher_cpu,
+        )
+    finally:
+        await sub.stop()
+        broker.stop()
+
+
+async def publish(binary: str, port: int, source: Path) -> None:
+    with source.open("rb") as feed:
+        pub = await asyncio.create_subprocess_exec(
+            *(binary, "-h", "127.0.0.1", "-p", str(port), "-t", TOPIC),
+            *("-q", "1", "-V", "mqttv5", "-l"),
+            stdin=feed,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        _, err = await pub.communicate()
+    if pub.returncode != 0:
+        raise RuntimeError(f"mosquitto_pub exited {pub.returncode}: {err.decode(errors='replace')}")
+
+
+async def wait_received(sub: lag.MosquittoSubSubscriber, events: int, give_up: float) -> None:
+    while (await sub.counts()).measured < events:
+        if time.monotonic() > give_up:
+            return
+        await asyncio.sleep(POLL_S)
+
+
+def show(run: Run, events: int) -> str:
+    missing = events - run.received
+    return (
+        f"published (all PUBACKs) {run.published_s:.2f} s, last received {run.received_s:.2f} s"
+        f" ({run.received / run.received_s:,.0f}/s), missing {missing:,}; CPU s: broker {run.broker_cpu:.2f},"
+        f" subscriber {run.subscriber_cpu:.2f}, publisher {run.publisher_cpu:.2f}"
+    )
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    runs: list[Run] = []
+    for n in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="order-listener-floor-") as tmp:
+            run = await one_run(args.broker, args.events, args.publishers, args.grace, Path(tmp))
+        runs.append(run)
+        print(f"run {n + 1}: {show(run, args.events)}", flush=True)
+    median = Run(
+        statistics.median(r.published_s for r in runs),
+        statistics.median(r.received_s for r in runs),
+        round(statistics.median(r.received for r in runs)),
+        statistics.median(r.broker_cpu for r in runs),
+        statistics.median(r.subscriber_cpu for r in runs),
+        statistics.median(r.publisher_cpu for r in runs),
+    )
+    print(f"median of {len(runs)}: {show(median, args.events)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--publishers", type=int, default=4, help="mosquitto_pub processes at once")
+    parser.add_argument(
+        "--grace", type=float, default=60.0, help="wait this long after the publisher for the rest"
+    )
+    add_broker_arg(parser)
+    args = parser.parse_args()
+    print_setup(
+        "the floor: broker and subscriber alone",
+        [
+            broker_line(args.broker),
+            ("publishers", f"{args.publishers} x mosquitto_pub (C, MQTT 5, QoS 1, -l: a message per line)"),
+            ("subscriber", f"mosquitto_sub (QoS 1, {lag.TOPIC})"),
+            ("events", f"{args.events:,}"),
+        ],
+    )
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
