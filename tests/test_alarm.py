@@ -7,6 +7,7 @@ import time
 from unittest.mock import MagicMock
 
 import pytest
+from redis.exceptions import ResponseError
 
 from listener.alarm import Alarm
 from listener.scheduler import ROUND_TRIP_ORDERS, DeadlineScheduler, _Sweep
@@ -146,7 +147,7 @@ async def test_a_parts_clock_is_timed_from_when_its_reply_was_read() -> None:
 
     scheduler = DeadlineScheduler(MagicMock(), Service("redis"), on_cancelled=slow_hook)
     read_at = time.monotonic()
-    replies = [
+    replies: list[SweepResult | ResponseError] = [
         SweepResult(3, now_ms, now_ms * 1000, None, [("o-1", now_ms - 1)]),
         SweepResult(4, now_ms, now_ms * 1000 + 400, None, []),
     ]
