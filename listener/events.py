@@ -58,7 +58,7 @@ def event_id(order_id: str, created_ms: int, version: int, status: str, reason: 
     return f"{order_id}/{created_ms}/{version}/{status}/{reason}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StatusEvent:
     order_id: str
     status: str
