@@ -7,9 +7,12 @@ a `mosquitto_sub` subscriber on this machine, with no daemon and no Redis?
 The publishers are `--publishers` (4, as many connections as the daemon
 opens to a stock broker) `mosquitto_pub` processes at once (the C client,
 MQTT 5, QoS 1, one message per line of its input, its default of 20 in
-flight and whatever the broker allows; one client cannot take more than
-65,535 messages at once), fed N event payloads as the daemon writes them
-(distinct orders, about 240 bytes each) in equal shares. The subscriber is the one `bench/lag.py` and
+flight and whatever the broker allows; one client takes at most 65,535
+messages), fed N event payloads as the daemon writes them (distinct orders,
+about 200 bytes each) in equal shares, each PUBLISH with the properties the
+daemon sends (content type, `event_id` and `status` user properties, an
+event id as long as the payload's). Unlike the daemon's, every message goes
+to one topic (`orders/floor/status`): `mosquitto_pub` takes one. The subscriber is the one `bench/lag.py` and
 `bench/burst.py` use (QoS 1 on `orders/+/status`, its receipts written to a
 file).
 
@@ -45,6 +48,7 @@ from listener.events import StatusEvent
 
 TOPIC = "orders/floor/status"
 POLL_S = 0.02
+MAX_PER_CLIENT = 65_535  # a client's message ids: mosquitto_pub loses what is beyond them
 
 
 @dataclass
@@ -52,15 +56,16 @@ class Run:
     published_s: float  # until the publisher had every PUBACK and exited
     received_s: float  # until the subscriber had all (or the grace ran out)
     received: int
+    rate: float  # received a second
     broker_cpu: float
     subscriber_cpu: float
     publisher_cpu: float
 
 
-def payloads(events: int) -> bytes:
-    """N `cancelled` events of distinct orders, one JSON per line, as the daemon sends them."""
+def events_of(events: int) -> list[StatusEvent]:
+    """N `cancelled` events of distinct orders, as the daemon sends them."""
     at = int(time.time() * 1000)
-    lines = (
+    return [
         StatusEvent(
             order_id=f"{lag.MEASURED_PREFIX}floor-{i}",
             status="cancelled",
@@ -69,10 +74,18 @@ def payloads(events: int) -> bytes:
             version=2,
             at_ms=at,
             created_ms=at - 1_800_000,
-        ).payload()
+        )
         for i in range(events)
-    )
-    return b"\n".join(lines) + b"\n"
+    ]
+
+
+def properties(event: StatusEvent) -> list[str]:
+    """mosquitto_pub's options for the PUBLISH properties the daemon sends (listener/mqtt/packets.py)."""
+    return [
+        *("-D", "publish", "content-type", "application/json"),
+        *("-D", "publish", "user-property", "event_id", event.event_id),
+        *("-D", "publish", "user-property", "status", event.status),
+    ]
 
 
 def children_cpu() -> float:
@@ -88,11 +101,13 @@ async def one_run(profile: str, events: int, publishers: int, grace: float, work
         await sub.start()
         assert broker.proc is not None
         broker_pid, sub_pid = broker.proc.pid, sub.pid()
-        lines = payloads(events).splitlines(keepends=True)
+        made = events_of(events)
+        lines = [event.payload() + b"\n" for event in made]
         sources = []
         for n in range(publishers):
             sources.append(workdir / f"payloads-{n}.txt")
             sources[-1].write_bytes(b"".join(lines[n::publishers]))
+        extra = properties(made[-1])
         binary = shutil.which("mosquitto_pub")
         if binary is None:
             raise RuntimeError("no mosquitto_pub on PATH (apt-get install mosquitto-clients)")
@@ -102,7 +117,7 @@ async def one_run(profile: str, events: int, publishers: int, grace: float, work
             children_cpu(),
         )
         started, started_unix = time.monotonic(), time.time()
-        await asyncio.gather(*(publish(binary, broker.port, source) for source in sources))
+        await asyncio.gather(*(publish(binary, broker.port, source, extra) for source in sources))
         published = time.monotonic() - started
         publisher_cpu = children_cpu() - cpu_children
         await wait_received(sub, events, time.monotonic() + grace)
@@ -114,6 +129,7 @@ async def one_run(profile: str, events: int, publishers: int, grace: float, work
             published,
             received,
             counts.measured,
+            counts.measured / received if stamps else 0.0,
             lag.cpu_seconds(broker_pid) - cpu_broker,
             lag.cpu_seconds(sub_pid) - cpu_sub,
             publisher_cpu,
@@ -123,11 +139,11 @@ async def one_run(profile: str, events: int, publishers: int, grace: float, work
         broker.stop()
 
 
-async def publish(binary: str, port: int, source: Path) -> None:
+async def publish(binary: str, port: int, source: Path, extra: list[str]) -> None:
     with source.open("rb") as feed:
         pub = await asyncio.create_subprocess_exec(
             *(binary, "-h", "127.0.0.1", "-p", str(port), "-t", TOPIC),
-            *("-q", "1", "-V", "mqttv5", "-l"),
+            *("-q", "1", "-V", "mqttv5", "-l", *extra),
             stdin=feed,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -148,7 +164,7 @@ def show(run: Run, events: int) -> str:
     missing = events - run.received
     return (
         f"published (all PUBACKs) {run.published_s:.2f} s, last received {run.received_s:.2f} s"
-        f" ({run.received / run.received_s:,.0f}/s), missing {missing:,}; CPU s: broker {run.broker_cpu:.2f},"
+        f" ({run.rate:,.0f}/s), missing {missing:,}; CPU s: broker {run.broker_cpu:.2f},"
         f" subscriber {run.subscriber_cpu:.2f}, publisher {run.publisher_cpu:.2f}"
     )
 
@@ -164,6 +180,7 @@ async def main_async(args: argparse.Namespace) -> None:
         statistics.median(r.published_s for r in runs),
         statistics.median(r.received_s for r in runs),
         round(statistics.median(r.received for r in runs)),
+        statistics.median(r.rate for r in runs),
         statistics.median(r.broker_cpu for r in runs),
         statistics.median(r.subscriber_cpu for r in runs),
         statistics.median(r.publisher_cpu for r in runs),
@@ -183,6 +200,8 @@ def main() -> None:
     )
     add_broker_arg(parser)
     args = parser.parse_args()
+    if -(-args.events // args.publishers) > MAX_PER_CLIENT:
+        parser.error(f"at most {MAX_PER_CLIENT:,} events per publisher: raise --publishers")
     print_setup(
         "the floor: broker and subscriber alone",
         [

@@ -61,6 +61,11 @@ class _Sweep:
         return zip(self.groups, self.limits, self.replies, self.received, strict=True)
 
 
+def _clock_of(reply: list[SweepResult | ResponseError]) -> int | None:
+    """The Redis clock (µs) of a shard's last script in a round trip."""
+    return max((result.now_us for result in reply if isinstance(result, SweepResult)), default=None)
+
+
 class DeadlineScheduler:
     def __init__(
         self,
@@ -167,13 +172,13 @@ class DeadlineScheduler:
                 await self._settle(sweep)
             except asyncio.CancelledError:
                 if ahead is not None:
-                    ahead.cancel()
+                    ahead.cancel()  # nothing if its reply is in already
                     await asyncio.wait({ahead})
+                    if not ahead.cancelled():
+                        self._absorb_all(ahead.result())
                 raise
             except Exception:
                 if ahead is not None:
-                    # its scripts may have run already: their cancellations are
-                    # logged, counted and remembered all the same
                     self._absorb_all(await ahead)
                 raise
             if ahead is None:
@@ -233,10 +238,11 @@ class DeadlineScheduler:
                 failed.append((group, reply))
                 continue
             swept: list[int] = []
+            clock_us = _clock_of(reply)
             for part, result in zip(group, reply, strict=True):
                 await asyncio.sleep(0)
                 if isinstance(result, SweepResult):
-                    self._absorb([result], limit, received)
+                    self._absorb([result], limit, received, clock_us)
                     swept.append(part)
                 else:
                     self._refused(part, result)
@@ -285,22 +291,40 @@ class DeadlineScheduler:
         return max(1, min(self.batch, ROUND_TRIP_ORDERS // parts))
 
     def _absorb_all(self, sweep: _Sweep) -> None:
-        """Absorb what a round trip cancelled, at once (its caller is failing)."""
-        for _, limit, reply, received in sweep:
-            if not isinstance(reply, BaseException):
-                self._absorb([result for result in reply if isinstance(result, SweepResult)], limit, received)
+        """Absorb at once what a round trip sent ahead cancelled, while the
+        scheduler fails or is cancelled: its scripts ran, so their
+        cancellations are logged, counted and remembered all the same. A
+        failure here is logged: the caller's own exception is the one raised."""
+        try:
+            for _, limit, reply, received in sweep:
+                if not isinstance(reply, BaseException):
+                    results = [result for result in reply if isinstance(result, SweepResult)]
+                    self._absorb(results, limit, received, _clock_of(reply))
+        except Exception as exc:
+            log.error("could not absorb the round trip sent ahead", error=describe(exc))
 
-    def _absorb(self, results: list[SweepResult], limit: int, received: float | None = None) -> None:
+    def _absorb(
+        self,
+        results: list[SweepResult],
+        limit: int,
+        received: float | None = None,
+        clock_us: int | None = None,
+    ) -> None:
         """Log, count and remember what `results` cancelled and set each part's
         next head. `received`: time.monotonic() when the reply was read (now
-        if not given), which times the part's clock."""
+        if not given); `clock_us`: the Redis clock of the reply's last script
+        (each result's own if not given). The two time the parts' clock."""
         if received is None:
             received = time.monotonic()
         cancel_log = log.bind()  # the configured logger, resolved once per reply, not per order
         for result in results:
-            # The reply left Redis a little before we read it: the offset errs
-            # late by that much (a tenth of a millisecond when the loop is idle).
-            self._offsets[result.part] = result.now_us / 1e6 - received
+            # A round trip's scripts run one after the other and its reply is
+            # read when the last one is done: each part of a shard is timed
+            # from the last script's clock, which is the node's. The offset
+            # errs late by the time the reply took to be read (a tenth of a
+            # millisecond when the loop is idle).
+            now_us = result.now_us if clock_us is None else clock_us
+            self._offsets[result.part] = now_us / 1e6 - received
             for order_id, deadline_ms in result.cancelled:
                 self.cancelled += 1
                 self.recent[order_id] = None

@@ -99,16 +99,18 @@ def test_the_round_trip_sent_ahead_takes_the_full_parts_and_the_others_due() -> 
 
 
 def _store_of(sweeps: dict[int, list[SweepResult | Exception]]) -> MagicMock:
-    """A store whose every part is a shard of its own and whose sweeps of a
-    part answer `sweeps[part]` in turn (an exception is raised)."""
+    """A store whose every part is a shard of its own (unless the test says
+    otherwise) and whose sweeps of a part answer `sweeps[part]` in turn (an
+    exception is raised)."""
     store = MagicMock()
     store.by_shard = lambda due: [[part] for part in due]
 
     async def try_sweep(group: list[int], limit: int) -> list[SweepResult]:
-        answer = sweeps[group[0]].pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return [answer]
+        answers = [sweeps[part].pop(0) for part in group]
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        return [answer for answer in answers if isinstance(answer, SweepResult)]
 
     store.try_sweep = try_sweep
     return store
@@ -137,7 +139,9 @@ async def test_a_wake_while_a_round_trip_is_under_way_is_not_undone_by_its_reply
 
 async def test_a_parts_clock_is_timed_from_when_its_reply_was_read() -> None:
     """Absorbing the parts of a reply one by one takes time (and other tasks
-    run between them): each part's clock is timed from the reply's reading."""
+    run between them): each part's clock is timed from the reply's reading,
+    and from the clock of the round trip's last script (part 3's ran first,
+    400 µs earlier, but the reply came after part 4's)."""
     now_ms = 1_800_000_000_000
 
     def slow_hook(order_id: str, deadline_ms: int, at_ms: int) -> None:
@@ -152,7 +156,7 @@ async def test_a_parts_clock_is_timed_from_when_its_reply_was_read() -> None:
         SweepResult(4, now_ms, now_ms * 1000 + 400, None, []),
     ]
     await scheduler._settle(_Sweep([[3, 4]], [1000], [replies], [read_at]))
-    assert scheduler._offsets[4] == (now_ms * 1000 + 400) / 1e6 - read_at
+    assert scheduler._offsets[3] == scheduler._offsets[4] == (now_ms * 1000 + 400) / 1e6 - read_at
 
 
 async def test_a_round_trip_sent_ahead_is_absorbed_when_the_one_before_fails() -> None:
@@ -174,5 +178,37 @@ async def test_a_round_trip_sent_ahead_is_absorbed_when_the_one_before_fails() -
     scheduler = DeadlineScheduler(store, Service("redis"), batch=500)
     with pytest.raises(RuntimeError):
         await scheduler._sweep_by_shard([3, 4])
+    assert scheduler.cancelled == 507
+    assert "p-6" in scheduler.recent
+
+
+async def test_a_round_trip_sent_ahead_whose_reply_is_in_is_absorbed_when_the_scheduler_is_cancelled() -> (
+    None
+):
+    """The daemon's shutdown cancels the scheduler while it absorbs a reply;
+    the round trip sent ahead has answered already (its scripts ran): its
+    cancellations are counted and remembered before the cancellation goes on."""
+    now_ms = 1_800_000_000_000
+    full = [(f"o-{n}", now_ms - 10) for n in range(500)]
+    more = [(f"p-{n}", now_ms - 10) for n in range(7)]
+    store = _store_of(
+        {
+            3: [
+                SweepResult(3, now_ms, now_ms * 1000, None, full),
+                SweepResult(3, now_ms, now_ms * 1000, None, more),
+            ],
+            4: [SweepResult(4, now_ms, now_ms * 1000, None, [])],
+        }
+    )
+
+    def cancel_at_first(order_id: str, deadline_ms: int, at_ms: int) -> None:
+        if order_id == "o-0":
+            sweeping.cancel()  # lands at the next await: the yield before part 4
+
+    scheduler = DeadlineScheduler(store, Service("redis"), batch=500, on_cancelled=cancel_at_first)
+    store.by_shard = lambda due: [due]  # one shard: parts 3 and 4 in one round trip
+    sweeping = asyncio.create_task(scheduler._sweep_by_shard([3, 4]))
+    with pytest.raises(asyncio.CancelledError):
+        await sweeping
     assert scheduler.cancelled == 507
     assert "p-6" in scheduler.recent
