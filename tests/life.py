@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from listener import schemas
 from listener.api import OrderClient
 from listener.config import Settings
+from listener.daemon import Daemon
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.urls import mqtt_target
 from tests.conftest import Subscriber, wait_until
@@ -112,14 +113,20 @@ async def lanes_barrier(client: OrderClient, subscriber: Subscriber, order_ids: 
 
 
 async def cancelled_by_its_expired_event(
-    settings: Settings, redis: Redis, subscriber: Subscriber, order_id: str
+    settings: Settings, redis: Redis, subscriber: Subscriber, order_id: str, daemon: Daemon | None = None
 ) -> None:
     """Create `order_id` with a short window and take it out of the deadline
     index at once: only Redis' `expired` event of its timer can cancel it.
-    Waits for its `cancelled` event (reason timeout)."""
+    Waits for its `cancelled` event (reason timeout) and, given the in-process
+    `daemon`, for its listener to count it: the count goes up once the expire
+    script's reply is read, which may come after the outbox sent the event."""
+    counted = daemon.listener.cancelled if daemon is not None else 0
     async with OrderClient(settings) as client:
         await client.create(order_id, timeout=0.3)
     layout = KeyLayout(settings.key_prefix)
     assert await redis.zrem(layout.deadlines(part_of(order_id)), order_id) == 1
     await wait_until(lambda: len(subscriber.of(order_id)) == 2, 15, f"{order_id} cancelled by its timer")
     assert subscriber.of(order_id)[1]["reason"] == "timeout"
+    if daemon is not None:
+        listener = daemon.listener
+        await wait_until(lambda: listener.cancelled == counted + 1, 5, f"the listener's count of {order_id}")

@@ -98,12 +98,15 @@ def test_the_round_trip_sent_ahead_takes_the_full_parts_and_the_others_due() -> 
     assert scheduler._more_due(lost) == []
 
 
-def _store_of(sweeps: dict[int, list[SweepResult | Exception]]) -> MagicMock:
-    """A store whose every part is a shard of its own (unless the test says
-    otherwise) and whose sweeps of a part answer `sweeps[part]` in turn (an
-    exception is raised)."""
+NOW_MS = 1_800_000_000_000
+
+
+def _store_of(sweeps: dict[int, list[SweepResult | Exception]], *, one_shard: bool = False) -> MagicMock:
+    """A store whose every part is a shard of its own (or all in `one_shard`)
+    and whose sweeps of a part answer `sweeps[part]` in turn (an exception is
+    raised)."""
     store = MagicMock()
-    store.by_shard = lambda due: [[part] for part in due]
+    store.by_shard = (lambda due: [due]) if one_shard else (lambda due: [[part] for part in due])
 
     async def try_sweep(group: list[int], limit: int) -> list[SweepResult]:
         answers = [sweeps[part].pop(0) for part in group]
@@ -114,6 +117,23 @@ def _store_of(sweeps: dict[int, list[SweepResult | Exception]]) -> MagicMock:
 
     store.try_sweep = try_sweep
     return store
+
+
+def _part_3_full_then_7_more(part_4: SweepResult | Exception, *, one_shard: bool = False) -> MagicMock:
+    """Part 3's first sweep comes back full (500 of a batch of 500: `o-0`...),
+    its next one with 7 more (`p-0`...); part 4 answers `part_4`."""
+    full = [(f"o-{n}", NOW_MS - 10) for n in range(500)]
+    more = [(f"p-{n}", NOW_MS - 10) for n in range(7)]
+    return _store_of(
+        {
+            3: [
+                SweepResult(3, NOW_MS, NOW_MS * 1000, None, full),
+                SweepResult(3, NOW_MS, NOW_MS * 1000, None, more),
+            ],
+            4: [part_4],
+        },
+        one_shard=one_shard,
+    )
 
 
 async def test_a_wake_while_a_round_trip_is_under_way_is_not_undone_by_its_reply() -> None:
@@ -163,18 +183,7 @@ async def test_a_round_trip_sent_ahead_is_absorbed_when_the_one_before_fails() -
     """Part 3 came back full, so its next round trip went ahead; part 4's
     shard answered with a bug, which ends the session. The round trip sent
     ahead ran in Redis: its cancellations are counted and remembered too."""
-    now_ms = 1_800_000_000_000
-    full = [(f"o-{n}", now_ms - 10) for n in range(500)]
-    more = [(f"p-{n}", now_ms - 10) for n in range(7)]
-    store = _store_of(
-        {
-            3: [
-                SweepResult(3, now_ms, now_ms * 1000, None, full),
-                SweepResult(3, now_ms, now_ms * 1000, None, more),
-            ],
-            4: [RuntimeError("a bug in a reply's handling")],
-        }
-    )
+    store = _part_3_full_then_7_more(RuntimeError("a bug in a reply's handling"))
     scheduler = DeadlineScheduler(store, Service("redis"), batch=500)
     with pytest.raises(RuntimeError):
         await scheduler._sweep_by_shard([3, 4])
@@ -188,25 +197,14 @@ async def test_a_round_trip_sent_ahead_whose_reply_is_in_is_absorbed_when_the_sc
     """The daemon's shutdown cancels the scheduler while it absorbs a reply;
     the round trip sent ahead has answered already (its scripts ran): its
     cancellations are counted and remembered before the cancellation goes on."""
-    now_ms = 1_800_000_000_000
-    full = [(f"o-{n}", now_ms - 10) for n in range(500)]
-    more = [(f"p-{n}", now_ms - 10) for n in range(7)]
-    store = _store_of(
-        {
-            3: [
-                SweepResult(3, now_ms, now_ms * 1000, None, full),
-                SweepResult(3, now_ms, now_ms * 1000, None, more),
-            ],
-            4: [SweepResult(4, now_ms, now_ms * 1000, None, [])],
-        }
-    )
+    # one shard: parts 3 and 4 in one round trip
+    store = _part_3_full_then_7_more(SweepResult(4, NOW_MS, NOW_MS * 1000, None, []), one_shard=True)
 
     def cancel_at_first(order_id: str, deadline_ms: int, at_ms: int) -> None:
         if order_id == "o-0":
             sweeping.cancel()  # lands at the next await: the yield before part 4
 
     scheduler = DeadlineScheduler(store, Service("redis"), batch=500, on_cancelled=cancel_at_first)
-    store.by_shard = lambda due: [due]  # one shard: parts 3 and 4 in one round trip
     sweeping = asyncio.create_task(scheduler._sweep_by_shard([3, 4]))
     with pytest.raises(asyncio.CancelledError):
         await sweeping
