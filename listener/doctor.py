@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import aiomqtt
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoPermissionError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from listener.config import Settings
 from listener.connection import RedisClient, open_redis
@@ -160,6 +160,28 @@ async def _check_permissions(settings: Settings, redis: RedisClient, db: int, re
         )
     else:
         report.ok(f"redis: allowed to run the scripts, read ~{settings.key_prefix}:* and subscribe")
+    await _check_retention_queue(redis, layout, report)
+
+
+async def _check_retention_queue(redis: RedisClient, layout: KeyLayout, report: _Report) -> None:
+    """The sweep keeps what it cancels in the orders' buckets only where the
+    user may use the retention queue (a list); otherwise it writes a key per
+    order, as before (sweep.lua). Works either way: a note, not a problem."""
+    queue = layout.expiring(0)
+    try:
+        await redis.llen(queue)
+        await redis.lindex(queue, 0)
+    except NoPermissionError as exc:
+        report.note(
+            f"redis: this user may not use the retention queue ({exc}): the sweep writes a key "
+            "of its own for every order it cancels, which costs Redis more (docs/figures.md)",
+            "grant +llen +lindex +lpop +rpush, as deploy/redis-users.acl does",
+        )
+    except ResponseError as exc:  # a key of another type, written by hand
+        report.note(
+            f"redis: {queue} is not a list ({exc}): the sweep of that part writes a key per order",
+            f"delete {queue}: a key of another type holds none of the sweep's entries",
+        )
 
 
 async def _check_mqtt(settings: Settings, report: _Report) -> None:

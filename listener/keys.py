@@ -3,7 +3,11 @@
 With the default prefix ``order``, ``PARTS = 16`` and ``BUCKETS = 256``::
 
     order:{P}:p:<B>           hash    pending orders of bucket B of part P: field <id>,
-                                      value "<created entry id>|<deadline ms>"
+                                      value "<created entry id>|<deadline ms>"; and
+                                      those the sweep cancelled at their deadline,
+                                      until their retention ended: "<c>|<d>|<u>"
+    order:{P}:expiring        list    the retention queue of those cancelled records,
+                                      oldest first: "<ends ms>|<B>|<id>,<id>,..."
     order:{P}:o:<id>          hash    the order record once it changed after `create`
                                       (fields below)
     order:{P}:t:<id>          string  the timer: value "1", expires at the deadline
@@ -40,7 +44,16 @@ time. A bucket is a small listpack hash (a few hundred fields), so a pending
 order costs there a fraction of what a hash of its own would (docs/figures.md,
 "Memory per pending order").
 
-The first transition deletes the bucket field and writes the order's own hash
+An order the sweep cancels at its deadline straight from pending stays in its
+bucket: the value becomes ``<c>|<d>|<u>``, status ``cancelled``, version 2,
+reason ``timeout``, updated ``u`` (its two events implied, as below), and an
+entry of the retention queue ``order:{P}:expiring`` names it; the sweep of the
+part deletes such records once their retention has ended (a key of its own
+per order, with an expiry, cost Redis more than the rest of the cancellation:
+docs/figures.md). Under an ACL without the queue's list commands the sweep
+writes the own hash below instead.
+
+Any other first transition deletes the bucket field and writes the order's own hash
 ``order:{P}:o:<id>`` with all six fields (short names keep it a compact
 listpack): ``s`` status, ``v`` version, ``r`` last reason, ``c`` the id of its
 ``created`` outbox entry (``<Unix ms>-<seq>``: the creation time, and where to
@@ -100,6 +113,10 @@ class KeyLayout:
 
     def deadlines(self, part: int) -> str:
         return f"{self.base(part)}deadlines"
+
+    def expiring(self, part: int) -> str:
+        """The retention queue of the records the sweep cancelled in their buckets."""
+        return f"{self.base(part)}expiring"
 
     def outbox(self, part: int) -> str:
         return f"{self.base(part)}outbox"

@@ -106,10 +106,13 @@ def _order(order_id: str, packed: Any, raw: dict[Any, Any]) -> Order | None:
     """The order from its bucket field (`packed`, or None) and its own hash (`raw`)."""
     fields = {_text(k): _text(v) for k, v in raw.items()}
     if "s" not in fields and packed is not None:
-        # pending: "<created entry id>|<deadline ms>"; own-hash fields win
-        created, deadline = _text(packed).split("|", 1)
+        # pending: "<created entry id>|<deadline ms>", or cancelled by the sweep
+        # at its deadline: "<c>|<d>|<updated ms>" (keys.py); own-hash fields win
+        created, deadline, *updated = _text(packed).split("|", 2)
         fields.setdefault("c", created)
         fields.setdefault("d", deadline)
+        if updated:
+            fields.update(s=Status.CANCELLED, v="2", r=Reason.TIMEOUT, u=updated[0])
     if "c" not in fields:
         return None
     created_ms = int(fields["c"].split("-", 1)[0])

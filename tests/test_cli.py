@@ -12,6 +12,7 @@ from listener.config import Settings
 from listener.daemon import Daemon
 from listener.keys import KeyLayout, part_of
 from tests.conftest import CLI, CliResult, Subscriber, env_for, wait_until
+from tests.test_refusals import daemon_user_without
 
 Cli = Callable[..., Awaitable[CliResult]]
 
@@ -218,3 +219,18 @@ async def test_check_names_missing_acl_permissions(cli: Cli, settings: Settings,
     assert "SCRIPT LOAD (create)" in result.out and "SUBSCRIBE __keyevent@0__:expired" in result.out
     assert "deploy/redis-users.acl" in result.out
     assert "limited-pw" not in result.out + result.err
+
+
+async def test_check_notes_a_user_without_the_retention_queue(
+    cli: Cli, settings: Settings, redis: Redis
+) -> None:
+    """The daemon's user as deploy/redis-users.acl had it before the sweep kept
+    cancelled records in their buckets (no +llen): the daemon works, a note
+    says what it costs and what to grant; no problem, exit 0."""
+    passed = await cli("check")
+    assert "retention queue" not in passed.out
+    async with daemon_user_without(redis, settings, "llen") as config:
+        result = await cli("check", env=env_for(config))
+    assert result.code == 0, result.out + result.err
+    assert "may not use the retention queue" in result.out
+    assert "+llen +lindex +lpop +rpush" in result.out

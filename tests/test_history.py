@@ -11,11 +11,10 @@ from redis.asyncio import Redis
 from listener.api import OrderClient
 from listener.config import Settings
 from listener.daemon import Daemon
-from listener.keys import KeyLayout
+from listener.keys import KeyLayout, part_of
 from tests.conftest import CliResult, Subscriber, compact, redis_clock_past, wait_until
 
 LAYOUT = KeyLayout()
-
 
 
 async def test_a_whole_life_lists_five_transitions_with_the_published_event_ids(
@@ -74,11 +73,21 @@ async def test_a_timed_out_order_shows_two_kept_in_its_record(
         ("created", "created", 1),
         ("cancelled", "timeout", 2),
     ]
-    # the history is the record's (its items h1 and h2, or none when the sweep
-    # cancelled it: the two events follow from the record), so it expires with it
+    # the history is the record's (its items h1 and h2 in its own hash, or the
+    # sweep's record in its bucket: the two events follow from it), so it goes
+    # with the record when the retention ends
     record = await redis.hgetall(LAYOUT.order("late-1"))
-    assert sorted(name for name in record if name.startswith(b"h")) in ([], [b"h1", b"h2"])
-    assert 0 < await redis.pttl(LAYOUT.order("late-1")) <= settings.retention_ms
+    if record:
+        assert sorted(name for name in record if name.startswith(b"h")) == [b"h1", b"h2"]
+        assert 0 < await redis.pttl(LAYOUT.order("late-1")) <= settings.retention_ms
+    else:
+        kept = await redis.hget(LAYOUT.bucket("late-1"), "late-1")
+        assert isinstance(kept, bytes)
+        updated = int(kept.split(b"|")[2])
+        queue = await redis.lrange(LAYOUT.expiring(part_of("late-1")), 0, -1)
+        assert [entry.split(b"|")[0] for entry in queue if entry.endswith(b"|late-1")] == [
+            str(updated + settings.retention_ms).encode()
+        ]
 
 
 async def test_a_pending_order_costs_no_history_and_shows_its_created_event(
@@ -116,9 +125,11 @@ async def test_orders_cancelled_while_no_daemon_ran_get_their_history_from_the_s
         await wait_until(lambda: len(subscriber.with_status("cancelled")) >= 5, 10, "five cancellations")
         for i in range(5):
             assert await client.history(f"swept-{i}") == subscriber.of(f"swept-{i}")
-            # the sweep writes no history items: both events follow from the record
-            record = await redis.hgetall(LAYOUT.order(f"swept-{i}"))
-            assert record[b"s"] == b"cancelled" and not [name for name in record if name[:1] == b"h"]
+            # the sweep writes no history items: both events follow from the record,
+            # which stays in its bucket field ("<c>|<d>|<u>"), no hash of its own
+            assert not await redis.exists(LAYOUT.order(f"swept-{i}"))
+            kept = await redis.hget(LAYOUT.bucket(f"swept-{i}"), f"swept-{i}")
+            assert isinstance(kept, bytes) and kept.count(b"|") == 2
     # a late pay applies the timeout first: the same two events, and nothing else
     async with OrderClient(settings) as client:
         await client.create("late-pay", timeout=0.1)
@@ -128,7 +139,6 @@ async def test_orders_cancelled_while_no_daemon_ran_get_their_history_from_the_s
         assert not hasattr(change[0], "changed")  # refused: the order was cancelled by its timeout
         await wait_until(lambda: len(subscriber.of("late-pay")) >= 2, 10, "late-pay's events")
         assert await client.history("late-pay") == subscriber.of("late-pay")
-
 
 
 async def test_a_record_without_items_gives_the_events_it_implies_and_no_others(

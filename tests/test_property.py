@@ -64,6 +64,9 @@ class Modelled:
     short: bool  # its payment window is SHORT_MS: tests wait for it to pass
     # its history's items, h1, h2, ... of its own hash (lib.lua): none until its first change
     history: list[str] = field(default_factory=list)
+    # cancelled by the sweep straight from pending: the record stays in its
+    # bucket field, "<c>|<d>|<u>", named in the part's retention queue (keys.py)
+    in_bucket: bool = False
 
 
 Entry = tuple[str, dict[str, str]]  # (stream key, fields)
@@ -269,6 +272,7 @@ class OrderMachine(RuleBasedStateMachine):
             self.advance(oid, mine[oid], (Status.CANCELLED,), Reason.TIMEOUT, [entries[position]])
             if first_change:  # the sweep writes no items for these: the record implies both (lib.lua)
                 mine[oid].history = []
+                mine[oid].in_bucket = True
             assert int(entries[position][1]["t"]) == now
         left = [o.deadline for o in mine.values() if o.status is Status.CREATED]
         assert nxt == (min(left) if left else -1)
@@ -310,6 +314,12 @@ class OrderMachine(RuleBasedStateMachine):
             if known.version == 1:
                 assert record == {}, (oid, record, known)
                 assert packed == f"{known.created_entry}|{known.deadline}", (oid, packed, known)
+            elif known.in_bucket:
+                assert record == {}, (oid, record, known)
+                assert packed == f"{known.created_entry}|{known.deadline}|{known.updated}", (oid, packed)
+                queued = self.r.lrange(LAYOUT.expiring(part_of(oid)), 0, -1)
+                ends = [entry.split("|")[0] for entry in queued if oid in entry.split("|")[2].split(",")]
+                assert ends == [str(known.updated + RETENTION_MS)], (oid, queued)
             else:
                 assert packed is None, (oid, packed, known)
                 # ... and its history, a field h<version> per event (lib.lua, emit)
@@ -330,7 +340,9 @@ class OrderMachine(RuleBasedStateMachine):
                 assert in_index is None
                 assert not self.r.exists(LAYOUT.timer(oid))  # a paid order never times out
             ttl = self.r.pttl(key)
-            if known.status is Status.CANCELLED:
+            if known.in_bucket:
+                assert ttl == -2  # no own hash: the retention queue ends the record
+            elif known.status is Status.CANCELLED:
                 assert 0 < ttl <= RETENTION_MS
             elif known.version > 1:
                 assert ttl == -1

@@ -67,13 +67,16 @@ for i = 1, (#ARGV - 2) / 2 do
   local id, timeout = ARGV[1 + 2 * i], timeouts[i]
   local okey, timer, bkey = KEYS[1 + 2 * i], KEYS[2 + 2 * i], buckets[i]
   -- The id exists when its own hash has c (a changed order, or one stored by
-  -- an earlier create) or its bucket holds it (a pending order).
-  if redis.call('HGET', okey, 'c') then
+  -- an earlier create) or its bucket holds it (a pending order, or one the
+  -- sweep cancelled whose retention has not ended).
+  local known = redis.call('HGET', okey, 'c') and (redis.call('HGET', okey, 's') or 'created')
+  if not known then
+    local packed = redis.call('HGET', bkey, id)
+    known = packed and bucket_status(packed)
+  end
+  if known then
     out[#out + 1] = 0
-    out[#out + 1] = redis.call('HGET', okey, 's') or 'created'
-  elseif redis.call('HGET', bkey, id) then
-    out[#out + 1] = 0
-    out[#out + 1] = 'created'
+    out[#out + 1] = known
   else
     -- The entry id's millisecond is the creation time; the deadline is exactly
     -- the timeout after it (the entry keeps the timeout, not the deadline).

@@ -203,32 +203,57 @@ local function check_switch(name)
   return nil, prefix, part
 end
 
--- The record of order `id`: its own hash okey (s, v, r, c, d), or while it is
--- pending the field `id` of its bucket bkey ("<c>|<d>"). Own-hash fields win;
--- the bucket gives c and d where the own hash has none. An own hash without s
--- (only c and d: written by an earlier create) is pending too. Returns status,
--- version (as stored: a string), reason, c, d, and whether the bucket holds
--- the order; nil when there is no record (neither an own hash with s or c nor
--- a bucket field). `no_own`: the caller knows okey does not exist (one
+-- A bucket field's value: a pending order's "<c>|<d>", or, once the sweep
+-- cancelled it at its deadline, "<c>|<d>|<u>" (cancelled, version 2, reason
+-- timeout, updated u: the record stays in its bucket until its retention
+-- ends; see retire()). Returns c, d and u (nil while pending); nil for a
+-- value of neither form.
+local function unpack_bucket_value(packed)
+  local c, d, u = string.match(packed, '^([^|]+)|(%d+)|(%d+)$')
+  if c then
+    return c, d, u
+  end
+  c, d = string.match(packed, '^([^|]+)|(%d+)$')
+  return c, d, nil
+end
+
+-- The status a bucket field's value stands for.
+local function bucket_status(packed)
+  local _, _, u = unpack_bucket_value(packed)
+  return u and 'cancelled' or 'created'
+end
+
+-- The record of order `id`: its own hash okey (s, v, r, c, d), or the field
+-- `id` of its bucket bkey (pending, or cancelled by the sweep: see
+-- unpack_bucket_value). Own-hash fields win; the bucket gives c and d where
+-- the own hash has none. An own hash without s (only c and d: written by an
+-- earlier create) is pending too. Returns status, version (as stored: a
+-- string), reason, c, d, whether the bucket holds the order, and whether an
+-- own hash does; nil when there is no record (neither an own hash with s or
+-- c nor a bucket field). `no_own`: the caller knows okey does not exist (one
 -- EXISTS over a whole batch of keys costs less than an HMGET of each).
 local NO_FIELDS = {}
 local function read_record(okey, bkey, id, no_own)
   local cur = no_own and NO_FIELDS or redis.call('HMGET', okey, 's', 'v', 'r', 'c', 'd')
   if cur[1] then
-    return cur[1], cur[2], cur[3], cur[4], cur[5], false
+    return cur[1], cur[2], cur[3], cur[4], cur[5], false, true
   end
   -- HMGET, not HGET: the daemon's ACL user has no HGET (deploy/redis-users.acl)
   local packed = redis.call('HMGET', bkey, id)[1]
   local c, d = cur[4], cur[5]
+  local own = c ~= nil or d ~= nil
   if packed then
-    local pc, pd = string.match(packed, '^([^|]+)|(%d+)$')
+    local pc, pd, pu = unpack_bucket_value(packed)
     c, d = c or pc, d or pd
+    if pu then
+      return 'cancelled', '2', 'timeout', c, d, true, own
+    end
   end
   if not c and not packed then
     return nil
   end
   -- (a malformed bucket value leaves c or d nil: record_problem names it)
-  return 'created', '1', 'created', c, d, packed and true or false
+  return 'created', '1', 'created', c, d, packed and true or false, own
 end
 
 -- What is wrong with a record as read_record gives it, nil when nothing:

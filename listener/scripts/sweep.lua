@@ -12,6 +12,15 @@
 -- one that is not pending (written by an older or broken producer). They
 -- leave the index and lose their timer, so each is reported once; their
 -- record is left as it is for inspection.
+-- An order cancelled straight from pending (never changed since `create`)
+-- keeps its record in its bucket field, "<c>|<d>|<u>" (lib.lua,
+-- unpack_bucket_value), instead of a hash of its own with an expiry: a new key
+-- per order was the largest part of a cancellation's cost in Redis. The
+-- part's retention queue '<key base>expiring' (a list, oldest first) holds
+-- "<ms>|<bucket>|<id>,<id>,..." per bucket and call, and every call first
+-- deletes up to its batch limit of such records whose retention has ended
+-- (retire below). A daemon user whose ACL lacks the list commands, or a
+-- queue key of another type, keeps the earlier form (own hash, PEXPIRE).
 -- The pause switch of the part (lib.lua, held) decides first: while paused
 -- nothing is cancelled and the next deadline is -1 (the daemons look again
 -- on a wake from `resume` or at their periodic sweep); during a resume's
@@ -43,6 +52,70 @@ if outbox ~= base .. 'outbox' then
   return refuse('sweep', 'KEYS[2] (outbox)', outbox, 'must be ' .. base .. 'outbox')
 end
 local now, micros = now_ms()
+
+-- May records be kept in their buckets (see above)? The list commands of the
+-- queue allowed, and the queue a list or missing: checked before any write.
+local queue = base .. 'expiring'
+local keep_in_bucket = redis.acl_check_cmd ~= nil and redis.acl_check_cmd('rpush', queue, 'x')
+  and redis.acl_check_cmd('lpop', queue) and redis.acl_check_cmd('lindex', queue, '0')
+  and redis.acl_check_cmd('llen', queue)
+if keep_in_bucket then
+  local length = redis.pcall('LLEN', queue)
+  keep_in_bucket = type(length) == 'number'
+end
+
+-- Deletes the bucket records of orders the sweep cancelled whose retention
+-- ended by `now`, up to `budget` orders (whole queue entries: at least one
+-- when one is due). A record that is no longer in the cancelled form
+-- (deleted or written by hand since) is left alone; an entry of the queue
+-- that is not "<ms>|<bucket>|<ids>" is dropped. Memory-freeing writes: they
+-- come before this call's other writes (see lib.lua). Retention is thus a
+-- minimum: a record goes with the first call of its part after it ended.
+local function retire(budget)
+  local done = 0
+  while done < budget do
+    local entry = redis.call('LINDEX', queue, 0)
+    if not entry then
+      return
+    end
+    local ends, bucket, list = string.match(entry, '^(%d+)|(%d+)|([^|]+)$')
+    if ends and tonumber(ends) > now then
+      return
+    end
+    redis.call('LPOP', queue)
+    bucket = whole(bucket, 0, BUCKETS - 1)
+    if bucket then
+      local ids = {}
+      for id in string.gmatch(list, '[^,]+') do
+        if valid_id(id) and #ids < MAX_SWEEP_BATCH then
+          ids[#ids + 1] = id
+        end
+      end
+      local bkey = base .. 'p:' .. bucket
+      -- pcall: a bucket of another type (written by hand) must not stop the
+      -- part's sweeps; the records of that entry stay
+      local values = #ids > 0 and redis.pcall('HMGET', bkey, unpack(ids)) or {}
+      if values.err then
+        values = {}
+      end
+      local gone = {}
+      for i, value in ipairs(values) do
+        if value and bucket_status(value) == 'cancelled' then
+          gone[#gone + 1] = ids[i]
+        end
+      end
+      if #gone > 0 then
+        redis.call('HDEL', bkey, unpack(gone))
+      end
+      done = done + #ids
+    end
+    done = done + 1  -- an entry costs something even when it holds nothing to delete
+  end
+end
+if keep_in_bucket then
+  retire(limit)
+end
+
 local switch = redis.call('HMGET', base .. 'pause', 'since', 'resumed', 'until')
 local low, grace_until = '-inf', nil
 if switch[1] then
@@ -73,14 +146,16 @@ if #due > 0 then
   end
   local no_own = #valid == 0 or redis.pcall('EXISTS', unpack(valid)) == 0
   local records, bucket_keys, bucket_ids = {}, {}, {}
+  local kept_keys, kept_in = {}, {}  -- buckets whose records stay, in order; bkey -> their ids
   for i, id in ipairs(due) do
     local problem
     local okey = okeys[i]
     if not okey then
       problem = 'the order id ' .. ID_RULE
     else
-      local bkey = base .. 'p:' .. bucket_of(id)
-      local status, version, _, created, deadline, in_bucket = read_record(okey, bkey, id, no_own)
+      local bucket = bucket_of(id)
+      local bkey = base .. 'p:' .. bucket
+      local status, version, _, created, deadline, in_bucket, own = read_record(okey, bkey, id, no_own)
       if not status then
         problem = 'no order record'
       else
@@ -90,8 +165,19 @@ if #due > 0 then
         end
       end
       if not problem then
-        records[i] = {okey, tonumber(version), created, deadline}
-        if in_bucket then
+        version = tonumber(version)
+        -- stays: cancelled in its bucket field (see above)
+        local stays = keep_in_bucket and version == 1 and in_bucket and not own
+        records[i] = {okey, version, created, deadline, stays and bkey}
+        if stays then
+          local kept = kept_in[bkey]
+          if not kept then
+            kept = {bucket = bucket, fields = {}, ids = {}}
+            kept_in[bkey] = kept
+            kept_keys[#kept_keys + 1] = bkey
+          end
+          kept.ids[#kept.ids + 1] = id
+        elseif in_bucket then
           if not bucket_ids[bkey] then
             bucket_keys[#bucket_keys + 1] = bkey
             bucket_ids[bkey] = {}
@@ -120,17 +206,22 @@ if #due > 0 then
   for i, id in ipairs(due) do
     local record = records[i]
     if record then
-      local okey, version, created, deadline = record[1], record[2], record[3], record[4]
+      local okey, version, created, deadline, stays = record[1], record[2], record[3], record[4], record[5]
       if version == 1 then
         -- The usual order, never changed since `create`: written out with
         -- constants rather than through advance(), and without history fields
         -- (its two events follow from the record: see lib.lua, history).
-        -- Redis spends about a sixth less per order.
         redis.call('XADD', outbox, '*', 'o', id, 's', 'cancelled', 'p', 'created', 'r', 'timeout',
                    'v', '2', 't', at, 'c', created)
-        redis.call('HSET', okey, 's', 'cancelled', 'v', '2', 'r', 'timeout', 'c', created, 'u', at,
-                   'd', deadline)
-        redis.call('PEXPIRE', okey, kept_for)
+        if stays then
+          local fields = kept_in[stays].fields
+          fields[#fields + 1] = id
+          fields[#fields + 1] = created .. '|' .. deadline .. '|' .. at
+        else
+          redis.call('HSET', okey, 's', 'cancelled', 'v', '2', 'r', 'timeout', 'c', created, 'u', at,
+                     'd', deadline)
+          redis.call('PEXPIRE', okey, kept_for)
+        end
       else
         advance(okey, outbox, id, 'created', version, created, deadline, {'cancelled'}, 'timeout', at,
                 kept_for)
@@ -138,6 +229,18 @@ if #due > 0 then
       cancelled[#cancelled + 1] = id
       cancelled[#cancelled + 1] = deadline
     end
+  end
+  if #kept_keys > 0 then
+    local ends, entries = string.format('%d', now + retention), {}
+    for _, bkey in ipairs(kept_keys) do
+      local kept = kept_in[bkey]
+      local fields = kept.fields
+      for first = 1, #fields, 4000 do  -- unpack() gives at most 8000 values; pairs stay whole
+        redis.call('HSET', bkey, unpack(fields, first, math.min(first + 3999, #fields)))
+      end
+      entries[#entries + 1] = ends .. '|' .. kept.bucket .. '|' .. table.concat(kept.ids, ',')
+    end
+    redis.call('RPUSH', queue, unpack(entries))
   end
 end
 local head
