@@ -278,7 +278,10 @@ class MosquittoSubSubscriber:
         self.measured = 0
         self.other = 0
         self.probes = 0
-        self.cancelled: dict[str, tuple[float, int]] = {}
+        # order id -> (received stamp, payload) of its first `cancelled` (timeout):
+        # its `at` is parsed when the results are asked for, not while this
+        # process shares the machine with what it measures
+        self.cancelled_raw: dict[str, tuple[bytes, bytes]] = {}
 
     def _spawn(self) -> None:
         binary = shutil.which("mosquitto_sub")
@@ -318,15 +321,19 @@ class MosquittoSubSubscriber:
             if b'"status":"created"' in payload:
                 self.created += 1
                 continue
+            # the daemon's payloads (events.StatusEvent.payload): compact JSON,
+            # order_id first; found by bytes, parsed in results()
+            if b'"status":"cancelled"' in payload and b'"reason":"timeout"' in payload:
+                start = payload.find(b'"order_id":"') + len(b'"order_id":"')
+                order_id = payload[start : payload.index(b'"', start)].decode()
+                if order_id not in self.cancelled_raw:
+                    self.cancelled_raw[order_id] = (stamp, payload)
+                    if order_id.startswith(MEASURED_PREFIX):
+                        self.measured += 1
+                continue
             event = json.loads(payload)
             if event.get("status") == "probe":
                 self.probes += 1
-            elif event.get("status") == "cancelled" and event.get("reason") == "timeout":
-                order_id = str(event["order_id"])
-                if order_id not in self.cancelled:
-                    self.cancelled[order_id] = (float(stamp), unix_ms(str(event["at"])))
-                    if order_id.startswith(MEASURED_PREFIX):
-                        self.measured += 1
             else:
                 self.other += 1
 
@@ -345,11 +352,11 @@ class MosquittoSubSubscriber:
 
     async def counts(self) -> Counts:
         self._read()
-        return Counts(self.created, self.measured, len(self.cancelled), self.other)
+        return Counts(self.created, self.measured, len(self.cancelled_raw), self.other)
 
     async def received(self, order_id: str) -> bool:
         self._read()
-        return order_id in self.cancelled
+        return order_id in self.cancelled_raw
 
     def pid(self) -> int:
         assert self.proc is not None
@@ -357,7 +364,10 @@ class MosquittoSubSubscriber:
 
     async def results(self) -> dict[str, tuple[float, int]]:
         self._read()
-        return dict(self.cancelled)
+        return {
+            order_id: (float(stamp), unix_ms(str(json.loads(payload)["at"])))
+            for order_id, (stamp, payload) in self.cancelled_raw.items()
+        }
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
