@@ -47,8 +47,8 @@ order costs there a fraction of what a hash of its own would (docs/figures.md,
 An order the sweep cancels at its deadline straight from pending stays in its
 bucket: the value becomes ``<c>|<d>|<u>``, status ``cancelled``, version 2,
 reason ``timeout``, updated ``u`` (its two events implied, as below), and an
-entry of the retention queue ``order:{P}:expiring`` names it; the sweep of the
-part deletes such records once their retention has ended (a key of its own
+entry of the retention queue ``order:{P}:expiring`` names it; the sweeps of the
+part delete such records once their retention has ended (a key of its own
 per order, with an expiry, cost Redis more than the rest of the cancellation:
 docs/figures.md). Under an ACL without the queue's list commands the sweep
 writes the own hash below instead.

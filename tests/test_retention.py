@@ -169,6 +169,49 @@ async def test_a_sweep_retires_up_to_its_batch_limit(settings: Settings, redis: 
         await store.close()
 
 
+def ids_of_one_bucket(prefix: str, count: int) -> list[str]:
+    """`count` ids that share one part and one bucket (found by trying)."""
+    first = f"{prefix}-0"
+    ids, i = [first], 1
+    while len(ids) < count:
+        candidate = f"{prefix}-{i}"
+        i += 1
+        if part_of(candidate) == part_of(first) and bucket_of(candidate) == bucket_of(first):
+            ids.append(candidate)
+    return ids
+
+
+async def test_a_sweep_with_nothing_due_retires_about_100(settings: Settings, redis: Redis) -> None:
+    """Three queue entries of 60 records each: a call that cancels nothing
+    takes whole entries until 100 records (two), the next call the third."""
+    short = dataclasses.replace(settings, retention=2.0)  # outlasts the three sweeps
+    store = Store.from_settings(short)
+    try:
+        async with OrderClient(short) as client:
+            ids = ids_of_one_bucket("hundred", 180)
+            part = part_of(ids[0])
+            swept_at = 0
+            for start in (0, 60, 120):
+                await client.create_many([(order_id, 0.1) for order_id in ids[start : start + 60]])
+                swept_at = await swept_when_due(client, store, ids[start : start + 60])
+            assert [len(entry.split(b"|")[2].split(b",")) for entry in await queue_entries(redis, part)] == [
+                60,
+                60,
+                60,
+            ]
+            await wait_until(
+                lambda: redis_clock_past(client, swept_at + short.retention_ms), 5, "the retention to end"
+            )
+            (result,) = await store.sweep([part], 1000)
+            assert result.cancelled == []
+            assert len(await queue_entries(redis, part)) == 1
+            await store.sweep([part], 1000)
+            assert await queue_entries(redis, part) == []
+            assert await redis.hlen(LAYOUT.bucket(ids[0])) == 0
+    finally:
+        await store.close()
+
+
 async def test_without_the_list_commands_the_sweep_writes_an_own_hash(
     settings: Settings, redis: Redis
 ) -> None:

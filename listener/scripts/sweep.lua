@@ -17,9 +17,9 @@
 -- unpack_bucket_value), instead of a hash of its own with an expiry: a new key
 -- per order was the largest part of a cancellation's cost in Redis. The
 -- part's retention queue '<key base>expiring' (a list, oldest first) holds
--- "<ms>|<bucket>|<id>,<id>,..." per bucket and call, and every call first
--- deletes up to its batch limit of such records whose retention has ended
--- (retire below). A daemon user whose ACL lacks the list commands, or a
+-- "<ms>|<bucket>|<id>,<id>,..." per bucket and call, and every call, once it
+-- cancelled what is due, deletes some of such records whose retention has
+-- ended (retire below). A daemon user whose ACL lacks the list commands, or a
 -- queue key of another type, keeps the earlier form (own hash, PEXPIRE).
 -- The pause switch of the part (lib.lua, held) decides first: while paused
 -- nothing is cancelled and the next deadline is -1 (the daemons look again
@@ -68,9 +68,8 @@ end
 -- ended by `now`, up to `budget` orders (whole queue entries: at least one
 -- when one is due). A record that is no longer in the cancelled form
 -- (deleted or written by hand since) is left alone; an entry of the queue
--- that is not "<ms>|<bucket>|<ids>" is dropped. Memory-freeing writes: they
--- come before this call's other writes (see lib.lua). Retention is thus a
--- minimum: a record goes with the first call of its part after it ended.
+-- that is not "<ms>|<bucket>|<ids>" is dropped. Retention is thus a
+-- minimum: a record goes with a call of its part after it ended.
 local function retire(budget)
   local done = 0
   while done < budget do
@@ -111,9 +110,6 @@ local function retire(budget)
     end
     done = done + 1  -- an entry costs something even when it holds nothing to delete
   end
-end
-if keep_in_bucket then
-  retire(limit)
 end
 
 local switch = redis.call('HMGET', base .. 'pause', 'since', 'resumed', 'until')
@@ -243,6 +239,15 @@ if #due > 0 then
     redis.call('RPUSH', queue, unpack(entries))
   end
 end
+-- Records whose retention ended go last, so the orders due now are cancelled
+-- first, and at most twice as many as this call cancelled plus 100 (within
+-- the batch limit): a queue that fell behind (a burst's records a retention
+-- later) is worked off at more than the rate it grows, a little each call,
+-- never holding Redis long in a round trip that other parts wait behind.
+if keep_in_bucket then
+  retire(math.min(limit, #cancelled + 100))  -- (#cancelled: two items per order)
+end
+
 local head
 if grace_until then
   head = redis.call('ZRANGEBYSCORE', index, low, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
