@@ -145,7 +145,14 @@ async def test_refused_and_repeated_operations_change_and_publish_nothing(
             order = await client.get(oid[state])
             assert (order.status, order.reason) == (status, reason), state
 
-        stored = {state: await redis.hgetall(layout.order(oid[state])) for state in STATES}
+        async def record(state: str) -> tuple[dict[bytes, bytes], bytes | None]:
+            # the own hash, and the bucket field where the sweep's record stays
+            value = await redis.hget(layout.bucket(oid[state]), oid[state])
+            assert value is None or isinstance(value, bytes)
+            return await redis.hgetall(layout.order(oid[state])), value
+
+        stored = {state: await record(state) for state in STATES}
+        assert stored["by-timeout"] != ({}, None)
         appended = await outbox_appends(redis, layout)
         published = len(subscriber.events)
         tried = 0
@@ -172,7 +179,7 @@ async def test_refused_and_repeated_operations_change_and_publish_nothing(
         # Nothing changed: records, outbox appends, and (after a marker went
         # through each order's lane) no new event.
         for state in STATES:
-            assert await redis.hgetall(layout.order(oid[state])) == stored[state], state
+            assert await record(state) == stored[state], state
         assert await outbox_appends(redis, layout) == appended
         assert len(subscriber.events) == published
         for state in STATES:

@@ -65,8 +65,11 @@ if keep_in_bucket then
 end
 
 -- Deletes the bucket records of orders the sweep cancelled whose retention
--- ended by `now`, up to `budget` orders (whole queue entries: at least one
--- when one is due). A record that is no longer in the cancelled form
+-- ended by `now`, up to `budget` (an order and a queue entry count one each;
+-- whole entries, at least one when one is due). The queue is in the order of
+-- its ends as long as the retention stays the same: an entry not yet due
+-- holds back those behind it (after the retention was lowered, until those
+-- queued before have ended). A record that is no longer in the cancelled form
 -- (deleted or written by hand since) is left alone; an entry of the queue
 -- that is not "<ms>|<bucket>|<ids>" is dropped. Retention is thus a
 -- minimum: a record goes with a call of its part after it ended.
@@ -240,12 +243,12 @@ if #due > 0 then
   end
 end
 -- Records whose retention ended go last, so the orders due now are cancelled
--- first, and at most twice as many as this call cancelled plus 100 (within
--- the batch limit): a queue that fell behind (a burst's records a retention
--- later) is worked off at more than the rate it grows, a little each call,
--- never holding Redis long in a round trip that other parts wait behind.
+-- first, and at most twice as many as this call cancelled plus 100: a queue
+-- that fell behind (a burst's records a retention later) is worked off faster
+-- than the calls that cancel add to it, a little each call, never holding
+-- Redis long in a round trip that other parts wait behind.
 if keep_in_bucket then
-  retire(math.min(limit, #cancelled + 100))  -- (#cancelled: two items per order)
+  retire(#cancelled + 100)  -- (#cancelled: two items per order)
 end
 
 local head
