@@ -262,7 +262,9 @@ async def _probe_broker(client: CheckedClient, topic: str, settings: Settings, r
             f"a backlog of events drains at most {window} per round trip and connection{spread}",
             "mosquitto: `max_inflight_messages 0` (no limit) or 1000 in mosquitto.conf (other brokers: "
             "their receive maximum / max inflight setting); expected: a 100,000-event backlog out "
-            "several times faster on a busy link",
+            "several times faster on a busy link. A broker at mosquitto's defaults also queues at most "
+            "1,000 messages for a subscriber that falls behind and drops the rest: in a burst of "
+            "cancellations a slow subscriber loses events; `max_queued_messages 0` keeps them",
         )
     else:
         report.ok(f"mqtt: the broker allows {window} QoS 1 messages in flight (Receive Maximum)")

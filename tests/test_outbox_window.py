@@ -144,6 +144,7 @@ async def test_check_names_a_small_receive_maximum_and_a_tuned_broker_passes(
     assert "allows 20 QoS 1 messages in flight" in stock.out
     assert "the daemon publishes over 4 connections (80 in flight)" in stock.out
     assert "max_inflight_messages 0" in stock.out, "the fix is named"
+    assert "max_queued_messages 0" in stock.out, "and the one for subscribers that fall behind"
     assert "PUBACK round trip p50" in stock.out
     tuned_broker = mosquitto(workdir / f"tuned-{random.randrange(10**9)}", profile="tuned", durable=False)
     tuned_broker.start()
