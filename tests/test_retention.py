@@ -180,6 +180,23 @@ async def test_a_sweep_with_nothing_due_retires_about_100(settings: Settings, re
         await store.close()
 
 
+async def test_an_order_with_a_hash_of_its_own_in_the_batch_changes_nothing_for_the_others(
+    settings: Settings, redis: Redis, store: Store
+) -> None:
+    """One due order of the batch was extended (it has a hash of its own, so
+    the sweep reads every order's hash): it is cancelled into that hash, the
+    others still stay in their buckets."""
+    extended, plain = ids_of_one_bucket("mixed", 2)
+    async with OrderClient(settings) as client:
+        await client.create_many([(extended, 0.2), (plain, 0.3)])
+        await client.extend(extended, 0.1)
+        await swept_when_due(client, store, [extended, plain])
+    assert (await redis.hgetall(LAYOUT.order(extended)))[b"s"] == b"cancelled"
+    assert not await redis.exists(LAYOUT.order(plain))
+    kept = await redis.hget(LAYOUT.bucket(plain), plain)
+    assert isinstance(kept, bytes) and kept.count(b"|") == 2
+
+
 async def test_without_the_list_commands_the_sweep_writes_an_own_hash(
     settings: Settings, redis: Redis
 ) -> None:

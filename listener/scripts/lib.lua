@@ -241,7 +241,7 @@ local function read_record(okey, bkey, id, no_own)
   -- HMGET, not HGET: the daemon's ACL user has no HGET (deploy/redis-users.acl)
   local packed = redis.call('HMGET', bkey, id)[1]
   local c, d = cur[4], cur[5]
-  local own = c ~= nil or d ~= nil
+  local own = (c or d) and true or false  -- (HMGET gives false, not nil, for a missing field)
   if packed then
     local pc, pd, pu = unpack_bucket_value(packed)
     c, d = c or pc, d or pd
