@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import print_setup, redis_config
+from benchlib import print_setup, redis_config, redis_cpu, used_memory
 from redis.asyncio import Redis
 
 from listener.api import OrderClient
@@ -37,21 +37,6 @@ async def evalsha_usec(redis: Redis) -> tuple[int, int]:
     stats = await redis.info("commandstats")
     entry = stats.get("cmdstat_evalsha", {})
     return int(entry.get("calls", 0)), int(entry.get("usec", 0))
-
-
-async def redis_cpu_s(redis: Redis) -> float:
-    info = await redis.info("cpu")
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
-
-
-async def empty_memory(url: str) -> int:
-    """used_memory of the same server with the orders' keys gone (its baseline)."""
-    redis = Redis.from_url(url)
-    try:
-        await redis.flushall()
-        return int((await redis.info("memory"))["used_memory"])
-    finally:
-        await redis.aclose()
 
 
 async def measure(url: str, orders: int, batch: int) -> None:
@@ -72,7 +57,7 @@ async def measure(url: str, orders: int, batch: int) -> None:
         store = await client.opened()
         await redis.config_resetstat()
         calls = swept = 0
-        cpu_before = await redis_cpu_s(redis)
+        cpu_before = await redis_cpu(redis)
         started = time.perf_counter()
         while True:
             results = await store.sweep(range(PARTS), batch)
@@ -82,14 +67,15 @@ async def measure(url: str, orders: int, batch: int) -> None:
             if done == 0:
                 break
         sweep_s = time.perf_counter() - started
-        sweep_cpu_s = await redis_cpu_s(redis) - cpu_before
+        sweep_cpu_s = await redis_cpu(redis) - cpu_before
         _, sweep_us = await evalsha_usec(redis)
         # what the cancelled orders keep while their retention lasts: the
         # outbox entries go once published (no daemon here to do it)
         streams = [key for p in range(PARTS) for key in (layout.outbox(p), layout.outbox_created(p))]
         await redis.delete(*streams)
-        kept = (await redis.info("memory"))["used_memory"]
-        empty = await empty_memory(url)
+        kept = await used_memory(redis)
+        await redis.flushall()
+        empty = await used_memory(redis)  # the server's own baseline
     await redis.aclose()
     print(f"orders            {orders:,} ({memory / orders:.0f} B of Redis memory each while pending)")
     print(f"create            {create_s:.2f} s wall, Redis {create_us / orders:.1f} µs per order")

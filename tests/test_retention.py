@@ -8,6 +8,7 @@ expiry). Against a real redis-server."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -25,8 +26,8 @@ from tests.test_refusals import daemon_user_without
 LAYOUT = KeyLayout()
 
 
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
+@contextlib.asynccontextmanager
+async def opened_store(settings: Settings) -> AsyncIterator[Store]:
     opened = Store.from_settings(settings)
     try:
         yield opened
@@ -34,20 +35,22 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
         await opened.close()
 
 
-async def swept_when_due(
-    client: OrderClient, store: Store, order_ids: list[str], *, limit: int = 1000
-) -> int:
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    async with opened_store(settings) as opened:
+        yield opened
+
+
+async def swept_when_due(client: OrderClient, store: Store, order_ids: list[str]) -> int:
     """Waits until the orders' deadlines passed, then sweeps their parts until
     none of them is pending; the Redis clock (ms) of the last sweep."""
     deadlines = [(await client.get(order_id)).deadline_ms for order_id in order_ids]
     await wait_until(lambda: redis_clock_past(client, max(deadlines)), 5, "the deadlines to pass")
     parts = sorted({part_of(order_id) for order_id in order_ids})
-    clock = 0
     while True:
-        results = await store.sweep(parts, limit)
-        clock = max(result.now_ms for result in results)
+        results = await store.sweep(parts, 1000)
         if not any(result.cancelled for result in results):
-            return clock
+            return max(result.now_ms for result in results)
 
 
 async def queue_entries(redis: Redis, part: int) -> list[bytes]:
@@ -101,40 +104,36 @@ async def test_the_sweep_deletes_records_whose_retention_ended_and_only_those(
     their end; the id may then be created again. A record made pending again
     by hand since is left alone, and a malformed queue entry is dropped."""
     short = dataclasses.replace(settings, retention=1.5)
-    store = Store.from_settings(short)
-    try:
-        async with OrderClient(short) as client:
-            ids = [f"retire-{i}" for i in range(30)]
-            await client.create_many([(order_id, 0.1) for order_id in ids])
-            swept_at = await swept_when_due(client, store, ids)
-            parts = sorted({part_of(order_id) for order_id in ids})
-            queued = [entry for part in parts for entry in await queue_entries(redis, part)]
-            assert sorted(b for e in queued for b in e.split(b"|")[2].split(b",")) == sorted(
-                order_id.encode() for order_id in ids
-            )
-            # by hand: retire-0 pending again (a record in the pending form is not the sweep's)
-            pending_again = b"1-0|9999999999999"
-            await redis.hset(LAYOUT.bucket("retire-0"), "retire-0", pending_again)
-            await redis.lpush(LAYOUT.expiring(part_of("retire-1")), b"not an entry")
+    async with opened_store(short) as store, OrderClient(short) as client:
+        ids = [f"retire-{i}" for i in range(30)]
+        await client.create_many([(order_id, 0.1) for order_id in ids])
+        swept_at = await swept_when_due(client, store, ids)
+        parts = sorted({part_of(order_id) for order_id in ids})
+        queued = [entry for part in parts for entry in await queue_entries(redis, part)]
+        assert sorted(b for e in queued for b in e.split(b"|")[2].split(b",")) == sorted(
+            order_id.encode() for order_id in ids
+        )
+        # by hand: retire-0 pending again (a record in the pending form is not the sweep's)
+        pending_again = b"1-0|9999999999999"
+        await redis.hset(LAYOUT.bucket("retire-0"), "retire-0", pending_again)
+        await redis.lpush(LAYOUT.expiring(part_of("retire-1")), b"not an entry")
 
-            # within the retention a sweep deletes nothing
-            await store.sweep(parts, 1000)
-            assert (await client.get("retire-1")).status is Status.CANCELLED
+        # within the retention a sweep deletes nothing
+        await store.sweep(parts, 1000)
+        assert (await client.get("retire-1")).status is Status.CANCELLED
 
-            await wait_until(
-                lambda: redis_clock_past(client, swept_at + short.retention_ms), 5, "the retention to end"
-            )
-            await store.sweep(parts, 1000)
-            for part in parts:
-                assert await queue_entries(redis, part) == []
-            for order_id in ids[1:]:
-                assert await redis.hget(LAYOUT.bucket(order_id), order_id) is None, order_id
-                assert await store.get(order_id) is None
-            assert await redis.hget(LAYOUT.bucket("retire-0"), "retire-0") == pending_again
-            made = await client.create("retire-1", timeout=60)
-            assert made.created
-    finally:
-        await store.close()
+        await wait_until(
+            lambda: redis_clock_past(client, swept_at + short.retention_ms), 5, "the retention to end"
+        )
+        await store.sweep(parts, 1000)
+        for part in parts:
+            assert await queue_entries(redis, part) == []
+        for order_id in ids[1:]:
+            assert await redis.hget(LAYOUT.bucket(order_id), order_id) is None, order_id
+            assert await store.get(order_id) is None
+        assert await redis.hget(LAYOUT.bucket("retire-0"), "retire-0") == pending_again
+        made = await client.create("retire-1", timeout=60)
+        assert made.created
 
 
 def ids_of_one_bucket(prefix: str, count: int) -> list[str]:
@@ -153,31 +152,27 @@ async def test_a_sweep_with_nothing_due_retires_about_100(settings: Settings, re
     """Three queue entries of 60 records each: a call that cancels nothing
     takes whole entries until 100 records (two), the next call the third."""
     short = dataclasses.replace(settings, retention=2.0)  # outlasts the three sweeps
-    store = Store.from_settings(short)
-    try:
-        async with OrderClient(short) as client:
-            ids = ids_of_one_bucket("hundred", 180)
-            part = part_of(ids[0])
-            swept_at = 0
-            for start in (0, 60, 120):
-                await client.create_many([(order_id, 0.1) for order_id in ids[start : start + 60]])
-                swept_at = await swept_when_due(client, store, ids[start : start + 60])
-            assert [len(entry.split(b"|")[2].split(b",")) for entry in await queue_entries(redis, part)] == [
-                60,
-                60,
-                60,
-            ]
-            await wait_until(
-                lambda: redis_clock_past(client, swept_at + short.retention_ms), 5, "the retention to end"
-            )
-            (result,) = await store.sweep([part], 1000)
-            assert result.cancelled == []
-            assert len(await queue_entries(redis, part)) == 1
-            await store.sweep([part], 1000)
-            assert await queue_entries(redis, part) == []
-            assert await redis.hlen(LAYOUT.bucket(ids[0])) == 0
-    finally:
-        await store.close()
+    async with opened_store(short) as store, OrderClient(short) as client:
+        ids = ids_of_one_bucket("hundred", 180)
+        part = part_of(ids[0])
+        swept_at = 0
+        for start in (0, 60, 120):
+            await client.create_many([(order_id, 0.1) for order_id in ids[start : start + 60]])
+            swept_at = await swept_when_due(client, store, ids[start : start + 60])
+        assert [len(entry.split(b"|")[2].split(b",")) for entry in await queue_entries(redis, part)] == [
+            60,
+            60,
+            60,
+        ]
+        await wait_until(
+            lambda: redis_clock_past(client, swept_at + short.retention_ms), 5, "the retention to end"
+        )
+        (result,) = await store.sweep([part], 1000)
+        assert result.cancelled == []
+        assert len(await queue_entries(redis, part)) == 1
+        await store.sweep([part], 1000)
+        assert await queue_entries(redis, part) == []
+        assert await redis.hlen(LAYOUT.bucket(ids[0])) == 0
 
 
 async def test_an_order_with_a_hash_of_its_own_in_the_batch_changes_nothing_for_the_others(
@@ -204,13 +199,9 @@ async def test_without_the_list_commands_the_sweep_writes_an_own_hash(
     queue (no +rpush): the sweep cancels as before, into a hash of the order's
     own with the retention as its expiry, and Redis refused nothing."""
     async with daemon_user_without(redis, settings, "rpush") as config:
-        store = Store.from_settings(config)
-        try:
-            async with OrderClient(settings) as client:
-                await client.create("old-acl", timeout=0.1)
-                await swept_when_due(client, store, ["old-acl"])
-        finally:
-            await store.close()
+        async with opened_store(config) as store, OrderClient(settings) as client:
+            await client.create("old-acl", timeout=0.1)
+            await swept_when_due(client, store, ["old-acl"])
         assert await redis.acl_log() == []
     assert await redis.hget(LAYOUT.bucket("old-acl"), "old-acl") is None
     record = await redis.hgetall(LAYOUT.order("old-acl"))

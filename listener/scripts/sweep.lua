@@ -115,6 +115,23 @@ local function retire(budget)
   end
 end
 
+-- Order ids grouped by their bucket: `groups` in the order first met, each
+-- {key, bucket, ids, fields}; add() puts an id in its group and returns it.
+local function by_bucket()
+  local groups, of = {}, {}
+  local function add(bkey, bucket, id)
+    local group = of[bkey]
+    if not group then
+      group = {key = bkey, bucket = bucket, ids = {}, fields = {}}
+      of[bkey] = group
+      groups[#groups + 1] = group
+    end
+    group.ids[#group.ids + 1] = id
+    return group
+  end
+  return {groups = groups, add = add}
+end
+
 local switch = redis.call('HMGET', base .. 'pause', 'since', 'resumed', 'until')
 local low, grace_until = '-inf', nil
 if switch[1] then
@@ -144,8 +161,9 @@ if #due > 0 then
     end
   end
   local no_own = #valid == 0 or redis.pcall('EXISTS', unpack(valid)) == 0
-  local records, bucket_keys, bucket_ids = {}, {}, {}
-  local kept_keys, kept_in = {}, {}  -- buckets whose records stay, in order; bkey -> their ids
+  -- Ids by bucket, buckets in the order first met: those whose fields go
+  -- (`freed`) and those whose records stay, cancelled (`kept`: see above).
+  local records, freed, kept = {}, by_bucket(), by_bucket()
   for i, id in ipairs(due) do
     local problem
     local okey = okeys[i]
@@ -167,22 +185,9 @@ if #due > 0 then
         version = tonumber(version)
         -- stays: cancelled in its bucket field (see above)
         local stays = keep_in_bucket and version == 1 and in_bucket and not own
-        records[i] = {okey, version, created, deadline, stays and bkey}
-        if stays then
-          local kept = kept_in[bkey]
-          if not kept then
-            kept = {bucket = bucket, fields = {}, ids = {}}
-            kept_in[bkey] = kept
-            kept_keys[#kept_keys + 1] = bkey
-          end
-          kept.ids[#kept.ids + 1] = id
-        elseif in_bucket then
-          if not bucket_ids[bkey] then
-            bucket_keys[#bucket_keys + 1] = bkey
-            bucket_ids[bkey] = {}
-          end
-          local ids = bucket_ids[bkey]
-          ids[#ids + 1] = id
+        records[i] = {okey, version, created, deadline, stays and kept.add(bkey, bucket, id)}
+        if in_bucket and not stays then
+          freed.add(bkey, bucket, id)
         end
       end
     end
@@ -198,8 +203,8 @@ if #due > 0 then
   end
   redis.call('DEL', unpack(timers))
   redis.call('ZREM', index, unpack(due))
-  for _, bkey in ipairs(bucket_keys) do
-    redis.call('HDEL', bkey, unpack(bucket_ids[bkey]))
+  for _, group in ipairs(freed.groups) do
+    redis.call('HDEL', group.key, unpack(group.ids))
   end
   local at, kept_for = string.format('%d', now), string.format('%d', retention)  -- once, not per order
   for i, id in ipairs(due) do
@@ -213,7 +218,7 @@ if #due > 0 then
         redis.call('XADD', outbox, '*', 'o', id, 's', 'cancelled', 'p', 'created', 'r', 'timeout',
                    'v', '2', 't', at, 'c', created)
         if stays then
-          local fields = kept_in[stays].fields
+          local fields = stays.fields
           fields[#fields + 1] = id
           fields[#fields + 1] = created .. '|' .. deadline .. '|' .. at
         else
@@ -229,15 +234,14 @@ if #due > 0 then
       cancelled[#cancelled + 1] = deadline
     end
   end
-  if #kept_keys > 0 then
+  if #kept.groups > 0 then
     local ends, entries = string.format('%d', now + retention), {}
-    for _, bkey in ipairs(kept_keys) do
-      local kept = kept_in[bkey]
-      local fields = kept.fields
+    for _, group in ipairs(kept.groups) do
+      local fields = group.fields
       for first = 1, #fields, 4000 do  -- unpack() gives at most 8000 values; pairs stay whole
-        redis.call('HSET', bkey, unpack(fields, first, math.min(first + 3999, #fields)))
+        redis.call('HSET', group.key, unpack(fields, first, math.min(first + 3999, #fields)))
       end
-      entries[#entries + 1] = ends .. '|' .. kept.bucket .. '|' .. table.concat(kept.ids, ',')
+      entries[#entries + 1] = ends .. '|' .. group.bucket .. '|' .. table.concat(group.ids, ',')
     end
     redis.call('RPUSH', queue, unpack(entries))
   end
