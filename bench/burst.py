@@ -1,12 +1,15 @@
 """A burst: N orders all falling due in the same second.
 
-    .venv/bin/python bench/burst.py [--orders 100000] [--lead 20] [--subscriber mosquitto_sub]
+    .venv/bin/python bench/burst.py [--broker stock|tuned] [--orders 100000] [--lead 20]
+        [--subscriber mosquitto_sub|process] [--sub-nodelay]
 
 Starts its own redis-server (the project's redis.conf) and mosquitto on free
 loopback ports, the daemon as a separate process and an MQTT subscriber
 (mosquitto_sub, the C client, by default: a Python subscriber cannot take
 tens of thousands of messages a second; `--subscriber process` uses
-bench/lag.py's aiomqtt one). Then:
+bench/lag.py's aiomqtt one; `--sub-nodelay` runs mosquitto_sub with
+`--nodelay`, so that its PUBACKs are not held back by Nagle's algorithm).
+Then:
 
 1. creates N orders in bulk through the Python API (chunks of 10,000), each
    with a timeout that puts its deadline in the second that starts `--lead`
@@ -15,7 +18,8 @@ bench/lag.py's aiomqtt one). Then:
    (VmHWM, by writing 5 to /proc/<pid>/clear_refs), and the outbox backlog
    (the `created` events of the burst still unpublished);
 3. waits until every order's `cancelled` event reached the subscriber, or
-   `--grace` seconds (120) after the second;
+   `--grace` seconds (120) after the second, or until nothing new arrived
+   for `--quiet` seconds (10): the CPU figures cover that wait;
 4. prints: the time from the start of that second (and from its end) to the
    last `cancelled` event received, the throughput, the missing count, the
    lag of each order from its own deadline (p50, p99, max), the daemon's RSS
@@ -24,7 +28,8 @@ bench/lag.py's aiomqtt one). Then:
    (the latest `at` of the events: the rest is publishing), and the CPU the
    daemon, Redis, mosquitto, the subscriber and the whole machine used.
 
-The issue's target: all cancelled and published within 3 s of that second.
+The target: every order cancelled in Redis within 2.5 s of that second's
+start, and every `cancelled` event received within 6 s.
 Nothing is asserted.
 """
 
@@ -108,6 +113,23 @@ async def sample_rss(pid: int, peak: list[int]) -> None:
         await asyncio.sleep(SAMPLE)
 
 
+async def wait_for_all(
+    sub: lag.Subscriber, daemon: lag.DaemonProcess, count: int, until: float, quiet: float
+) -> None:
+    """Until `count` orders' `cancelled` events arrived, the clock passed `until`,
+    or nothing new arrived for `quiet` seconds (the rest were dropped, by a stock
+    broker's queue for the subscriber: waiting on would only add idle CPU to the
+    figures)."""
+    seen, last_new = 0, time.monotonic()
+    while (measured := (await sub.counts()).measured) < count:
+        daemon.check_alive()
+        if measured != seen:
+            seen, last_new = measured, time.monotonic()
+        if time.time() > until or (seen and time.monotonic() - last_new > quiet):
+            return
+        await asyncio.sleep(0.05)
+
+
 async def run(
     args: argparse.Namespace, redis_proc: ServerProcess, broker: ServerProcess, workdir: Path
 ) -> Burst:
@@ -118,7 +140,7 @@ async def run(
     print(f"Redis config: {await redis_config(redis)}", flush=True)
     sub: lag.Subscriber
     if args.subscriber == "mosquitto_sub":
-        sub = lag.MosquittoSubSubscriber("127.0.0.1", broker.port, workdir)
+        sub = lag.MosquittoSubSubscriber("127.0.0.1", broker.port, workdir, nodelay=args.sub_nodelay)
     else:
         sub = lag.ProcessSubscriber("127.0.0.1", broker.port)
     await sub.start()
@@ -178,11 +200,7 @@ async def run(
             commands_before = await lag.command_usage(redis)
             stats_before = await redis.info("stats")
             try:
-                while (await sub.counts()).measured < len(deadlines):
-                    daemon.check_alive()
-                    if time.time() > result.second + 1 + args.grace:
-                        break
-                    await asyncio.sleep(0.05)
+                await wait_for_all(sub, daemon, len(deadlines), result.second + 1 + args.grace, args.quiet)
             finally:
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -286,7 +304,7 @@ def report(result: Burst, subscriber: str) -> None:
         f"Burst: {result.orders:,} orders due in the same second (subscriber {subscriber})",
         headers,
         rows,
-        "target (issue): all cancelled and published within 3 s of that second",
+        "target: all cancelled in Redis within 2.5 s of the second's start, all received within 6 s",
     )
     print(
         "Redis commands during the burst (a script's time includes its commands'): "
@@ -308,7 +326,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--lead", type=float, default=20.0, metavar="S", help="the second starts S s after the start (20)"
     )
     parser.add_argument("--grace", type=float, default=120.0, metavar="S", help="wait after the second (120)")
+    parser.add_argument(
+        "--quiet", type=float, default=10.0, metavar="S", help="stop waiting after S s with nothing new (10)"
+    )
     parser.add_argument("--subscriber", choices=["mosquitto_sub", "process"], default="mosquitto_sub")
+    parser.add_argument(
+        "--sub-nodelay",
+        action="store_true",
+        help="mosquitto_sub with --nodelay (TCP_NODELAY on the subscriber's socket)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument(
         "--event-log",
@@ -318,8 +344,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_broker_arg(parser)
     args = parser.parse_args(argv)
-    if args.orders < 1 or args.lead < 2 or args.grace < 0:
-        parser.error("--orders >= 1, --lead >= 2, --grace >= 0")
+    if args.orders < 1 or args.lead < 2 or args.grace < 0 or args.quiet <= 0:
+        parser.error("--orders >= 1, --lead >= 2, --grace >= 0, --quiet > 0")
     return args
 
 
@@ -330,7 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Setup",
         [
             ("orders", f"{args.orders:,} due within one second starting {args.lead:g} s after the start"),
-            ("subscriber", f"{args.subscriber} (QoS 1, {lag.TOPIC}); daemon log level warning"),
+            (
+                "subscriber",
+                f"{args.subscriber}{' --nodelay' if args.sub_nodelay else ''} (QoS 1, {lag.TOPIC});"
+                " daemon log level warning",
+            ),
             broker_line(args.broker),
         ],
     )

@@ -267,9 +267,12 @@ class MosquittoSubSubscriber:
 
     PROBE_TOPIC = "orders/bench-probe/status"
 
-    def __init__(self, host: str, port: int, workdir: Path) -> None:
+    def __init__(self, host: str, port: int, workdir: Path, *, nodelay: bool = False) -> None:
         self.host = host
         self.port = port
+        # --nodelay: its PUBACKs leave at once instead of waiting (Nagle's algorithm)
+        # for the TCP acknowledgement of the one before
+        self.nodelay = nodelay
         self.path = workdir / f"mosquitto_sub-{time.monotonic_ns()}.out"
         self.proc: subprocess.Popen[bytes] | None = None
         self.offset = 0
@@ -303,6 +306,7 @@ class MosquittoSubSubscriber:
                     "mqttv5",
                     "-F",
                     "%U %p",
+                    *(["--nodelay"] if self.nodelay else []),
                 ],
                 stdout=out,
                 stderr=subprocess.DEVNULL,

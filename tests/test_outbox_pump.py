@@ -33,13 +33,13 @@ async def unused(*_: Any) -> Any:
     raise AssertionError("no Redis in these tests")
 
 
-def pump() -> Pump:
+def pump(parts: Sequence[int] = (0,), xrange_one: Any = unused) -> Pump:
     return Pump(
-        [0],
+        list(parts),
         KeyLayout(),
         holds=lambda part: True,
         run_pipeline=unused,
-        xrange_one=unused,
+        xrange_one=xrange_one,
         parse=parse,
         batch=500,
     )
@@ -81,3 +81,35 @@ async def test_a_created_entry_kept_back_is_never_trimmed_by_one_sent_ahead_of_i
     window.room = 1
     reader.send([window])  # C's place in turn comes: nothing to send for it
     assert reader.deletes.upto[lo] == b"2000-0", "X acknowledged: now the stream goes up to C"
+
+
+async def none_found(pairs: Sequence[tuple[str, bytes]]) -> list[list[Entry]]:
+    return [[] for _ in pairs]  # the `created` entries asked for are gone
+
+
+async def test_a_full_connection_holds_back_only_its_own_lanes_and_their_order() -> None:
+    """Lanes 0 and 2 share a full connection, lane 1 has room on the other:
+    lane 1's event queued behind hundreds of theirs still goes, and theirs
+    keep their order; with both connections full nothing goes and nothing
+    moves; room again, and lane 0's oldest events go first."""
+    reader = pump([0, 1, 2], xrange_one=none_found)
+
+    def cancellation(order: str, at: int) -> dict[bytes, bytes]:
+        fields = {b"o": order.encode(), b"s": b"cancelled", b"p": b"created", b"r": b"timeout", b"v": b"2"}
+        return fields | {b"t": str(at).encode(), b"c": b"1-0"}
+
+    for part in (0, 2):
+        entries = [(f"{i}-0".encode(), cancellation(f"P{part}-{i}", i)) for i in range(1, 301)]
+        await reader._take_transitions(part, entries)
+    await reader._take_transitions(1, [(b"1-0", cancellation("Q", 1)), (b"2-0", cancellation("R", 2))])
+    full, roomy = Window(room=0), Window(room=1)
+    before = [(item.key, item.entry_id) for item in reader.hi]
+    assert reader.send([full, roomy]) == 1  # type: ignore[list-item]
+    assert [item.event.order_id for item in roomy.sent] == ["Q"] and full.sent == []
+    left = [(item.key, item.entry_id) for item in reader.hi]
+    assert left == [entry for entry in before if entry != (reader.hi_key[1], b"1-0")], "the rest in its order"
+    assert reader.send([full, roomy]) == 0  # type: ignore[list-item]
+    assert [(item.key, item.entry_id) for item in reader.hi] == left
+    full.room = 2
+    assert reader.send([full, roomy]) == 2  # type: ignore[list-item]
+    assert [item.event.order_id for item in full.sent] == ["P0-1", "P0-2"], "in the order read"
