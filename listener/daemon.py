@@ -28,6 +28,7 @@ from listener.keys import KeyLayout
 from listener.logistics import LogisticsHandler
 from listener.metrics import Metrics
 from listener.mqtt import MqttLink
+from listener.mqtt.drops import DropWatch
 from listener.notifications import check_notifications
 from listener.outbox import Outbox
 from listener.scheduler import DeadlineScheduler
@@ -78,6 +79,7 @@ class Daemon:
             subscriptions=[settings.logistics_topic],
             handler=self.logistics,
             fast_paths=self.fast_paths,
+            drops=DropWatch(self.metrics.broker_dropped.inc),
         )
         self.scheduler = DeadlineScheduler(
             self.store,

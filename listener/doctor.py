@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import uuid
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,8 @@ from listener.config import Settings
 from listener.connection import RedisClient, open_redis
 from listener.keys import KeyLayout
 from listener.mqtt import default_client_id, make_client
-from listener.mqtt.client import CheckedClient
+from listener.mqtt.client import CheckedClient, is_failure
+from listener.mqtt.drops import DROPPED_TOPIC, FIX, read_count
 from listener.mqtt.link import connections_for
 from listener.notifications import check_notifications, expired_channel
 from listener.scripts import NAMES, source
@@ -197,6 +199,7 @@ async def _check_mqtt(settings: Settings, report: _Report) -> None:
                     break
             report.ok(f"mqtt: allowed to publish and subscribe under {settings.topic_prefix}/")
             await _probe_broker(client, topic, settings, report)
+            await _check_drops(client, report)
     except TimeoutError:
         report.problem(
             f"mqtt: a message published to {topic} did not come back within 5 s",
@@ -268,3 +271,33 @@ async def _probe_broker(client: CheckedClient, topic: str, settings: Settings, r
         )
     else:
         report.ok(f"mqtt: the broker allows {window} QoS 1 messages in flight (Receive Maximum)")
+
+
+DROPS_WAIT_S = 1.0  # the count is retained: a broker that has it sends it at once
+
+
+async def _check_drops(client: CheckedClient, report: _Report) -> None:
+    """What the broker says it dropped since it started (mosquitto's retained
+    $SYS count; mqtt/drops.py): the queues of subscribers that fell behind."""
+    count = None
+    granted = await client.subscribe(DROPPED_TOPIC, qos=0)
+    if not any(is_failure(code) for code in granted):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DROPS_WAIT_S):
+                async for message in client.messages:  # (the probes' own messages come back too)
+                    if message.topic.value == DROPPED_TOPIC:
+                        count = read_count(message.payload)
+                        break
+    if count is None:
+        report.ok(
+            f"mqtt: the broker tells no count of dropped messages ({DROPPED_TOPIC}): "
+            "the daemon cannot see a subscriber's queue overflow there"
+        )
+    elif count:
+        report.note(
+            f"mqtt: the broker has dropped {count:,} messages since it started: queues of subscribers "
+            "that fell behind (or were offline) were full; every topic and client counts",
+            FIX,
+        )
+    else:
+        report.ok("mqtt: the broker has dropped no messages since it started")

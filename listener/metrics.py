@@ -127,6 +127,12 @@ class Metrics:
             "Unix time the current pause began (0 while not paused): time() minus it is how long",
             registry=self.registry,
         )
+        self.broker_dropped = Counter(
+            "order_listener_broker_dropped_messages",
+            "Messages the broker reports it dropped since this daemon connected (mosquitto's "
+            "$SYS/broker/publish/messages/dropped: every topic and client; a subscriber's queue was full)",
+            registry=self.registry,
+        )
         self.registry.register(_ServiceCollector(services))
         if fast_paths is not None:
             self.registry.register(_FastPathCollector(fast_paths))

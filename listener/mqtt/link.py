@@ -19,6 +19,7 @@ from listener.config import FastPathSetting, Settings
 from listener.events import StatusEvent
 from listener.fastpath import FastPaths, paho_io
 from listener.mqtt.client import CheckedClient, default_client_id, is_failure, make_client
+from listener.mqtt.drops import DROPPED_TOPIC, DropWatch
 from listener.mqtt.window import WINDOW, Publisher
 from listener.supervise import Service, supervise
 from listener.urls import mqtt_target
@@ -71,11 +72,14 @@ class MqttLink:
         subscriptions: Sequence[str] = (),
         handler: Handler | None = None,
         fast_paths: FastPaths | None = None,
+        drops: DropWatch | None = None,
     ) -> None:
         self.settings = settings
         self.service = service
         self.subscriptions = list(subscriptions)
         self.handler = handler
+        self.drops = drops  # reads what the broker says it dropped (mqtt/drops.py)
+        self._drops_refused_said = False
         self.v5 = settings.mqtt_protocol == "5"
         self.configured = settings.mqtt_connections  # None: auto, from the first CONNACK
         self._auto_cap = AUTO_CONNECTIONS_MAX  # lowered when the broker refuses one under auto
@@ -132,6 +136,8 @@ class MqttLink:
                         reason=[str(code) for code in granted],
                         fix="allow this user to subscribe to the topic (broker ACL)",
                     )
+            if self.drops is not None:
+                await self._watch_drops(main)
             prefix = self.settings.topic_prefix
             connection = Connection([Publisher(c, self.v5, prefix, WINDOW) for c in clients])
             self._current = connection
@@ -205,9 +211,24 @@ class MqttLink:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _watch_drops(self, main: CheckedClient) -> None:
+        """Subscribe to the broker's count of dropped messages (QoS 0: a lost
+        one is replaced by the next; retained: the current count comes at once)."""
+        granted = await main.subscribe(DROPPED_TOPIC, qos=0)
+        if any(is_failure(code) for code in granted) and not self._drops_refused_said:
+            self._drops_refused_said = True
+            log.info(
+                "the broker does not let this user read its dropped-messages count: not watched",
+                topic=DROPPED_TOPIC,
+            )
+
     async def _receive(self, client: CheckedClient, main: bool) -> None:
         async for message in client.messages:
-            if main and self.handler is not None:
+            if not main:
+                continue
+            if self.drops is not None and message.topic.value == DROPPED_TOPIC:
+                self.drops.seen(message.payload)  # QoS 0: nothing to acknowledge
+            elif self.handler is not None:
                 await self.handler(message)
                 client.paho.ack(message.mid, message.qos)
 

@@ -1,0 +1,94 @@
+"""What the broker says it dropped: mosquitto's ``$SYS/broker/publish/messages/dropped``.
+
+A mosquitto left at its defaults queues at most 1,000 QoS 1 messages for a
+subscriber beyond those in flight to it and drops the rest, telling neither
+the publisher (its PUBACK is the same) nor the subscriber. A status
+subscriber that falls behind in a burst, or is offline with a persistent
+session, loses events that way, and the daemon cannot prevent it. But
+mosquitto publishes its total of dropped messages (every topic, every
+client, since it started) as a retained ``$SYS`` message every
+``sys_interval`` seconds (10 by default): the daemon reads it, so that the
+operator learns it from the daemon's metrics and log, with the fix.
+
+Brokers that publish no such topic, or refuse it to this user, report
+nothing. The payload is untrusted like any MQTT message: anything but a
+whole number is ignored, said once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from listener import logs
+
+log = logs.get("listener.mqtt")
+
+DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
+WARN_EVERY_S = 60.0  # the metric counts every drop; the log says so at most once a minute
+FIX = (
+    "raise max_queued_messages in mosquitto.conf (0: no limit; max_queued_bytes bounds the memory), "
+    "or make every status subscriber keep up; the count covers every topic and client of the broker"
+)
+
+
+class DropWatch:
+    """Turns the broker's running total into the drops since the last value:
+    `on_new(count)` for each increase, and a warning at most every
+    WARN_EVERY_S with what came since the last one. The first value (the
+    broker's drops before this daemon connected) is a baseline, said once if
+    not 0; a lower value means the broker restarted, and counts from 0."""
+
+    def __init__(self, on_new: Callable[[int], None], clock: Callable[[], float] = time.monotonic) -> None:
+        self.on_new = on_new
+        self.clock = clock
+        self.last: int | None = None
+        self.unsaid = 0
+        self.said_at: float | None = None
+        self.bad_said = False
+
+    def seen(self, payload: object) -> None:
+        value = read_count(payload)
+        if value is None:
+            if not self.bad_said:
+                self.bad_said = True
+                log.warning(
+                    "the broker's dropped-messages count is not a whole number: ignored",
+                    topic=DROPPED_TOPIC,
+                    payload=repr(payload)[:60],
+                )
+            return
+        last, self.last = self.last, value
+        if last is None:
+            if value:
+                log.warning(
+                    "the broker dropped messages before this daemon connected",
+                    dropped=value,
+                    fix=FIX,
+                )
+            return
+        new = value - last if value >= last else value
+        if new <= 0:
+            return
+        self.on_new(new)
+        self.unsaid += new
+        now = self.clock()
+        if self.said_at is None or now - self.said_at >= WARN_EVERY_S:
+            log.warning(
+                "the broker dropped messages: a subscriber's queue at the broker is full",
+                dropped=self.unsaid,
+                broker_total=value,
+                fix=FIX,
+            )
+            self.unsaid, self.said_at = 0, now
+
+
+def read_count(payload: object) -> int | None:
+    """A whole number of at most 20 ASCII digits (mosquitto's counters are 64-bit)."""
+    if isinstance(payload, bytearray):
+        payload = bytes(payload)
+    if isinstance(payload, str):
+        payload = payload.encode("ascii", errors="replace")
+    if isinstance(payload, bytes) and 0 < len(payload) <= 20 and payload.isdigit():
+        return int(payload)
+    return None

@@ -1,0 +1,183 @@
+"""What the broker says it dropped: the daemon reads mosquitto's count of
+dropped messages (`$SYS/broker/publish/messages/dropped`) and turns it into a
+metric and a warning with the fix, because a subscriber's queue overflowing
+at the broker is invisible to the publisher and to the subscriber."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import aiomqtt
+import pytest
+import structlog
+
+from listener.config import Settings
+from listener.daemon import Daemon
+from listener.mqtt.drops import DROPPED_TOPIC, DropWatch, read_count
+from listener.servers import ServerProcess, mosquitto
+from tests.conftest import CliResult, env_for, wait_until
+
+FIX_WORDS = "max_queued_messages"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_first_count_is_a_baseline_and_later_ones_count_what_is_new() -> None:
+    counted: list[int] = []
+    clock = Clock()
+    watch = DropWatch(counted.append, clock)
+    with structlog.testing.capture_logs() as logged:
+        watch.seen(b"40")  # dropped before this daemon connected: said, not counted
+        watch.seen(b"40")  # the same retained count again (a reconnect)
+        watch.seen(b"55")
+        clock.now += 10
+        watch.seen(b"70")  # within a minute of the last warning: counted, not said
+        clock.now += 60
+        watch.seen(b"71")
+    assert counted == [15, 15, 1]
+    warnings = [(line["event"], line.get("dropped")) for line in logged if line["log_level"] == "warning"]
+    assert warnings == [
+        ("the broker dropped messages before this daemon connected", 40),
+        ("the broker dropped messages: a subscriber's queue at the broker is full", 15),
+        ("the broker dropped messages: a subscriber's queue at the broker is full", 16),
+    ]
+    assert all(FIX_WORDS in line["fix"] for line in logged)
+
+
+def test_a_lower_count_is_a_restarted_broker_counting_from_zero() -> None:
+    counted: list[int] = []
+    watch = DropWatch(counted.append, Clock())
+    for payload in (b"500", b"0", b"7", b"9"):
+        watch.seen(payload)
+    assert counted == [7, 2]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"-3", b"3.5", b"12a", "٣".encode(), b"1" * 21, b"\xff", None, 3, "7x"],
+)
+def test_a_count_that_is_not_a_whole_number_is_ignored_and_said_once(payload: object) -> None:
+    counted: list[int] = []
+    watch = DropWatch(counted.append, Clock())
+    with structlog.testing.capture_logs() as logged:
+        watch.seen(b"10")
+        watch.seen(payload)
+        watch.seen(payload)
+        watch.seen(b"12")  # still counted from the last good one
+    assert counted == [2]
+    ignored = [line for line in logged if "not a whole number" in line["event"]]
+    assert len(ignored) == 1
+
+
+def test_a_count_as_text_or_bytearray_is_read() -> None:
+    counted: list[int] = []
+    watch = DropWatch(counted.append, Clock())
+    for payload in ("3", bytearray(b"5"), "8"):
+        watch.seen(payload)
+    assert counted == [2, 3]
+
+
+@pytest.fixture
+def dropping_broker(workdir: Path) -> Iterator[ServerProcess]:
+    """A mosquitto that queues at most 5 messages per client and publishes its
+    $SYS counts every second."""
+    broker = mosquitto(
+        workdir / f"drops-{random.randrange(10**9)}", extra_conf="max_queued_messages 5\nsys_interval 1\n"
+    )
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+async def make_drops(port: int, tag: str, count: int) -> None:
+    """A persistent QoS 1 subscriber goes offline; `count` messages for it
+    follow: the broker queues 5 and drops the rest."""
+    v311 = aiomqtt.ProtocolVersion.V311
+    slow = aiomqtt.Client("127.0.0.1", port, identifier=f"{tag}-slow", clean_session=False, protocol=v311)
+    async with slow:
+        await slow.subscribe(f"{tag}/#", qos=1)
+    async with aiomqtt.Client("127.0.0.1", port, identifier=f"{tag}-pub") as publisher:
+        for n in range(count):
+            await publisher.publish(f"{tag}/x", str(n), qos=1)
+
+
+def dropped_metric(daemon: Daemon) -> float:
+    value = daemon.metrics.registry.get_sample_value("order_listener_broker_dropped_messages_total")
+    return value or 0.0
+
+
+async def test_the_daemon_counts_and_says_what_a_stock_broker_drops_across_a_broker_restart(
+    settings: Settings,
+    dropping_broker: ServerProcess,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+) -> None:
+    config = dataclasses.replace(settings, mqtt_url=f"mqtt://127.0.0.1:{dropping_broker.port}")
+    tag = f"drops{random.randrange(10**6)}"
+    with structlog.testing.capture_logs() as logged:
+        daemon = await start_daemon(config)
+        watch = daemon.link.drops
+        assert watch is not None
+        await wait_until(lambda: watch.last is not None, 10, "the broker's count read (retained)")
+        await make_drops(dropping_broker.port, tag, 30)
+        await wait_until(lambda: dropped_metric(daemon) == 25, 10, "25 drops counted")
+
+        dropping_broker.restart()  # its count starts again from 0
+        await make_drops(dropping_broker.port, f"{tag}b", 15)
+        await wait_until(lambda: dropped_metric(daemon) == 35, 20, "10 more after the restart")
+    said = [line for line in logged if line["event"].startswith("the broker dropped messages:")]
+    assert [line["dropped"] for line in said] == [25], "the 10 came within a minute: counted, not said again"
+    assert FIX_WORDS in said[0]["fix"]
+    assert not [line for line in logged if "before this daemon connected" in line["event"]]
+
+
+async def broker_count(port: int) -> int | None:
+    """The count the broker holds now (retained), as a subscriber reads it."""
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        await client.subscribe(DROPPED_TOPIC)
+        async for message in client.messages:
+            return read_count(message.payload)
+    return None
+
+
+async def test_check_says_what_the_broker_dropped_and_the_fix(
+    cli: Callable[..., Awaitable[CliResult]], settings: Settings, dropping_broker: ServerProcess
+) -> None:
+    env = env_for(settings, ORDER_LISTENER_MQTT_URL=f"mqtt://127.0.0.1:{dropping_broker.port}")
+    before = await cli("check", env=env)
+    assert before.code == 0, before.out + before.err
+    assert "the broker has dropped no messages since it started" in before.out
+    await make_drops(dropping_broker.port, f"check{random.randrange(10**6)}", 30)
+    counts: list[int | None] = []
+
+    async def published() -> bool:
+        counts.append(await broker_count(dropping_broker.port))
+        return counts[-1] == 25
+
+    await wait_until(published, 10, "the broker's count (every second) at 25")
+    after = await cli("check", env=env)
+    assert after.code == 0, "a note, not a problem: " + after.out + after.err
+    assert "the broker has dropped 25 messages since it started" in after.out
+    assert FIX_WORDS in after.out
+
+
+async def test_check_on_a_broker_without_the_count(
+    cli: Callable[..., Awaitable[CliResult]], settings: Settings, workdir: Path
+) -> None:
+    broker = mosquitto(workdir / f"nosys-{random.randrange(10**9)}", extra_conf="sys_interval 0\n")
+    broker.start()
+    try:
+        url = f"mqtt://127.0.0.1:{broker.port}"
+        result = await cli("check", env=env_for(settings, ORDER_LISTENER_MQTT_URL=url))
+    finally:
+        broker.stop()
+    assert result.code == 0, result.out + result.err
+    assert "the broker tells no count of dropped messages" in result.out
