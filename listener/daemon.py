@@ -73,13 +73,15 @@ class Daemon:
         self.redis = redis
         self.store = Store(self.redis, self.layout, settings.retention_ms)
         self.logistics = LogisticsHandler(self.store, settings.logistics_topic, self.redis_service)
+        self.drop_watch = DropWatch(self.metrics.broker_dropped.inc)
+        self.metrics.broker_drops_watched.set_function(lambda: float(self.drop_watch.watched))
         self.link = MqttLink(
             settings,
             self.mqtt_service,
             subscriptions=[settings.logistics_topic],
             handler=self.logistics,
             fast_paths=self.fast_paths,
-            drops=DropWatch(self.metrics.broker_dropped.inc),
+            drops=self.drop_watch,
         )
         self.scheduler = DeadlineScheduler(
             self.store,
@@ -147,7 +149,11 @@ class Daemon:
                 outbox_task = group.create_task(self.outbox.run(), name="outbox")
                 sweep_task = group.create_task(self.scheduler.run(), name="scheduler")
                 start_task = group.create_task(self._start(group), name="readiness")
-                extra = [start_task, group.create_task(self._watch_switch(), name="pause-switch")]
+                extra = [
+                    start_task,
+                    group.create_task(self._watch_switch(), name="pause-switch"),
+                    group.create_task(self._tick_drops(), name="broker-drops"),
+                ]
                 if self.settings.metrics_addr:  # gauges are sampled only for someone to read them
                     extra.append(group.create_task(self._sample_gauges(), name="gauges"))
                     extra.append(
@@ -236,6 +242,12 @@ class Daemon:
                         log.info(text)
                     shown = text
             await asyncio.sleep(self.settings.resync_interval)
+
+    async def _tick_drops(self, every: float = 5.0) -> None:
+        """The broker-drops watch's own clock (mqtt/drops.py, DropWatch.tick)."""
+        while True:
+            await asyncio.sleep(every)
+            self.drop_watch.tick()
 
     async def _sample_gauges(self, every: float = 5.0) -> None:
         while True:

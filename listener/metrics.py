@@ -133,6 +133,12 @@ class Metrics:
             "$SYS/broker/publish/messages/dropped: every topic and client; a subscriber's queue was full)",
             registry=self.registry,
         )
+        self.broker_drops_watched = Gauge(
+            "order_listener_broker_drops_watched",
+            "1 once the broker sent its count of dropped messages (mosquitto's $SYS), else 0: "
+            "order_listener_broker_dropped_messages_total means nothing without it",
+            registry=self.registry,
+        )
         self.registry.register(_ServiceCollector(services))
         if fast_paths is not None:
             self.registry.register(_FastPathCollector(fast_paths))

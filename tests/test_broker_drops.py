@@ -5,8 +5,11 @@ at the broker is invisible to the publisher and to the subscriber."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import random
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -14,11 +17,16 @@ import aiomqtt
 import pytest
 import structlog
 
+from listener import logs
 from listener.config import Settings
 from listener.daemon import Daemon
+from listener.mqtt import MqttLink
+from listener.mqtt import link as link_module
 from listener.mqtt.drops import DROPPED_TOPIC, DropWatch, read_count
 from listener.servers import ServerProcess, mosquitto
-from tests.conftest import CliResult, env_for, wait_until
+from listener.supervise import Service
+from tests.conftest import CliResult, env_for, quiet_logs, wait_until
+from tests.test_publish_path import events_for
 
 FIX_WORDS = "max_queued_messages"
 
@@ -56,9 +64,56 @@ def test_the_first_count_is_a_baseline_and_later_ones_count_what_is_new() -> Non
 def test_a_lower_count_is_a_restarted_broker_counting_from_zero() -> None:
     counted: list[int] = []
     watch = DropWatch(counted.append, Clock())
-    for payload in (b"500", b"0", b"7", b"9"):
+    for payload in (b"500", b"3", b"0", b"7", b"9"):
         watch.seen(payload)
-    assert counted == [7, 2]
+    assert counted == [3, 7, 2], "3 dropped since the restart; 0: restarted again, none yet"
+
+
+def test_drops_held_back_by_the_minute_are_said_when_it_is_over() -> None:
+    clock = Clock()
+    watch = DropWatch(lambda _: None, clock)
+    with structlog.testing.capture_logs() as logged:
+        watch.seen(b"0")
+        watch.seen(b"5")  # said at once
+        clock.now += 20
+        watch.seen(b"9")  # within the minute: held back
+        watch.tick()
+        clock.now += 40
+        watch.tick()  # the minute is over: the 4 are said, with no new count needed
+        watch.tick()
+    said = [(line["dropped"], line["broker_total"]) for line in logged if "dropped" in line]
+    assert said == [(5, 5), (4, 9)]
+
+
+@pytest.fixture
+def info_logs() -> Iterator[None]:
+    logs.configure("info", stream=sys.stderr)
+    yield
+    quiet_logs()
+
+
+@pytest.mark.usefixtures("info_logs")
+def test_no_count_within_half_a_minute_of_subscribing_is_said_once_with_the_grant() -> None:
+    clock = Clock()
+    watch = DropWatch(lambda _: None, clock)
+    with structlog.testing.capture_logs() as logged:
+        watch.subscribed()
+        clock.now += 29
+        watch.tick()
+        clock.now += 1
+        watch.tick()
+        watch.tick()
+    assert [line["event"] for line in logged] == [
+        "no count of dropped messages from the broker within 30 s: not watched "
+        "(brokers other than mosquitto publish none)"
+    ]
+    assert "topic read $SYS/broker/publish/messages/dropped" in logged[0]["fix"]
+    assert not watch.watched
+    with structlog.testing.capture_logs() as later:
+        watch.seen(b"0")
+        clock.now += 100
+        watch.tick()
+    assert watch.watched and later == []
 
 
 @pytest.mark.parametrize(
@@ -141,7 +196,7 @@ async def test_the_daemon_counts_and_says_what_a_stock_broker_drops_across_a_bro
 
 async def broker_count(port: int) -> int | None:
     """The count the broker holds now (retained), as a subscriber reads it."""
-    async with aiomqtt.Client("127.0.0.1", port) as client:
+    async with aiomqtt.Client("127.0.0.1", port) as client, asyncio.timeout(5):
         await client.subscribe(DROPPED_TOPIC)
         async for message in client.messages:
             return read_count(message.payload)
@@ -181,3 +236,27 @@ async def test_check_on_a_broker_without_the_count(
         broker.stop()
     assert result.code == 0, result.out + result.err
     assert "the broker tells no count of dropped messages" in result.out
+
+
+async def test_a_broker_that_closes_the_connection_on_the_subscription_costs_one_session(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some brokers close the connection when a client subscribes to a topic
+    it may not read. mosquitto does so for a topic filter with a NUL in it (a
+    protocol error): asked for that instead, the link loses its first session,
+    says so, does not ask again, and connects and publishes."""
+    monkeypatch.setattr(link_module, "DROPPED_TOPIC", "drops\x00probe")
+    with structlog.testing.capture_logs() as logged:
+        link = MqttLink(settings, Service("mqtt"), drops=DropWatch(lambda _: None))
+        task = asyncio.create_task(link.run())
+        try:
+            await asyncio.wait_for(link.connected.wait(), 30)
+            events = events_for(f"drops-nul{random.randrange(10**6)}", orders=3, versions=1)
+            await link.publish(events)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    given_up = [line for line in logged if "not asked again" in line["event"]]
+    assert len(given_up) == 1, [line["event"] for line in logged]
+    assert link.drops is None

@@ -11,8 +11,13 @@ client, since it started) as a retained ``$SYS`` message every
 operator learns it from the daemon's metrics and log, with the fix.
 
 Brokers that publish no such topic, or refuse it to this user, report
-nothing. The payload is untrusted like any MQTT message: anything but a
-whole number is ignored, said once.
+nothing; a mosquitto whose ACL file does not grant the topic even confirms
+the subscription and then sends nothing. So a watch that got no count
+within NO_COUNT_AFTER_S of subscribing says so once, with that grant. A
+broker that closes the connection on the subscription (some managed ones
+do for topics a user may not read) costs one session: the link does not
+ask again (mqtt/link.py). The payload is untrusted like any MQTT message:
+anything but a whole number is ignored, said once.
 """
 
 from __future__ import annotations
@@ -26,18 +31,22 @@ log = logs.get("listener.mqtt")
 
 DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
 WARN_EVERY_S = 60.0  # the metric counts every drop; the log says so at most once a minute
+NO_COUNT_AFTER_S = 30.0  # mosquitto publishes $SYS every sys_interval (10 s), retained
 FIX = (
     "raise max_queued_messages in mosquitto.conf (0: no limit; max_queued_bytes bounds the memory), "
     "or make every status subscriber keep up; the count covers every topic and client of the broker"
 )
+GRANT = f"mosquitto with an acl_file: grant this user `topic read {DROPPED_TOPIC}`"
 
 
 class DropWatch:
     """Turns the broker's running total into the drops since the last value:
     `on_new(count)` for each increase, and a warning at most every
-    WARN_EVERY_S with what came since the last one. The first value (the
-    broker's drops before this daemon connected) is a baseline, said once if
-    not 0; a lower value means the broker restarted, and counts from 0."""
+    WARN_EVERY_S with what came since the last one (what came within it is
+    said by `tick`, called every few seconds, once the time has come). The
+    first value (the broker's drops before this daemon connected) is a
+    baseline, said once if not 0; a lower value means the broker restarted,
+    and counts from 0."""
 
     def __init__(self, on_new: Callable[[int], None], clock: Callable[[], float] = time.monotonic) -> None:
         self.on_new = on_new
@@ -46,6 +55,33 @@ class DropWatch:
         self.unsaid = 0
         self.said_at: float | None = None
         self.bad_said = False
+        self.subscribed_at: float | None = None  # the subscription confirmed, no count yet
+        self.none_said = False
+
+    @property
+    def watched(self) -> bool:
+        """A count has come from the broker."""
+        return self.last is not None
+
+    def subscribed(self) -> None:
+        if self.last is None and self.subscribed_at is None:
+            self.subscribed_at = self.clock()
+
+    def tick(self) -> None:
+        """Say drops held back by the once-a-minute rule once the minute is
+        over, and that no count came, once, NO_COUNT_AFTER_S after subscribing."""
+        now = self.clock()
+        if self.unsaid and (self.said_at is None or now - self.said_at >= WARN_EVERY_S):
+            self._say(now)
+        since = self.subscribed_at
+        if self.last is None and since is not None and now - since >= NO_COUNT_AFTER_S and not self.none_said:
+            self.none_said = True
+            log.info(
+                f"no count of dropped messages from the broker within {NO_COUNT_AFTER_S:g} s: not watched "
+                "(brokers other than mosquitto publish none)",
+                topic=DROPPED_TOPIC,
+                fix=GRANT,
+            )
 
     def seen(self, payload: object) -> None:
         value = read_count(payload)
@@ -55,7 +91,7 @@ class DropWatch:
                 log.warning(
                     "the broker's dropped-messages count is not a whole number: ignored",
                     topic=DROPPED_TOPIC,
-                    payload=repr(payload)[:60],
+                    payload=_shown(payload),
                 )
             return
         last, self.last = self.last, value
@@ -74,13 +110,22 @@ class DropWatch:
         self.unsaid += new
         now = self.clock()
         if self.said_at is None or now - self.said_at >= WARN_EVERY_S:
-            log.warning(
-                "the broker dropped messages: a subscriber's queue at the broker is full",
-                dropped=self.unsaid,
-                broker_total=value,
-                fix=FIX,
-            )
-            self.unsaid, self.said_at = 0, now
+            self._say(now)
+
+    def _say(self, now: float) -> None:
+        log.warning(
+            "the broker dropped messages: a subscriber's queue at the broker is full",
+            dropped=self.unsaid,
+            broker_total=self.last,
+            fix=FIX,
+        )
+        self.unsaid, self.said_at = 0, now
+
+
+def _shown(payload: object) -> str:
+    if isinstance(payload, bytes | bytearray | str):
+        return repr(payload[:60])
+    return repr(payload)[:60]
 
 
 def read_count(payload: object) -> int | None:

@@ -80,6 +80,7 @@ class MqttLink:
         self.handler = handler
         self.drops = drops  # reads what the broker says it dropped (mqtt/drops.py)
         self._drops_refused_said = False
+        self._drops_asking = False  # a session asked for the count and has had no answer yet
         self.v5 = settings.mqtt_protocol == "5"
         self.configured = settings.mqtt_connections  # None: auto, from the first CONNACK
         self._auto_cap = AUTO_CONNECTIONS_MAX  # lowered when the broker refuses one under auto
@@ -137,7 +138,7 @@ class MqttLink:
                         fix="allow this user to subscribe to the topic (broker ACL)",
                     )
             if self.drops is not None:
-                await self._watch_drops(main)
+                await self._watch_drops(main, self.drops)
             prefix = self.settings.topic_prefix
             connection = Connection([Publisher(c, self.v5, prefix, WINDOW) for c in clients])
             self._current = connection
@@ -211,23 +212,41 @@ class MqttLink:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _watch_drops(self, main: CheckedClient) -> None:
+    async def _watch_drops(self, main: CheckedClient, watch: DropWatch) -> None:
         """Subscribe to the broker's count of dropped messages (QoS 0: a lost
-        one is replaced by the next; retained: the current count comes at once)."""
-        granted = await main.subscribe(DROPPED_TOPIC, qos=0)
-        if any(is_failure(code) for code in granted) and not self._drops_refused_said:
-            self._drops_refused_said = True
-            log.info(
-                "the broker does not let this user read its dropped-messages count: not watched",
+        one is replaced by the next; retained: the current count comes at once).
+        A session that ended while it asked (a broker that closes the
+        connection on a topic it will not serve) was the last to ask: the
+        count is not worth a daemon that cannot stay connected."""
+        if self._drops_asking:
+            self.drops = None
+            log.warning(
+                "the connection to the broker ended as the daemon asked for its dropped-messages "
+                "count: not asked again, not watched",
                 topic=DROPPED_TOPIC,
             )
+            return
+        self._drops_asking = True
+        granted = await main.subscribe(DROPPED_TOPIC, qos=0)
+        self._drops_asking = False
+        if any(is_failure(code) for code in granted):
+            if not self._drops_refused_said:
+                self._drops_refused_said = True
+                log.info(
+                    "the broker does not let this user read its dropped-messages count: not watched",
+                    topic=DROPPED_TOPIC,
+                )
+        else:
+            watch.subscribed()
 
     async def _receive(self, client: CheckedClient, main: bool) -> None:
         async for message in client.messages:
             if not main:
                 continue
             if self.drops is not None and message.topic.value == DROPPED_TOPIC:
-                self.drops.seen(message.payload)  # QoS 0: nothing to acknowledge
+                self.drops.seen(message.payload)
+                if message.qos:  # subscribed at QoS 0; a broker that sends more gets its ack
+                    client.paho.ack(message.mid, message.qos)
             elif self.handler is not None:
                 await self.handler(message)
                 client.paho.ack(message.mid, message.qos)
