@@ -6,7 +6,6 @@ at the broker is invisible to the publisher and to the subscriber."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import random
 import sys
@@ -20,13 +19,11 @@ import structlog
 from listener import logs
 from listener.config import Settings
 from listener.daemon import Daemon
-from listener.mqtt import MqttLink
 from listener.mqtt import link as link_module
 from listener.mqtt.drops import DROPPED_TOPIC, DropWatch, read_count
 from listener.servers import ServerProcess, mosquitto
-from listener.supervise import Service
 from tests.conftest import CliResult, env_for, quiet_logs, wait_until
-from tests.test_publish_path import events_for
+from tests.test_publish_path import events_for, running
 
 FIX_WORDS = "max_queued_messages"
 
@@ -179,8 +176,7 @@ async def test_the_daemon_counts_and_says_what_a_stock_broker_drops_across_a_bro
     tag = f"drops{random.randrange(10**6)}"
     with structlog.testing.capture_logs() as logged:
         daemon = await start_daemon(config)
-        watch = daemon.link.drops
-        assert watch is not None
+        watch = daemon.drop_watch
         await wait_until(lambda: watch.last is not None, 10, "the broker's count read (retained)")
         await make_drops(dropping_broker.port, tag, 30)
         await wait_until(lambda: dropped_metric(daemon) == 25, 10, "25 drops counted")
@@ -211,11 +207,8 @@ async def test_check_says_what_the_broker_dropped_and_the_fix(
     assert before.code == 0, before.out + before.err
     assert "the broker has dropped no messages since it started" in before.out
     await make_drops(dropping_broker.port, f"check{random.randrange(10**6)}", 30)
-    counts: list[int | None] = []
-
     async def published() -> bool:
-        counts.append(await broker_count(dropping_broker.port))
-        return counts[-1] == 25
+        return await broker_count(dropping_broker.port) == 25
 
     await wait_until(published, 10, "the broker's count (every second) at 25")
     after = await cli("check", env=env)
@@ -247,16 +240,9 @@ async def test_a_broker_that_closes_the_connection_on_the_subscription_costs_one
     says so, does not ask again, and connects and publishes."""
     monkeypatch.setattr(link_module, "DROPPED_TOPIC", "drops\x00probe")
     with structlog.testing.capture_logs() as logged:
-        link = MqttLink(settings, Service("mqtt"), drops=DropWatch(lambda _: None))
-        task = asyncio.create_task(link.run())
-        try:
-            await asyncio.wait_for(link.connected.wait(), 30)
-            events = events_for(f"drops-nul{random.randrange(10**6)}", orders=3, versions=1)
-            await link.publish(events)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # the first session waits for a SUBACK that never comes, up to the client's timeout
+        async with running(settings, drops=DropWatch(lambda _: None), connect_within=30) as link:
+            await link.publish(events_for(f"drops-nul{random.randrange(10**6)}", orders=3, versions=1))
     given_up = [line for line in logged if "not asked again" in line["event"]]
     assert len(given_up) == 1, [line["event"] for line in logged]
     assert link.drops is None

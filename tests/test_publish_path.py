@@ -28,6 +28,7 @@ from listener.config import Settings
 from listener.events import StatusEvent, iso_ms
 from listener.fastpath import paho_io
 from listener.mqtt import MqttLink, Publisher
+from listener.mqtt.drops import DropWatch
 from listener.mqtt.packets import _length, encode_publish, property_bytes
 from listener.servers import ServerProcess, mosquitto
 from listener.supervise import Service
@@ -123,11 +124,13 @@ def events_for(tag: str, orders: int, versions: int) -> list[StatusEvent]:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[MqttLink]:
-    link = MqttLink(settings, Service("mqtt"))
+async def running(
+    settings: Settings, drops: DropWatch | None = None, connect_within: float = 10
+) -> AsyncIterator[MqttLink]:
+    link = MqttLink(settings, Service("mqtt"), drops=drops)
     task = asyncio.create_task(link.run())
     try:
-        await asyncio.wait_for(link.connected.wait(), 10)
+        await asyncio.wait_for(link.connected.wait(), connect_within)
         yield link
     finally:
         task.cancel()

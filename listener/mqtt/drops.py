@@ -56,7 +56,7 @@ class DropWatch:
         self.said_at: float | None = None
         self.bad_said = False
         self.subscribed_at: float | None = None  # the subscription confirmed, no count yet
-        self.none_said = False
+        self.none_said = False  # that no count came, or that the broker refused the subscription
 
     @property
     def watched(self) -> bool:
@@ -67,12 +67,21 @@ class DropWatch:
         if self.last is None and self.subscribed_at is None:
             self.subscribed_at = self.clock()
 
+    def refused(self) -> None:
+        """The broker refused the subscription (its SUBACK): said once."""
+        if not self.none_said:
+            self.none_said = True
+            log.info(
+                "the broker does not let this user read its dropped-messages count: not watched",
+                topic=DROPPED_TOPIC,
+                fix=GRANT,
+            )
+
     def tick(self) -> None:
         """Say drops held back by the once-a-minute rule once the minute is
         over, and that no count came, once, NO_COUNT_AFTER_S after subscribing."""
         now = self.clock()
-        if self.unsaid and (self.said_at is None or now - self.said_at >= WARN_EVERY_S):
-            self._say(now)
+        self._say_if_due(now)
         since = self.subscribed_at
         if self.last is None and since is not None and now - since >= NO_COUNT_AFTER_S and not self.none_said:
             self.none_said = True
@@ -108,11 +117,12 @@ class DropWatch:
             return
         self.on_new(new)
         self.unsaid += new
-        now = self.clock()
-        if self.said_at is None or now - self.said_at >= WARN_EVERY_S:
-            self._say(now)
+        self._say_if_due(self.clock())
 
-    def _say(self, now: float) -> None:
+    def _say_if_due(self, now: float) -> None:
+        """The drops not said yet, unless the last warning is less than WARN_EVERY_S old."""
+        if not self.unsaid or (self.said_at is not None and now - self.said_at < WARN_EVERY_S):
+            return
         log.warning(
             "the broker dropped messages: a subscriber's queue at the broker is full",
             dropped=self.unsaid,

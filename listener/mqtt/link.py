@@ -79,7 +79,6 @@ class MqttLink:
         self.subscriptions = list(subscriptions)
         self.handler = handler
         self.drops = drops  # reads what the broker says it dropped (mqtt/drops.py)
-        self._drops_refused_said = False
         self._drops_asking = False  # a session asked for the count and has had no answer yet
         self.v5 = settings.mqtt_protocol == "5"
         self.configured = settings.mqtt_connections  # None: auto, from the first CONNACK
@@ -230,12 +229,7 @@ class MqttLink:
         granted = await main.subscribe(DROPPED_TOPIC, qos=0)
         self._drops_asking = False
         if any(is_failure(code) for code in granted):
-            if not self._drops_refused_said:
-                self._drops_refused_said = True
-                log.info(
-                    "the broker does not let this user read its dropped-messages count: not watched",
-                    topic=DROPPED_TOPIC,
-                )
+            watch.refused()
         else:
             watch.subscribed()
 
