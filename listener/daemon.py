@@ -112,6 +112,7 @@ class Daemon:
             on_published=self.metrics.events_published,
             on_dead_letter=self.metrics.dead_lettered,
             event_log_ms=settings.event_log_retention_ms,
+            catch_up=self.scheduler.catch_up,
         )
 
     def _count_cancelled(self, _order_id: str, deadline_ms: int, cancelled_ms: int) -> None:

@@ -33,6 +33,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, OutOfMemoryError, ResponseError
 
 from listener import logs
+from listener.catch_up import CatchUp
 from listener.connection import redis_lost
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
 from listener.keys import PARTS, KeyLayout
@@ -72,8 +73,11 @@ class Outbox:
         on_published: Callable[[Sequence[StatusEvent]], None] | None = None,
         on_dead_letter: Callable[[], None] | None = None,
         event_log_ms: int = 0,
+        catch_up: CatchUp | None = None,
     ) -> None:
         self.store = store
+        # the scheduler's: nothing new is read while it is behind (listener/catch_up.py)
+        self.catch_up = catch_up or CatchUp()
         self.event_log_ms = event_log_ms  # keep acknowledged events this long for `replay`; 0: no log
         self.log_failed_at = -math.inf  # monotonic time of the last "event log append failed" line
         self.redis = store.redis
@@ -227,6 +231,8 @@ class Outbox:
         self.pumps.add(pump)
         try:
             while True:
+                # cancellations first: nothing new is read while the scheduler is behind
+                await self.catch_up.wait(self.stopping)
                 got, mine = await self._settle_lanes(pump, reading, parts, mine)
                 if not mine:
                     return

@@ -26,6 +26,7 @@ from redis.exceptions import ResponseError
 
 from listener import logs
 from listener.alarm import Alarm
+from listener.catch_up import CatchUp
 from listener.keys import PARTS
 from listener.store import Store, SweepResult
 from listener.supervise import Service, delays, describe, is_transient, supervise
@@ -96,6 +97,9 @@ class DeadlineScheduler:
         self._wake = asyncio.Event()
         self._stopping = False
         self.caught_up = asyncio.Event()
+        # behind the deadlines (a sweep came back full): the outbox holds back
+        # its announcements meanwhile (listener/catch_up.py)
+        self.catch_up = CatchUp()
         self.cancelled = 0
         self.dropped = 0  # due index members with an unusable record (sweep.lua)
         # Ids this scheduler cancelled lately. Deleting a timer whose time has
@@ -163,10 +167,19 @@ class DeadlineScheduler:
         While parts come back with a full batch (a burst, a catch-up), the
         next round trip for them, and for any other part due by then, is on
         its way before this one's reply is absorbed: Redis sweeps while we log
-        and count, instead of waiting for us between round trips."""
+        and count, instead of waiting for us between round trips. Meanwhile
+        the catch-up is on (self.catch_up)."""
+        try:
+            await self._sweep_until_caught_up(due)
+        finally:
+            self.catch_up.end()
+
+    async def _sweep_until_caught_up(self, due: list[int]) -> None:
         sweep = await self._send(due)
         while True:
             more = [] if self._stopping else self._more_due(sweep)
+            if more:
+                self.catch_up.begin()
             ahead = asyncio.create_task(self._send(more)) if more else None
             try:
                 await self._settle(sweep)
