@@ -349,4 +349,3 @@ async def daemon_cancels_probe(orders: OrderClient, daemon: DaemonProcess, probe
         if time.monotonic() > give_up:
             raise RuntimeError(f"the daemon did not cancel the probe in 60 s:\n{daemon.log_tail()}")
         await asyncio.sleep(0.05)
-
