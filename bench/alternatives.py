@@ -71,7 +71,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lag
 from benchlib import (
@@ -81,7 +81,6 @@ from benchlib import (
     Node,
     bullmq_available,
     child_output_loop,
-    cpu_model,
     fmt,
     idle_cost,
     lags_of,
@@ -92,6 +91,7 @@ from benchlib import (
 )
 from brokers import add_broker_arg, bench_broker, broker_line
 from comparison_figure import write_figure
+from lag import cpu_model
 from redis.asyncio import Redis
 
 from listener.servers import ServerProcess, redis_server
@@ -180,7 +180,9 @@ async def child_poll(url: str, interval: float) -> None:
 
     async def poll() -> None:
         while True:
-            due = await redis.zrangebyscore(ZSET_KEY, "-inf", time.time() * 1000)
+            # Members only (no withscores), as bytes (no decode_responses): redis-py's
+            # type covers every form of the reply.
+            due = cast("list[bytes]", await redis.zrangebyscore(ZSET_KEY, "-inf", time.time() * 1000))
             if due:
                 await redis.zrem(ZSET_KEY, *due)
                 now = time.time() * 1000

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from lag import DaemonProcess, command_output, cpu_model, machine_busy, percentile
 from redis.asyncio import Redis
@@ -68,7 +69,9 @@ def print_setup(title: str, extra: Sequence[tuple[str, str]] = ()) -> None:
 async def redis_config(redis: Redis) -> str:
     """`7.0.15, hz 50 (dynamic-hz yes), maxmemory-policy noeviction, ...` of a running server."""
     info = await redis.info("server")
-    config = await redis.config_get("*")
+    # redis-py types CONFIG GET's reply as decoded (str keys); a client without
+    # decode_responses gets bytes, which get() below looks up as well.
+    config = cast("dict[bytes | str, bytes | str]", await redis.config_get("*"))
 
     def get(name: str) -> str:
         value = config.get(name, config.get(name.encode(), "?"))
@@ -349,4 +352,3 @@ async def daemon_cancels_probe(orders: OrderClient, daemon: DaemonProcess, probe
         if time.monotonic() > give_up:
             raise RuntimeError(f"the daemon did not cancel the probe in 60 s:\n{daemon.log_tail()}")
         await asyncio.sleep(0.05)
-

@@ -75,7 +75,7 @@ async def one_run(
             who = []
             for part in range(PARTS):
                 keys = [layout.deadlines(part), layout.outbox(part)]
-                args = [layout.base(part), batch, RETENTION_MS]
+                args: list[str | int] = [layout.base(part), batch, RETENTION_MS]
                 if (part + round_no) % 2 == 0:
                     pipe.evalsha(sha, 2, *keys, *args)
                     who.append("sha")

@@ -22,6 +22,7 @@ from listener.api import OrderClient
 from listener.config import Settings
 from listener.daemon import Daemon
 from listener.keys import PARTS, KeyLayout, part_of
+from listener.store import CreateResult
 from listener.urls import mqtt_target
 from tests.conftest import Subscriber, wait_until
 
@@ -31,6 +32,12 @@ EventRow = tuple[str, str | None, str, int]  # status, previous, reason, version
 
 def rows(events: list[dict[str, Any]]) -> list[EventRow]:
     return [(e["status"], e["previous"], e["reason"], e["version"]) for e in events]
+
+
+def deadline_of(result: CreateResult) -> int:
+    """The deadline of an order `create` made (only one that was there already has none)."""
+    assert result.deadline_ms is not None, result
+    return result.deadline_ms
 
 
 @contextlib.asynccontextmanager

@@ -15,7 +15,7 @@ import contextlib
 import re
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -25,6 +25,7 @@ from listener.config import Settings
 from listener.daemon import Daemon
 from listener.events import from_created_entry, from_outbox_entry
 from listener.keys import PARTS, KeyLayout, part_of
+from listener.outbox_pump import Entry
 from tests.conftest import Subscriber, wait_until
 from tests.life import carrier
 
@@ -164,10 +165,13 @@ def dead_count(daemon: Daemon) -> float:
 
 
 async def dead_entries(redis: Redis, layout: KeyLayout) -> list[tuple[str, dict[bytes, bytes]]]:
-    found = []
+    found: list[tuple[str, dict[bytes, bytes]]] = []
     for part in range(PARTS):
         for key in (layout.outbox(part), layout.outbox_created(part)):
-            found += [(key, fields) for _, fields in await redis.xrange(layout.dead_letters(key))]
+            # The tests' client does not decode: bytes ids and fields, where redis-py's type
+            # says bytes or str (and an optional id and fields for each entry).
+            entries = cast("list[Entry]", await redis.xrange(layout.dead_letters(key)))
+            found += [(key, fields) for _, fields in entries]
     return found
 
 
@@ -181,18 +185,26 @@ async def test_malformed_entries_go_to_dead_letters_once_and_valid_orders_go_on(
         await client.create_many([(oid, 2.0) for oid in first])
 
         # An older or broken producer's entries, in the lanes of the valid orders.
+        # (redis-py types XADD's fields as a dict of its own key and value unions, which,
+        # a dict being invariant, refuses a dict[bytes, bytes]: hence the ignores; and the
+        # id it returns as bytes or str, where this client, not decoding, gets bytes.)
         written: dict[tuple[str, bytes], dict[bytes, bytes]] = {}
         for index, (_, fields, _) in enumerate(BAD_OUTBOX):
             key = layout.outbox(part_of(first[index % len(first)]))
-            written[(key, await redis.xadd(key, fields))] = fields
+            added = await redis.xadd(key, fields)  # type: ignore[arg-type]
+            assert isinstance(added, bytes)
+            written[(key, added)] = fields
         for index, (_, fields, _) in enumerate(BAD_CREATED):
             key = layout.outbox_created(part_of(first[index % len(first)]))
-            written[(key, await redis.xadd(key, fields))] = fields
+            added = await redis.xadd(key, fields)  # type: ignore[arg-type]
+            assert isinstance(added, bytes)
+            written[(key, added)] = fields
         # An order `bad+id` stored as create.lua stores one, by hand: its
         # `created` entry and later its cancellation are dead letters.
         now = await client.store.now_ms()
         bad_part = part_of("bad+id")
         entry = await redis.xadd(layout.outbox_created(bad_part), {"o": "bad+id", "t": 1000})
+        assert isinstance(entry, bytes)
         written[(layout.outbox_created(bad_part), entry)] = {b"o": b"bad+id", b"t": b"1000"}
         await redis.hset(layout.bucket("bad+id"), "bad+id", f"{entry.decode()}|{now + 1000}")
         await redis.set(layout.timer("bad+id"), "1", pxat=now + 1000)
@@ -336,21 +348,24 @@ async def test_an_entry_copied_before_a_stop_is_not_copied_again(
     layout = KeyLayout(settings.key_prefix)
     key = layout.outbox(part_of("A-1"))
     fields = {**GOOD_OUTBOX, b"o": b"bad+id"}
-    entry = await redis.xadd(key, fields)
+    # redis-py types XADD's fields as a dict of its own unions, refusing (a dict being
+    # invariant) a dict[bytes, bytes]; and its reply as bytes or str (this client: bytes)
+    entry = await redis.xadd(key, fields)  # type: ignore[arg-type]
+    assert isinstance(entry, bytes)
     with pytest.raises(ValueError, match="order id") as refused:
         from_outbox_entry(fields)
     copy = {**fields, b"id": entry, b"error": str(refused.value).encode()}
-    await redis.xadd(layout.dead_letters(key), copy, id=entry)
+    await redis.xadd(layout.dead_letters(key), copy, id=entry)  # type: ignore[arg-type]
     lagging = {**fields, b"o": b"other+id"}
     await redis.xadd(layout.dead_letters(key), {"x": "a later dead letter"}, id="9999999999999-0")
-    behind = await redis.xadd(key, lagging)
+    behind = await redis.xadd(key, lagging)  # type: ignore[arg-type]
 
     daemon = await start_daemon()
     async with OrderClient(settings) as client:
         await client.create("after-them", timeout=0.3)
     await wait_until(lambda: "after-them" in subscriber.cancelled_ids(), 10, "the lane past both entries")
     assert await redis.xlen(key) == 0
-    dead = await redis.xrange(layout.dead_letters(key))
+    dead = cast("list[Entry]", await redis.xrange(layout.dead_letters(key)))  # as in dead_entries()
     assert [fields for _, fields in dead if fields.get(b"id") == entry] == [copy]
     (moved,) = [(dead_id, fields) for dead_id, fields in dead if fields.get(b"id") == behind]
     assert moved[0] > b"9999999999999-0" and moved[1][b"o"] == b"other+id"

@@ -207,6 +207,7 @@ async def test_check_says_what_the_broker_dropped_and_the_fix(
     assert before.code == 0, before.out + before.err
     assert "the broker has dropped no messages since it started" in before.out
     await make_drops(dropping_broker.port, f"check{random.randrange(10**6)}", 30)
+
     async def published() -> bool:
         return await broker_count(dropping_broker.port) == 25
 

@@ -206,14 +206,14 @@ async def test_timer_fires_through_the_cli(
 
 
 async def test_check_names_missing_acl_permissions(cli: Cli, settings: Settings, redis: Redis) -> None:
-    await redis.execute_command(
+    await redis.execute_command(  # type: ignore[no-untyped-call]  # unannotated in redis-py
         "ACL", "SETUSER", "limited", "on", ">limited-pw", "~*", "+ping", "+info", "+hello"
     )
     try:
         url = settings.redis_url.replace("redis://", "redis://limited:limited-pw@")
         result = await cli("check", env=env_for(settings, ORDER_LISTENER_REDIS_URL=url))
     finally:
-        await redis.execute_command("ACL", "DELUSER", "limited")
+        await redis.execute_command("ACL", "DELUSER", "limited")  # type: ignore[no-untyped-call]
     assert result.code == 1
     assert "not allowed what the daemon needs" in result.out
     assert "SCRIPT LOAD (create)" in result.out and "SUBSCRIBE __keyevent@0__:expired" in result.out

@@ -7,10 +7,17 @@ import json
 import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from bench.comparison_figure import axis_range, lag_text, redraw, write_figure
+if TYPE_CHECKING:
+    # The same file by the name mypy knows it: mypy checks bench/ as the scripts see it, with
+    # bench/ on the search path (pyproject.toml, [tool.mypy] mypy_path), and one file may have
+    # only one module name. pytest imports it from the repository root, as below.
+    from comparison_figure import axis_range, lag_text, redraw, write_figure
+else:
+    from bench.comparison_figure import axis_range, lag_text, redraw, write_figure
 
 SVG = "{http://www.w3.org/2000/svg}"
 

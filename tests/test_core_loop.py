@@ -15,12 +15,12 @@ from redis.asyncio import Redis
 
 from listener import expiry
 from listener.api import OrderClient
-from listener.config import Settings
+from listener.config import FastPathSetting, Settings
 from listener.daemon import Daemon
 from listener.fastpath import hiredis_drain
 from listener.keys import KeyLayout
 from tests.conftest import Subscriber, wait_until, watch_topic
-from tests.life import cancelled_by_its_expired_event, lane_barrier, lanes_barrier
+from tests.life import cancelled_by_its_expired_event, deadline_of, lane_barrier, lanes_barrier
 
 # CI runs these once more with ORDER_LISTENER_FAST_PATHS=off (both ways stay green)
 pytestmark = pytest.mark.fastpath
@@ -43,7 +43,7 @@ async def test_forty_orders_thirty_cancelled_once_ten_stay_paid(
         ids = [f"core-{i:02d}" for i in range(40)]
         created = await client.create_many([(oid, 3) for oid in ids])
         assert len(created.created) == 40 and not created.existing
-        deadline = {r.order_id: r.deadline_ms for r in created.created}
+        deadline = {r.order_id: deadline_of(r) for r in created.created}
         paid = ids[::4]
         for oid in paid:
             change = await client.pay(oid)
@@ -160,7 +160,7 @@ async def test_expired_event_alone_cancels(
     """The keyspace fast path works by itself: with the order taken out of the
     deadline index, only Redis' expired event can cancel it; also where the
     listener does not take messages from redis-py's parser buffer."""
-    daemon = await start_daemon(dataclasses.replace(settings, fast_paths=fast_paths))
+    daemon = await start_daemon(dataclasses.replace(settings, fast_paths=FastPathSetting(fast_paths)))
     drain = daemon.fast_paths.get(hiredis_drain.NAME)
     assert drain is not None and drain.fast == (fast_paths == "auto")
     await cancelled_by_its_expired_event(settings, redis, subscriber, "via-event", daemon)

@@ -25,6 +25,7 @@ from listener.errors import BadInput, Refused
 from listener.events import from_outbox_entry, iso_ms
 from listener.keys import KeyLayout, part_of
 from listener.orders import parse_extension
+from listener.outbox_pump import Entry
 from listener.store import Store
 from tests.conftest import CliResult, Subscriber, redis_clock_past, wait_until
 from tests.life import rows, validator
@@ -172,7 +173,10 @@ async def test_the_extended_entry_is_checked_like_any_outbox_entry(settings: Set
     async with OrderClient(settings) as client:
         await client.create("ext-entry", timeout=60)
         extended = await client.extend("ext-entry", 10)
-    ((_, entries),) = await redis.xread({LAYOUT.outbox(part_of("ext-entry")): "0"})
+    reply = await redis.xread({LAYOUT.outbox(part_of("ext-entry")): "0"})
+    assert isinstance(reply, list)  # RESP2's [[stream, entries]] (redis-py's type has RESP3's dict too)
+    entries: list[Entry]
+    ((_, entries),) = reply
     (_, fields) = entries[-1]
     event = from_outbox_entry(fields)
     assert (event.status, event.previous, event.reason, event.version) == (

@@ -58,7 +58,7 @@ def path_lines(lines: Lines, event: str = "fast path") -> list[dict[str, Any]]:
 
 
 def with_mode(settings: Settings, mode: str) -> Settings:
-    return dataclasses.replace(settings, fast_paths=mode)
+    return dataclasses.replace(settings, fast_paths=FastPathSetting(mode))
 
 
 def gauge(daemon: Daemon, mode: str) -> float:
@@ -295,7 +295,7 @@ async def test_the_read_loop_takes_at_most_max_replies_a_call(
     pubsub = client.pubsub()
     try:
         await pubsub.subscribe("drain-test")
-        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"  # type: ignore[index]
+        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
         async with redis.pipeline(transaction=False) as pipe:
             for i in range(50):
                 pipe.publish("drain-test", str(i))

@@ -24,7 +24,7 @@ from listener.orders import Operation
 from listener.servers import ServerProcess, free_port
 from listener.store import Store
 from tests.conftest import DaemonProcess, Subscriber, wait_until
-from tests.life import lanes_barrier
+from tests.life import deadline_of, lanes_barrier
 
 # CI runs these once more with ORDER_LISTENER_FAST_PATHS=off (both ways stay green)
 pytestmark = pytest.mark.fastpath
@@ -174,7 +174,7 @@ async def test_pay_racing_expiry_exactly_one_winner(
     ids = [f"race-{i:03d}" for i in range(300)]
     async with OrderClient(settings) as client:
         made = await client.create_many([(oid, 1.0) for oid in ids])
-        deadline = max(r.deadline_ms for r in made.created)
+        deadline = max(deadline_of(r) for r in made.created)
         # wait until just before the shared deadline, then pay everything
         await asyncio.sleep(max(0.0, deadline / 1000 - time.time() - 0.01))
         results = await client.store.apply_many(Operation.PAY, ids)
@@ -289,6 +289,7 @@ async def test_expired_event_burst_does_not_disconnect_the_listener(
     # The fault: a pub/sub output buffer far smaller than the burst (50,000
     # events are about 4 MB): a subscriber that does not keep reading is cut off.
     (limits,) = (await redis.config_get("client-output-buffer-limit")).values()
+    assert limits is not None
     await redis.config_set("client-output-buffer-limit", "pubsub 2mb 1mb 5")
     (listener_before,) = await redis.client_list(_type="pubsub")
     # Proof that the fault bites: a subscriber that never reads (a small socket

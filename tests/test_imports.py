@@ -137,4 +137,4 @@ def test_the_package_loads_its_names_on_first_use() -> None:
     assert set(listener.__all__) <= set(dir(listener))
     assert listener.OrderClient.__module__ == "listener.api"
     with pytest.raises(AttributeError, match="NoSuchThing"):
-        _ = listener.NoSuchThing  # type: ignore[attr-defined]
+        _ = listener.NoSuchThing

@@ -9,10 +9,12 @@ create on, or one with only `c` and `d`) are still read, changed and swept."""
 from __future__ import annotations
 
 import zlib
+from typing import cast
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
 
 from listener import OrderClient, OrderExists, Refused
 from listener.config import Settings
@@ -49,7 +51,8 @@ async def assert_moved_out(
     assert await pending_value(redis, layout, order_id) is None
     assert not await redis.exists(layout.timer(order_id))
     assert await redis.zscore(layout.deadlines(part_of(order_id)), order_id) is None
-    record = await redis.hgetall(layout.order(order_id))
+    # the tests' client does not decode: bytes, where redis-py's types say bytes or str
+    record = cast("dict[bytes, bytes]", await redis.hgetall(layout.order(order_id)))
     assert record_fields(record) == SIX, record
     assert record[b"c"] + b"|" + record[b"d"] == packed
     return record
@@ -178,13 +181,13 @@ async def earlier_layout_order(
     """An order as an earlier create script stored it: an own hash with all six
     fields (`six`) or with only c and d. Returns its created entry id and deadline."""
     now = await now_ms(redis)
-    entry = (
-        await redis.xadd(layout.outbox_created(part_of(order_id)), {"o": order_id, "t": timeout_ms})
-    ).decode()
+    added = await redis.xadd(layout.outbox_created(part_of(order_id)), {"o": order_id, "t": timeout_ms})
+    assert isinstance(added, bytes)
+    entry = added.decode()
     created = int(entry.split("-")[0])
     deadline = created + timeout_ms
     assert created >= now
-    fields: dict[str, str | int] = {"c": entry, "d": deadline}
+    fields: dict[FieldT, EncodableT] = {"c": entry, "d": deadline}
     if six:
         fields = {"s": "created", "v": 1, "r": "created", "c": entry, "u": created, "d": deadline}
     await redis.hset(layout.order(order_id), mapping=fields)
@@ -209,7 +212,7 @@ async def test_records_of_earlier_layouts_are_read_changed_and_swept(
         change = await client.pay("old-payer")
         assert (change.status, change.version, change.changed) == ("paid", 2, True)
         assert not await redis.exists(layout.timer("old-payer"))
-        record = await redis.hgetall(layout.order("old-payer"))
+        record = cast("dict[bytes, bytes]", await redis.hgetall(layout.order("old-payer")))
         assert record_fields(record) == SIX
         assert (record[b"c"], record[b"d"]) == (entry.encode(), str(deadline).encode())
         assert await pending_value(redis, layout, "old-payer") is None
@@ -227,7 +230,7 @@ async def test_records_of_earlier_layouts_are_read_changed_and_swept(
         assert late is not None
         assert (late.status, late.version, late.reason) == (Status.CANCELLED, 2, Reason.TIMEOUT)
         assert late.deadline_ms == short_deadline
-        assert record_fields(await redis.hgetall(layout.order("old-late"))) == SIX
+        assert record_fields(cast("dict[bytes, bytes]", await redis.hgetall(layout.order("old-late")))) == SIX
     finally:
         await store.close()
 

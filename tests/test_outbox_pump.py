@@ -6,10 +6,11 @@ each that is hard to bring about there.)"""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
 from listener.keys import KeyLayout
+from listener.mqtt import Publisher
 from listener.outbox_pump import Entry, Item, Pump
 
 
@@ -23,6 +24,13 @@ class Window:
     def send(self, events: Sequence[StatusEvent], tokens: Sequence[Any], sink: Any) -> None:
         self.room -= len(events)
         self.sent += list(tokens)
+
+
+def publishers(*windows: Window) -> list[Publisher]:
+    """The fake windows where the reader takes the connections' publishers: of a
+    Publisher, Pump.send() uses `room` and `send()`, which a Window has (and
+    `window` only to pace by the broker, which pump() does not ask for)."""
+    return cast("list[Publisher]", list(windows))
 
 
 async def parse(key: str, entries: Sequence[Entry], created: bool) -> list[tuple[bytes, StatusEvent]]:
@@ -65,21 +73,21 @@ async def test_a_created_entry_kept_back_is_never_trimmed_by_one_sent_ahead_of_i
     }
     await reader._take_transitions(0, [(b"3000-0", cancel)])
     window = Window(room=2)
-    assert reader.send([window]) == 2  # type: ignore[list-item]
+    assert reader.send(publishers(window)) == 2
     assert [(item.key, item.entry_id) for item in window.sent] == [(lo, b"2000-0"), (hi, b"3000-0")]
     for item in window.sent:
         reader.acked(item, 0)
     # no room on this lane's connection (another connection has room): X
     # waits, and so does C's place in turn
-    reader.send([window, Window(room=5)])  # type: ignore[list-item]
+    reader.send(publishers(window, Window(room=5)))
     assert lo not in reader.deletes.upto, f"the created stream would be trimmed past X: {reader.deletes}"
     assert reader.deletes.early == {lo: [b"2000-0"]} and reader.deletes.upto == {hi: b"3000-0"}
     window.room = 1
-    reader.send([window])
+    reader.send(publishers(window))
     assert window.sent[-1].entry_id == b"1000-0"
     reader.acked(window.sent[-1], 0)
     window.room = 1
-    reader.send([window])  # C's place in turn comes: nothing to send for it
+    reader.send(publishers(window))  # C's place in turn comes: nothing to send for it
     assert reader.deletes.upto[lo] == b"2000-0", "X acknowledged: now the stream goes up to C"
 
 
@@ -104,12 +112,12 @@ async def test_a_full_connection_holds_back_only_its_own_lanes_and_their_order()
     await reader._take_transitions(1, [(b"1-0", cancellation("Q", 1)), (b"2-0", cancellation("R", 2))])
     full, roomy = Window(room=0), Window(room=1)
     before = [(item.key, item.entry_id) for item in reader.hi]
-    assert reader.send([full, roomy]) == 1  # type: ignore[list-item]
+    assert reader.send(publishers(full, roomy)) == 1
     assert [item.event.order_id for item in roomy.sent] == ["Q"] and full.sent == []
     left = [(item.key, item.entry_id) for item in reader.hi]
     assert left == [entry for entry in before if entry != (reader.hi_key[1], b"1-0")], "the rest in its order"
-    assert reader.send([full, roomy]) == 0  # type: ignore[list-item]
+    assert reader.send(publishers(full, roomy)) == 0
     assert [(item.key, item.entry_id) for item in reader.hi] == left
     full.room = 2
-    assert reader.send([full, roomy]) == 2  # type: ignore[list-item]
+    assert reader.send(publishers(full, roomy)) == 2
     assert [item.event.order_id for item in full.sent] == ["P0-1", "P0-2"], "in the order read"

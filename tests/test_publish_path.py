@@ -20,11 +20,11 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from listener.config import Settings
+from listener.config import FastPathSetting, Settings
 from listener.events import StatusEvent, iso_ms
 from listener.fastpath import paho_io
 from listener.mqtt import MqttLink, Publisher
@@ -69,7 +69,9 @@ def paho_packet(event: StatusEvent, v5: bool) -> bytes:
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5 if v5 else paho.MQTTv311)
     built: list[bytes] = []
 
-    def capture(command: int, packet: bytes, mid: int, qos: int, info: Any = None) -> Any:
+    def capture(
+        command: int, packet: bytes | bytearray, mid: int, qos: int, info: paho.MQTTMessageInfo | None = None
+    ) -> MQTTErrorCode:
         built.append(bytes(packet))
         return paho.MQTT_ERR_SUCCESS
 
@@ -169,7 +171,7 @@ async def test_lanes_over_connections_arrive_complete_and_in_order(
         settings,
         mqtt_protocol=protocol,
         mqtt_connections=connections,
-        fast_paths="auto" if fast else "off",
+        fast_paths=FastPathSetting.AUTO if fast else FastPathSetting.OFF,
     )
     events = events_for(tag, orders=300, versions=3)
     async with running(config) as link:
@@ -233,7 +235,7 @@ async def test_the_paho_fast_path_is_checked_and_falls_back_for_good_on_a_failur
     """A paho that changed under the same names: the first read of the fast
     path fails. The link gives the path up for good (registry, one reconnect)
     and publishes on through paho's public `publish`; nothing is lost."""
-    config = dataclasses.replace(settings, fast_paths="auto")
+    config = dataclasses.replace(settings, fast_paths=FastPathSetting.AUTO)
     failures = 0
     take_acks = paho_io.FastPaho._take_acks
 

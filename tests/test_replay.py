@@ -128,7 +128,6 @@ async def test_replay_gives_exactly_the_events_published_since_a_time(
     assert len({from_logged(value).event_id for _, value in entries}) == 100
 
 
-
 async def test_malformed_since_is_bad_input_and_too_old_says_how_far_back(
     settings: Settings,
     start_daemon: Callable[..., Awaitable[Daemon]],

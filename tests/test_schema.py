@@ -129,6 +129,7 @@ def test_logistics_message_schema() -> None:
     check = validator("logistics-message")
     for good in ({"status": "delivered"}, {"status": "returned"}, {"status": "in_transit", "hub": "X"}):
         assert check.is_valid(good), good
+    bad: object
     for bad in ({}, {"status": 3}, {"status": None}, [], "delivered", {"parcel": "delivered"}):
         assert not check.is_valid(bad), bad
     description = schemas.load("logistics-message")["description"]

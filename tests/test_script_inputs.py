@@ -454,7 +454,7 @@ def snapshot(client: SyncRedis) -> list[tuple[Any, ...]]:
 @contextlib.contextmanager
 def published(client: SyncRedis) -> Iterator[list[Any]]:
     """The messages published on any channel while the block runs."""
-    pubsub = client.pubsub()
+    pubsub = client.pubsub()  # type: ignore[no-untyped-call]  # unannotated in redis-py's sync client
     pubsub.psubscribe("*")
     pubsub.get_message(timeout=5)  # the subscription's confirmation
     seen: list[Any] = []
@@ -554,7 +554,8 @@ def plant_unusable(client: SyncRedis) -> None:
     commands as an older or broken producer would."""
     index = LAYOUT.deadlines(P)
     for member in UNUSABLE:
-        client.zadd(index, {member: 1})
+        # redis-py's zadd takes members of one type (a constrained TypeVar): str or bytes, not either
+        client.zadd(index, {member: 1})  # type: ignore[type-var]
     client.hset(LAYOUT.bucket("bad+id"), "bad+id", "1-0|1")
     client.hset(LAYOUT.bucket(GARBAGE), GARBAGE, "garbage")
     client.hset(

@@ -65,7 +65,7 @@ async def test_a_connection_closed_under_a_command_is_an_outage(redis_server_pro
     itself needs a task switch between the check and the write, which
     `asyncio.wait_for` makes on Python 3.11 and not later.)"""
     connection = Connection(host="127.0.0.1", port=redis_server_proc.port, socket_timeout=5.0)
-    await connection.connect()
+    await connection.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
     await connection.disconnect(nowait=True)
     with pytest.raises(AttributeError, match="'NoneType' object") as raised:
         await connection._send_packed_command([b"PING\r\n"])
