@@ -40,6 +40,7 @@ class CatchUp:
         self.hold_max_s = HOLD_MAX_S if hold_max_s is None else hold_max_s
         self.since: float | None = None  # time.monotonic() when the catch-up began; None: not behind
         self.holds = 0  # waits of the outbox readers, for tests and a reader of the code
+        self._behind_before = 0.0  # seconds behind in the catch-ups that ended
         self._over = asyncio.Event()
         self._over.set()
         self._said = False  # the cap was logged for this catch-up
@@ -54,8 +55,15 @@ class CatchUp:
     def end(self) -> None:
         """The scheduler caught up (or stopped, or failed)."""
         if self.since is not None:
+            self._behind_before += time.monotonic() - self.since
             self.since = None
             self._over.set()
+
+    def behind_s(self) -> float:
+        """Seconds the scheduler has been behind in all, the current catch-up
+        included (order_listener_catch_up_seconds_total)."""
+        now = time.monotonic()
+        return self._behind_before + (now - self.since if self.since is not None else 0.0)
 
     def hold_left(self) -> float:
         """Seconds the outbox readers are still to hold off (0: read on)."""

@@ -66,6 +66,8 @@ class Daemon:
         self.pause_state: PauseState | None = None  # as last read (None: not read yet)
         self._notifier = sdnotify.SystemdNotifier()
         self._build(redis if redis is not None else connect_redis(settings))
+        # the scheduler of the latest _build (a rebuild starts the count again, as a restart would)
+        self.metrics.count_catch_up(lambda: self.scheduler.catch_up.behind_s())
 
     def _build(self, redis: RedisClient) -> None:
         """The parts that talk to Redis, on this client."""

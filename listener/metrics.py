@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 import collections
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -63,6 +63,19 @@ class LagHistogram(Collector):
             cumulative.append((bound, float(running)))
         help_text = "From an order's deadline to its cancellation in Redis"
         yield HistogramMetricFamily(self.NAME, help_text, buckets=cumulative, sum_value=self.sum)
+
+
+class _CatchUpCollector(Collector):
+    def __init__(self, read: Callable[[], float]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "order_listener_catch_up_seconds",
+            "Time the scheduler was behind its deadlines (more due than a sweep round trip cancels; "
+            "announcements wait meanwhile, at most 2 s per catch-up): its rate is the share of time behind",
+            value=self.read(),
+        )
 
 
 class _FastPathCollector(Collector):
@@ -142,6 +155,10 @@ class Metrics:
         self.registry.register(_ServiceCollector(services))
         if fast_paths is not None:
             self.registry.register(_FastPathCollector(fast_paths))
+
+    def count_catch_up(self, read: Callable[[], float]) -> None:
+        """Serve `read()`, the seconds the scheduler was behind in all, as a counter."""
+        self.registry.register(_CatchUpCollector(read))
 
     def cancelled(self, deadline_ms: int, cancelled_ms: int) -> None:
         self.lag.observe(max(0.0, (cancelled_ms - deadline_ms) / 1000))

@@ -31,6 +31,7 @@ CAP_LINE = "still catching up with the deadlines: announcing beside the cancella
 async def test_no_hold_while_the_scheduler_is_not_behind() -> None:
     catch_up = CatchUp(hold_max_s=60)
     assert catch_up.hold_left() == 0
+    assert catch_up.behind_s() == 0
     await asyncio.wait_for(catch_up.wait(asyncio.Event()), 1)
     assert catch_up.holds == 0, "a reader that is not held does not wait at all"
 
@@ -48,6 +49,9 @@ async def test_a_hold_lasts_until_the_catch_up_ends() -> None:
     catch_up.end()
     await asyncio.wait_for(waiting, 1)
     assert catch_up.since is None and catch_up.hold_left() == 0
+    behind = catch_up.behind_s()
+    assert behind > 0
+    assert catch_up.behind_s() == behind, "a catch-up that ended counts no further"
 
 
 async def test_a_stopping_reader_is_not_held() -> None:
@@ -170,6 +174,9 @@ async def test_a_burst_is_announced_once_it_is_cancelled(
     early = received_before_the_end(cancelled)
     assert early <= PARTS, f"{early} events announced before the burst was cancelled"
     assert daemon.scheduler.catch_up.holds > 0 and daemon.scheduler.catch_up.since is None
+    behind = daemon.scheduler.catch_up.behind_s()
+    assert behind > 0
+    assert f"order_listener_catch_up_seconds_total {behind}" in daemon.metrics.render().decode()
 
 
 async def test_a_catch_up_longer_than_the_hold_is_announced_beside_the_sweeps(
