@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from listener.catch_up import HOLD_MAX_S
 from listener.events import StatusEvent
 from listener.fastpath import MODES, FastPaths
 from listener.supervise import Service
@@ -73,7 +74,8 @@ class _CatchUpCollector(Collector):
         yield CounterMetricFamily(
             "order_listener_catch_up_seconds",
             "Time the scheduler was behind its deadlines (more due than a sweep round trip cancels; "
-            "announcements wait meanwhile, at most 2 s per catch-up): its rate is the share of time behind",
+            f"announcements wait meanwhile, at most {HOLD_MAX_S:g} s per catch-up): its rate is the share "
+            "of time behind",
             value=self.read(),
         )
 
