@@ -80,7 +80,10 @@ class CatchUp:
         over = asyncio.ensure_future(self._over.wait())
         stop = asyncio.ensure_future(stopping.wait())
         try:
-            await asyncio.wait({over, stop}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            # again if the loop's timer fired a hair before the hold's end
+            while left > 0 and not (over.done() or stop.done()):
+                await asyncio.wait({over, stop}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                left = self.hold_left()
         finally:
             for waiter in (over, stop):
                 waiter.cancel()
