@@ -45,6 +45,12 @@ BLOCK_MS = 1000  # a blocking read's wait when nothing is in flight
 POLL_S = 0.005  # while publishes are in flight and nothing is queued: look at Redis this often
 CREATED_READ = 256  # `created` entries read ahead per lane when its queue runs low
 HI_AHEAD = 5000  # transitions read ahead, waiting for room in the window, before reading stops
+# At most this many entries per read, shared by the streams read: taking a
+# reply in (parsing it, queueing its events) holds the event loop, and while
+# it does no PUBACK lets the next event go and no sweep starts. Many small
+# reads keep the flow to the broker even; a few large ones send it in pulses
+# that a subscriber's queue at a stock broker does not absorb.
+READ_MOST = 1024
 # While what was read ahead fills the window: a round trip to Redis at most this
 # often, and a write to the broker only once a quarter of its window is free.
 # Each write on a socket costs as much as the work on a few events (the loopback
@@ -64,6 +70,12 @@ def auto_rate(windows: Iterable[int]) -> float:
     broker allows (its Receive Maximum): AUTO_RATE for one that looks untuned,
     else none (0)."""
     return AUTO_RATE if min(windows) < UNTUNED_WINDOW else 0.0
+
+
+def read_share(streams: int, most: int) -> int:
+    """Entries to read from each of `streams` streams in one round trip: an
+    even share of READ_MOST, at most `most` (the stream's own limit), at least 1."""
+    return max(1, min(most, READ_MOST // max(1, streams)))
 
 
 def id_tuple(entry_id: bytes) -> tuple[int, int]:
@@ -283,7 +295,6 @@ class Pump:
         )
         low = [part for part in mine if self.lo_queued[part] < CREATED_READ // 2]
         lo = {self.lo_key[part]: self.pos[self.lo_key[part]] for part in low}
-        batch = self.batch
         deletes = self.take_deletes()
         # Nothing queued: the deletes, then one read of every lane that waits
         # in Redis for the next entry (and returns at once if one is there),
@@ -296,12 +307,14 @@ class Pump:
 
         def reads(pipe: Any) -> None:
             if blocking:
-                pipe.xread({key: self.pos[key] for key in every_lane}, count=CREATED_READ, block=block)
+                count = read_share(len(every_lane), CREATED_READ)
+                pipe.xread({key: self.pos[key] for key in every_lane}, count=count, block=block)
                 return
+            streams = len(hi) + len(lo)
             if hi:
-                pipe.xread(hi, count=batch)
+                pipe.xread(hi, count=read_share(streams, self.batch))
             if lo:
-                pipe.xread(lo, count=CREATED_READ)
+                pipe.xread(lo, count=read_share(streams, CREATED_READ))
 
         self.last_read = time.monotonic()
         try:

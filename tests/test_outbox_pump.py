@@ -1,17 +1,21 @@
-"""The outbox reader's bookkeeping, without servers: what it sends in which
-order and what it lets be deleted. (The tests with real servers are in
-test_outbox_window.py and test_core_loop.py; these pin down one sequence
-each that is hard to bring about there.)"""
+"""The outbox reader's bookkeeping: what it sends in which order, what it
+lets be deleted and how much one read takes in. (The tests with a daemon
+and a broker are in test_outbox_window.py and test_core_loop.py; these pin
+down one sequence each that is hard to bring about there, the last on a
+real Redis.)"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, cast
 
+from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
+
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
-from listener.keys import KeyLayout
+from listener.keys import PARTS, KeyLayout
 from listener.mqtt import Publisher
-from listener.outbox_pump import Entry, Item, Pump
+from listener.outbox_pump import READ_MOST, Deletes, Entry, Item, Pump
 
 
 class Window:
@@ -91,6 +95,11 @@ async def test_a_created_entry_kept_back_is_never_trimmed_by_one_sent_ahead_of_i
     assert reader.deletes.upto[lo] == b"2000-0", "X acknowledged: now the stream goes up to C"
 
 
+def cancellation(order: str, at: int) -> dict[bytes, bytes]:
+    fields = {b"o": order.encode(), b"s": b"cancelled", b"p": b"created", b"r": b"timeout", b"v": b"2"}
+    return fields | {b"t": str(at).encode(), b"c": b"1-0"}
+
+
 async def none_found(pairs: Sequence[tuple[str, bytes]]) -> list[list[Entry]]:
     return [[] for _ in pairs]  # the `created` entries asked for are gone
 
@@ -101,11 +110,6 @@ async def test_a_full_connection_holds_back_only_its_own_lanes_and_their_order()
     keep their order; with both connections full nothing goes and nothing
     moves; room again, and lane 0's oldest events go first."""
     reader = pump([0, 1, 2], xrange_one=none_found)
-
-    def cancellation(order: str, at: int) -> dict[bytes, bytes]:
-        fields = {b"o": order.encode(), b"s": b"cancelled", b"p": b"created", b"r": b"timeout", b"v": b"2"}
-        return fields | {b"t": str(at).encode(), b"c": b"1-0"}
-
     for part in (0, 2):
         entries = [(f"{i}-0".encode(), cancellation(f"P{part}-{i}", i)) for i in range(1, 301)]
         await reader._take_transitions(part, entries)
@@ -121,3 +125,53 @@ async def test_a_full_connection_holds_back_only_its_own_lanes_and_their_order()
     full.room = 2
     assert reader.send(publishers(full, roomy)) == 2
     assert [item.event.order_id for item in full.sent] == ["P0-1", "P0-2"], "in the order read"
+
+
+async def test_a_read_takes_in_a_bounded_share_of_every_lane_and_keeps_their_order(redis: Redis) -> None:
+    """Every lane holds a backlog of cancellations and of `created` events
+    (a burst after a bulk import): one read takes in at most READ_MOST
+    entries, some from every lane, since what a read brings holds the event
+    loop while it is queued. Read after read, each lane's cancellations come
+    in their stream's order, and all of them."""
+    per_lane = 200
+    layout = KeyLayout()
+    reader = Pump(
+        list(range(PARTS)),
+        layout,
+        holds=lambda part: True,
+        run_pipeline=lambda deletes, reads: _on(redis, deletes, reads),
+        xrange_one=none_found,
+        parse=parse,
+        batch=500,
+    )
+    for part in range(PARTS):
+        pipe = redis.pipeline(transaction=False)
+        for n in range(per_lane):
+            created: dict[FieldT, EncodableT] = {b"o": f"C{part}-{n}".encode(), b"t": b"600000"}
+            later: dict[FieldT, EncodableT] = {k: v for k, v in cancellation(f"P{part}-{n}", n).items()}
+            pipe.xadd(layout.outbox_created(part), created)
+            pipe.xadd(layout.outbox(part), later)
+        await pipe.execute()
+    reads = 0
+    while len(reader.hi) < PARTS * per_lane:
+        before = len(reader.hi) + len(reader.lo)
+        assert await reader.read(list(range(PARTS)), None)
+        taken = len(reader.hi) + len(reader.lo) - before
+        assert 0 < taken <= READ_MOST, f"read {reads} took in {taken} entries"
+        if reads == 0:
+            assert {item.part for item in reader.hi} == set(range(PARTS)), "every lane has its share"
+        reads += 1
+        assert reads < 2 * PARTS * per_lane, "reading on without taking in what is there"
+    assert reads >= PARTS * per_lane // READ_MOST
+    for part in range(PARTS):
+        orders = [item.event.order_id for item in reader.hi if item.part == part]
+        assert orders == [f"P{part}-{n}" for n in range(per_lane)]
+
+
+async def _on(redis: Redis, deletes: Deletes, reads: Any) -> list[Any]:
+    """The reader's round trip, on a real Redis (nothing was sent: no deletes)."""
+    assert not deletes
+    pipe = redis.pipeline(transaction=False)
+    reads(pipe)
+    replies: list[Any] = await pipe.execute()
+    return replies
