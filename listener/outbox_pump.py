@@ -48,8 +48,8 @@ HI_AHEAD = 5000  # transitions read ahead, waiting for room in the window, befor
 # At most this many entries per read, shared by the streams read: taking a
 # reply in (parsing it, queueing its events) holds the event loop, and while
 # it does no PUBACK lets the next event go and no sweep starts. Many small
-# reads keep the flow to the broker even; a few large ones send it in pulses
-# that a subscriber's queue at a stock broker does not absorb.
+# reads keep the flow to the broker even; a few large ones send it in pulses,
+# which the subscribers' queues at the broker must then absorb.
 READ_MOST = 1024
 # While what was read ahead fills the window: a round trip to Redis at most this
 # often, and a write to the broker only once a quarter of its window is free.

@@ -162,7 +162,6 @@ async def test_a_read_takes_in_a_bounded_share_of_every_lane_and_keeps_their_ord
             assert {item.part for item in reader.hi} == set(range(PARTS)), "every lane has its share"
         reads += 1
         assert reads < 2 * PARTS * per_lane, "reading on without taking in what is there"
-    assert reads >= PARTS * per_lane // READ_MOST
     for part in range(PARTS):
         orders = [item.event.order_id for item in reader.hi if item.part == part]
         assert orders == [f"P{part}-{n}" for n in range(per_lane)]
