@@ -42,15 +42,15 @@ async def parse(key: str, entries: Sequence[Entry], created: bool) -> list[tuple
 
 
 async def unused(*_: Any) -> Any:
-    raise AssertionError("no Redis in these tests")
+    raise AssertionError("no Redis in this test")
 
 
-def pump(parts: Sequence[int] = (0,), xrange_one: Any = unused) -> Pump:
+def pump(parts: Sequence[int] = (0,), xrange_one: Any = unused, run_pipeline: Any = unused) -> Pump:
     return Pump(
         list(parts),
         KeyLayout(),
         holds=lambda part: True,
-        run_pipeline=unused,
+        run_pipeline=run_pipeline,
         xrange_one=xrange_one,
         parse=parse,
         batch=500,
@@ -135,15 +135,7 @@ async def test_a_read_takes_in_a_bounded_share_of_every_lane_and_keeps_their_ord
     in their stream's order, and all of them."""
     per_lane = 200
     layout = KeyLayout()
-    reader = Pump(
-        list(range(PARTS)),
-        layout,
-        holds=lambda part: True,
-        run_pipeline=lambda deletes, reads: _on(redis, deletes, reads),
-        xrange_one=none_found,
-        parse=parse,
-        batch=500,
-    )
+    reader = pump(range(PARTS), none_found, lambda deletes, reads: _on(redis, deletes, reads))
     for part in range(PARTS):
         pipe = redis.pipeline(transaction=False)
         for n in range(per_lane):
