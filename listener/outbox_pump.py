@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -51,6 +51,9 @@ HI_AHEAD = 5000  # transitions read ahead, waiting for room in the window, befor
 # reads keep the flow to the broker even; a few large ones send it in pulses,
 # which the subscribers' queues at the broker must then absorb.
 READ_MOST = 1024
+# From a stream that did not fill its last read: most likely all it holds. What
+# the quiet streams leave of READ_MOST goes to the ones that did.
+QUIET_READ = 16
 # While what was read ahead fills the window: a round trip to Redis at most this
 # often, and a write to the broker only once a quarter of its window is free.
 # Each write on a socket costs as much as the work on a few events (the loopback
@@ -72,10 +75,21 @@ def auto_rate(windows: Iterable[int]) -> float:
     return AUTO_RATE if min(windows) < UNTUNED_WINDOW else 0.0
 
 
-def read_share(streams: int, most: int) -> int:
-    """Entries to read from each of `streams` streams in one round trip: an
-    even share of READ_MOST, at most `most` (the stream's own limit), at least 1."""
-    return max(1, min(most, READ_MOST // max(1, streams)))
+def read_plan(limits: Mapping[str, int], busy: Container[str]) -> list[tuple[list[str], int]]:
+    """How one round trip reads the streams of `limits` (each with the most it
+    takes from that stream): at most READ_MOST entries in all. A stream that
+    filled its last read (in `busy`) most likely holds more: such streams share
+    evenly what the others leave, and the others get QUIET_READ each (or an
+    even share of READ_MOST, if less). As (streams, count) pairs, one XREAD each."""
+    quiet_most = min(QUIET_READ, READ_MOST // max(1, len(limits)))
+    counts = {key: min(most, quiet_most) for key, most in limits.items() if key not in busy}
+    loaded = [key for key in limits if key in busy]
+    share = (READ_MOST - sum(counts.values())) // max(1, len(loaded))
+    counts |= {key: max(1, min(limits[key], share)) for key in loaded}
+    plan: dict[int, list[str]] = {}
+    for key, count in counts.items():
+        plan.setdefault(count, []).append(key)
+    return [(keys, count) for count, keys in plan.items()]
 
 
 def id_tuple(entry_id: bytes) -> tuple[int, int]:
@@ -197,6 +211,7 @@ class Pump:
         self.gone = ""  # the connection was lost (why)
         self.last_ack = time.monotonic()
         self.last_read = 0.0
+        self.busy: set[str] = set()  # streams that filled their last read (read_plan)
         self.open = 0  # sent, not answered
         self.lo_unsent: dict[tuple[str, bytes], Item] = {}  # read in turn, not sent yet
         for part in parts:
@@ -288,13 +303,8 @@ class Pump:
         """Read what the held lanes have after what was read, deleting what was
         acknowledged in the same round trip. True if anything new came."""
         # transitions are read ahead at most HI_AHEAD (the window sets the pace)
-        hi = (
-            {self.hi_key[part]: self.pos[self.hi_key[part]] for part in mine}
-            if len(self.hi) < HI_AHEAD
-            else {}
-        )
-        low = [part for part in mine if self.lo_queued[part] < CREATED_READ // 2]
-        lo = {self.lo_key[part]: self.pos[self.lo_key[part]] for part in low}
+        hi = [self.hi_key[part] for part in mine] if len(self.hi) < HI_AHEAD else []
+        lo = [self.lo_key[part] for part in mine if self.lo_queued[part] < CREATED_READ // 2]
         deletes = self.take_deletes()
         # Nothing queued: the deletes, then one read of every lane that waits
         # in Redis for the next entry (and returns at once if one is there),
@@ -303,18 +313,17 @@ class Pump:
         # go again, which changes nothing (an entry is deleted once, and
         # replay gives an append sent again once: event_log._Seen).
         blocking = block is not None and not self.queued()
-        every_lane = [self.hi_key[part] for part in mine] + [self.lo_key[part] for part in mine]
+        if blocking:  # one XREAD, an even share of every lane's two streams
+            every_lane = [self.hi_key[part] for part in mine] + [self.lo_key[part] for part in mine]
+            plan = read_plan(dict.fromkeys(every_lane, CREATED_READ), every_lane)
+        else:
+            plan = read_plan(dict.fromkeys(hi, self.batch) | dict.fromkeys(lo, CREATED_READ), self.busy)
+
+        wait = block if blocking else None
 
         def reads(pipe: Any) -> None:
-            if blocking:
-                count = read_share(len(every_lane), CREATED_READ)
-                pipe.xread({key: self.pos[key] for key in every_lane}, count=count, block=block)
-                return
-            streams = len(hi) + len(lo)
-            if hi:
-                pipe.xread(hi, count=read_share(streams, self.batch))
-            if lo:
-                pipe.xread(lo, count=read_share(streams, CREATED_READ))
+            for keys, count in plan:
+                pipe.xread({key: self.pos[key] for key in keys}, count=count, block=wait)
 
         self.last_read = time.monotonic()
         try:
@@ -323,8 +332,14 @@ class Pump:
             self.deletes.merge(deletes)  # acknowledged all the same: deleted by the next round trip
             raise
         got: dict[str, list[Entry]] = {}
-        for reply in replies[len(replies) - (1 if blocking else bool(hi) + bool(lo)) :]:
+        for reply in replies[len(replies) - len(plan) :]:
             got |= _by_stream(reply)
+        for keys, count in plan:
+            for key in keys:
+                if len(got.get(key, ())) >= count:
+                    self.busy.add(key)
+                else:
+                    self.busy.discard(key)
         if not got:
             return False
         await self._queue_read(mine, got)

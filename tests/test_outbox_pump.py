@@ -15,7 +15,7 @@ from redis.typing import EncodableT, FieldT
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
 from listener.keys import PARTS, KeyLayout
 from listener.mqtt import Publisher
-from listener.outbox_pump import READ_MOST, Deletes, Entry, Item, Pump
+from listener.outbox_pump import QUIET_READ, READ_MOST, Deletes, Entry, Item, Pump, read_plan
 
 
 class Window:
@@ -157,6 +157,53 @@ async def test_a_read_takes_in_a_bounded_share_of_every_lane_and_keeps_their_ord
     for part in range(PARTS):
         orders = [item.event.order_id for item in reader.hi if item.part == part]
         assert orders == [f"P{part}-{n}" for n in range(per_lane)]
+
+
+def test_streams_that_filled_their_last_read_share_what_the_quiet_ones_leave() -> None:
+    """Every plan stays within READ_MOST and each stream's own limit; quiet
+    streams get QUIET_READ; the busy ones split the rest, so a single busy
+    stream among idle ones gets its whole limit."""
+    streams = [f"s{n}" for n in range(2 * PARTS)]
+    limits = dict.fromkeys(streams, 500)
+
+    def counts(busy: set[str]) -> dict[str, int]:
+        plan = read_plan(limits, busy)
+        found = {key: count for keys, count in plan for key in keys}
+        assert sorted(found) == sorted(streams), "every stream read once"
+        assert sum(found.values()) <= READ_MOST
+        assert all(1 <= found[key] <= limits[key] for key in streams)
+        return found
+
+    assert set(counts(set()).values()) == {QUIET_READ}
+    one = counts({"s3"})
+    assert one["s3"] == 500 and one["s0"] == QUIET_READ
+    assert set(counts(set(streams)).values()) == {READ_MOST // len(streams)}
+    half = counts(set(streams[::2]))
+    assert half["s0"] == (READ_MOST - PARTS * QUIET_READ) // PARTS and half["s1"] == QUIET_READ
+    assert read_plan({"a": 10, "b": 500}, {"a", "b"}) == [(["a"], 10), (["b"], 500)], "a limit holds"
+
+
+async def test_a_lane_with_a_backlog_of_its_own_is_read_in_large_reads(redis: Redis) -> None:
+    """One lane holds 3,000 cancellations (taken over from a daemon that died),
+    the other lanes nothing: after a first read finds the lane full, the reads
+    take it in by the reader's batch, not by an even share of READ_MOST
+    among all 32 streams (which would take some 90 reads)."""
+    backlog, lane = 3000, 5
+    layout = KeyLayout()
+    reader = pump(range(PARTS), none_found, lambda deletes, reads: _on(redis, deletes, reads))
+    pipe = redis.pipeline(transaction=False)
+    for n in range(backlog):
+        fields: dict[FieldT, EncodableT] = {k: v for k, v in cancellation(f"P{n}", n).items()}
+        pipe.xadd(layout.outbox(lane), fields)
+    await pipe.execute()
+    reads = 0
+    while len(reader.hi) < backlog and reads < 20:
+        before = len(reader.hi)
+        assert await reader.read(list(range(PARTS)), None)
+        assert len(reader.hi) - before <= READ_MOST
+        reads += 1
+    assert reads <= 1 + -(-(backlog - QUIET_READ) // reader.batch), f"{reads} reads"
+    assert [item.event.order_id for item in reader.hi] == [f"P{n}" for n in range(backlog)]
 
 
 async def _on(redis: Redis, deletes: Deletes, reads: Any) -> list[Any]:
