@@ -51,8 +51,7 @@ HI_AHEAD = 5000  # transitions read ahead, waiting for room in the window, befor
 # reads keep the flow to the broker even; a few large ones send it in pulses,
 # which the subscribers' queues at the broker must then absorb.
 READ_MOST = 1024
-# From a stream that did not fill its last read: most likely all it holds. What
-# the quiet streams leave of READ_MOST goes to the ones that did.
+# From a stream that did not fill its last read: most likely all it holds.
 QUIET_READ = 16
 # While what was read ahead fills the window: a round trip to Redis at most this
 # often, and a write to the broker only once a quarter of its window is free.
@@ -79,13 +78,14 @@ def read_plan(limits: Mapping[str, int], busy: Container[str]) -> list[tuple[lis
     """How one round trip reads the streams of `limits` (each with the most it
     takes from that stream): at most READ_MOST entries in all. A stream that
     filled its last read (in `busy`) most likely holds more: such streams share
-    evenly what the others leave, and the others get QUIET_READ each (or an
-    even share of READ_MOST, if less). As (streams, count) pairs, one XREAD each."""
-    quiet_most = min(QUIET_READ, READ_MOST // max(1, len(limits)))
-    counts = {key: min(most, quiet_most) for key, most in limits.items() if key not in busy}
+    half of READ_MOST evenly, and the others get QUIET_READ each (or an even
+    share of the other half, if less). As (streams, count) pairs, one XREAD each."""
     loaded = [key for key in limits if key in busy]
-    share = (READ_MOST - sum(counts.values())) // max(1, len(loaded))
-    counts |= {key: max(1, min(limits[key], share)) for key in loaded}
+    quiet = [key for key in limits if key not in busy]
+    half = READ_MOST // 2
+    quiet_most = min(QUIET_READ, half // max(1, len(quiet)))
+    counts = {key: max(1, min(limits[key], quiet_most)) for key in quiet}
+    counts |= {key: max(1, min(limits[key], half // len(loaded))) for key in loaded}
     plan: dict[int, list[str]] = {}
     for key, count in counts.items():
         plan.setdefault(count, []).append(key)
