@@ -76,16 +76,18 @@ def auto_rate(windows: Iterable[int]) -> float:
 
 def read_plan(limits: Mapping[str, int], busy: Container[str]) -> list[tuple[list[str], int]]:
     """How one round trip reads the streams of `limits` (each with the most it
-    takes from that stream): at most READ_MOST entries in all. A stream that
-    filled its last read (in `busy`) most likely holds more: such streams share
-    half of READ_MOST evenly, and the others get QUIET_READ each (or an even
-    share of the other half, if less). As (streams, count) pairs, one XREAD each."""
+    takes from that stream): at most READ_MOST entries in all. Each stream
+    gets an even share of READ_MOST, except that a stream that did not fill
+    its last read (not in `busy`) gets at most QUIET_READ, and the ones that
+    did (most likely holding more) then share half of READ_MOST if that is
+    more. As (streams, count) pairs, one XREAD each."""
     loaded = [key for key in limits if key in busy]
     quiet = [key for key in limits if key not in busy]
-    half = READ_MOST // 2
-    quiet_most = min(QUIET_READ, half // max(1, len(quiet)))
+    even, half = READ_MOST // max(1, len(limits)), READ_MOST // 2
+    quiet_most = min(QUIET_READ, even, half // max(1, len(quiet)))
     counts = {key: max(1, min(limits[key], quiet_most)) for key in quiet}
-    counts |= {key: max(1, min(limits[key], half // len(loaded))) for key in loaded}
+    loaded_most = max(even, half // max(1, len(loaded)))
+    counts |= {key: max(1, min(limits[key], loaded_most)) for key in loaded}
     plan: dict[int, list[str]] = {}
     for key, count in counts.items():
         plan.setdefault(count, []).append(key)
