@@ -204,7 +204,8 @@ class Pump:
         self.pos: dict[str, bytes] = {}
         self.hi: deque[Item] = deque()  # read, to send, in order
         self.lo: deque[Item] = deque()
-        self.lo_queued = dict.fromkeys(parts, 0)
+        self.lo_queued = dict.fromkeys(parts, 0)  # per lane: its items in `lo`
+        self.hi_queued = dict.fromkeys(parts, 0)  # per lane: its items in `hi`
         self.order: dict[str, deque[Item]] = {}  # per stream: sent in turn, awaiting the prefix's PUBACKs
         self.early: dict[str, dict[bytes, Item]] = {}  # per `created` stream: sent out of turn
         self.deletes = Deletes()
@@ -263,7 +264,7 @@ class Pump:
             self.pos[key] = b"0-0"
             self.order[key] = deque()
         self.early[self.lo_key[part]] = {}
-        self.lo_queued[part] = 0
+        self.lo_queued[part] = self.hi_queued[part] = 0
         self.hi = deque(item for item in self.hi if item.part != part)
         self.lo = deque(item for item in self.lo if item.part != part)
         for unsent in [k for k, item in self.lo_unsent.items() if item.part == part]:
@@ -400,6 +401,7 @@ class Pump:
                     # a malformed one is moved aside when its turn is read
                     with contextlib.suppress(KeyError, ValueError, UnicodeDecodeError):
                         found[created] = from_created_entry(*reply[0])
+        queued = len(self.hi)
         for entry_id, event in good:
             created = event.created_entry
             first = found.pop(created, None)
@@ -413,6 +415,7 @@ class Pump:
                     pulled.early = True  # (its place in the `created` queue stays, as a marker)
                     self.hi.append(pulled)
             self.hi.append(Item(part, key, entry_id, event, gen))
+        self.hi_queued[part] += len(self.hi) - queued
 
     # -- pace of the `created` backlog -----------------------------------------
 
@@ -465,34 +468,37 @@ class Pump:
         takes off it, in order, the events each connection has room for, at most
         `allowed` of them in turn, and takes `rooms` down by them. Returns them by
         connection, and how many more were allowed."""
-        count = len(rooms)
         in_turn = queue is self.lo
+        queued = self.lo_queued if in_turn else self.hi_queued
+        walk = _Pass(queued, rooms)
         batches: Batches = {}
         kept: list[Item] = []
-        blocked: set[int] = set()  # lanes with an item kept back: the rest of theirs waits too
-        while queue and any(rooms) and allowed > 0:
+        while queue and walk.sendable > 0 and allowed > 0:
             item = queue.popleft()
+            index = walk.look_at(item.part)
             if item.gen != self.gen[item.part]:
+                queued[item.part] -= 1
                 continue  # its lane started over
-            index = item.part % count
-            if item.part in blocked or not self.holds(item.part) or not (rooms[index] or item.early):
+            if item.part in walk.blocked or not self.holds(item.part) or not (rooms[index] or item.early):
                 # this connection is full, or the lease is being renewed: in stream
                 # order, so nothing behind it is deleted (or sent) before it
                 kept.append(item)
-                blocked.add(item.part)
+                walk.block(item.part)
                 continue
             if in_turn:
-                self.lo_queued[item.part] -= 1
+                queued[item.part] -= 1
                 if item.early:  # sent ahead of its turn: its turn now
                     self.order[item.key].append(item)
                     self._advance(item.key)
                     continue
                 del self.lo_unsent[(item.key, item.entry_id)]
-            if not rooms[index]:  # an early `created` in the transitions' queue, no room
+            elif not rooms[index]:  # an early `created` in the transitions' queue, no room
                 kept.append(item)
-                blocked.add(item.part)
+                walk.block(item.part)
                 continue
-            rooms[index] -= 1
+            else:
+                queued[item.part] -= 1
+            walk.take(index)
             if in_turn:
                 allowed -= 1
             events, items = batches.setdefault(index, ([], []))
@@ -525,6 +531,51 @@ class Pump:
 
     def idle_for(self) -> float:
         return time.monotonic() - self.last_ack
+
+
+class _Pass:
+    """The bookkeeping of one pass over a queue (Pump._take_sendable): how
+    many of its items further on could still be sent, from the per-lane counts
+    of the queue, so that the pass ends as soon as no connection with room has
+    one left. A long queue whose lanes all publish on full connections is then
+    not walked on every PUBACK."""
+
+    __slots__ = ("ahead", "blocked", "count", "rooms", "sendable", "waiting")
+
+    def __init__(self, queued: dict[int, int], rooms: list[int]) -> None:
+        self.rooms, self.count = rooms, len(rooms)
+        self.ahead = dict(queued)  # per lane: its items not looked at yet (none once blocked)
+        self.waiting = [0] * self.count  # per connection: those items
+        for part, items in self.ahead.items():
+            self.waiting[part % self.count] += items
+        self.sendable = sum(n for n, room in zip(self.waiting, rooms, strict=True) if room)
+        self.blocked: set[int] = set()  # lanes with an item kept back: the rest of theirs waits too
+
+    def look_at(self, part: int) -> int:
+        """An item of `part` comes off the queue; returns its connection."""
+        index = part % self.count
+        if part not in self.blocked:
+            self.ahead[part] -= 1
+            self.waiting[index] -= 1
+            if self.rooms[index]:
+                self.sendable -= 1
+        return index
+
+    def block(self, part: int) -> None:
+        if part in self.blocked:
+            return
+        self.blocked.add(part)
+        index = part % self.count
+        rest, self.ahead[part] = self.ahead[part], 0
+        self.waiting[index] -= rest
+        if self.rooms[index]:
+            self.sendable -= rest
+
+    def take(self, index: int) -> None:
+        """One item goes on connection `index`: its room less by one."""
+        self.rooms[index] -= 1
+        if not self.rooms[index]:
+            self.sendable -= self.waiting[index]
 
 
 def _by_stream(reply: Any) -> dict[str, list[Entry]]:

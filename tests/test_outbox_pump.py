@@ -6,7 +6,8 @@ real Redis.)"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -93,6 +94,26 @@ async def test_a_created_entry_kept_back_is_never_trimmed_by_one_sent_ahead_of_i
     window.room = 1
     reader.send(publishers(window))  # C's place in turn comes: nothing to send for it
     assert reader.deletes.upto[lo] == b"2000-0", "X acknowledged: now the stream goes up to C"
+    assert_counts_match(reader)
+
+
+class Watched(deque[Item]):
+    """A queue that counts the items taken off its front."""
+
+    def __init__(self, items: Iterable[Item]) -> None:
+        super().__init__(items)
+        self.looked_at = 0
+
+    def popleft(self) -> Item:
+        self.looked_at += 1
+        return super().popleft()
+
+
+def assert_counts_match(reader: Pump) -> None:
+    """The reader's per-lane counts of its two queues are what the queues hold."""
+    for queue, counts in ((reader.hi, reader.hi_queued), (reader.lo, reader.lo_queued)):
+        held = Counter(item.part for item in queue)
+        assert {part: n for part, n in counts.items() if n} == dict(held)
 
 
 def cancellation(order: str, at: int) -> dict[bytes, bytes]:
@@ -125,6 +146,33 @@ async def test_a_full_connection_holds_back_only_its_own_lanes_and_their_order()
     full.room = 2
     assert reader.send(publishers(full, roomy)) == 2
     assert [item.event.order_id for item in full.sent] == ["P0-1", "P0-2"], "in the order read"
+    assert_counts_match(reader)
+
+
+async def test_a_send_does_not_walk_a_queue_that_only_full_connections_wait_on() -> None:
+    """Lane 0 has 3,000 transitions queued for its full connection, lane 1 one
+    behind them for a connection with room: that one goes, and the queue keeps
+    its order. Then no connection with room has anything queued: a send looks
+    at no item instead of walking the 3,000 (on every PUBACK, it did)."""
+    reader = pump([0, 1], xrange_one=none_found)
+    entries = [(f"{i}-0".encode(), cancellation(f"P{i}", i)) for i in range(1, 3001)]
+    await reader._take_transitions(0, entries)
+    await reader._take_transitions(1, [(b"1-0", cancellation("Q", 1))])
+    reader.hi = watched = Watched(reader.hi)
+    full, roomy = Window(room=0), Window(room=5)
+    assert reader.send(publishers(full, roomy)) == 1
+    assert [item.event.order_id for item in roomy.sent] == ["Q"]
+    assert watched.looked_at == 3001
+    assert [item.event.order_id for item in reader.hi] == [f"P{i}" for i in range(1, 3001)]
+    assert_counts_match(reader)
+    watched.looked_at = 0
+    assert reader.send(publishers(full, roomy)) == 0
+    assert watched.looked_at == 0, f"looked at {watched.looked_at} items no connection with room waits on"
+    full.room = 3
+    assert reader.send(publishers(full, roomy)) == 3
+    assert [item.event.order_id for item in full.sent] == ["P1", "P2", "P3"]
+    assert watched.looked_at == 3
+    assert_counts_match(reader)
 
 
 async def test_a_read_takes_in_a_bounded_share_of_every_lane_and_keeps_their_order(redis: Redis) -> None:
