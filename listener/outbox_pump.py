@@ -479,25 +479,21 @@ class Pump:
             if item.gen != self.gen[item.part]:
                 queued[item.part] -= 1
                 continue  # its lane started over
-            if item.part in walk.blocked or not self.holds(item.part) or not (rooms[index] or item.early):
+            # (the place in turn of a `created` event sent ahead needs no room)
+            marker = in_turn and item.early
+            if item.part in walk.blocked or not self.holds(item.part) or not (rooms[index] or marker):
                 # this connection is full, or the lease is being renewed: in stream
                 # order, so nothing behind it is deleted (or sent) before it
                 kept.append(item)
                 walk.block(item.part)
                 continue
-            if in_turn:
-                queued[item.part] -= 1
-                if item.early:  # sent ahead of its turn: its turn now
-                    self.order[item.key].append(item)
-                    self._advance(item.key)
-                    continue
-                del self.lo_unsent[(item.key, item.entry_id)]
-            elif not rooms[index]:  # an early `created` in the transitions' queue, no room
-                kept.append(item)
-                walk.block(item.part)
+            queued[item.part] -= 1
+            if marker:  # sent ahead of its turn: its turn now
+                self.order[item.key].append(item)
+                self._advance(item.key)
                 continue
-            else:
-                queued[item.part] -= 1
+            if in_turn:
+                del self.lo_unsent[(item.key, item.entry_id)]
             walk.take(index)
             if in_turn:
                 allowed -= 1
