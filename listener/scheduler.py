@@ -43,6 +43,11 @@ SHOWN_ID_MAX = 200  # an id the rules refuse may be of any length: logs show its
 # 15-40 µs an order, 16 parts of a full batch each held it for up to 0.7 s.
 # Smaller costs the catch-up more round trips (docs/figures.md).
 ROUND_TRIP_ORDERS = 4000
+# At most about this many orders absorbed from a reply before the scheduler
+# lets other tasks run: a burst's reply is absorbed a part at a time, while
+# the few orders of a trickle cost no extra turns of the loop, each of which
+# can wait behind another task's step while the next deadlines pass.
+SETTLE_SLICE = 256
 
 
 _Reply = list[SweepResult | ResponseError] | BaseException
@@ -182,7 +187,7 @@ class DeadlineScheduler:
                 self.catch_up.begin()
             ahead = asyncio.create_task(self._send(more)) if more else None
             try:
-                await self._settle(sweep)
+                await self._settle(sweep, ahead=ahead is not None)
             except asyncio.CancelledError:
                 if ahead is not None:
                     ahead.cancel()  # nothing if its reply is in already
@@ -241,25 +246,20 @@ class DeadlineScheduler:
         others = [part for part, head in enumerate(self._heads) if head <= now and part not in swept]
         return sorted(full + others)
 
-    async def _settle(self, sweep: _Sweep) -> None:
+    async def _settle(self, sweep: _Sweep, *, ahead: bool = False) -> None:
         """Absorb each part's result, letting other tasks run between parts
-        (the round trip sent ahead, the outbox): a full round trip carries
-        thousands of orders."""
+        once about SETTLE_SLICE orders were absorbed (a full round trip
+        carries thousands), and first of all when a round trip was sent
+        ahead (`ahead`: its task writes the request in its first step)."""
         failed: list[tuple[list[int], BaseException]] = []
+        if ahead:
+            await asyncio.sleep(0)
+        absorbed = 0  # orders since the last turn of the loop
         for group, limit, reply, received in sweep:
             if isinstance(reply, BaseException):
                 failed.append((group, reply))
-                continue
-            swept: list[int] = []
-            clock_us = _clock_of(reply)
-            for part, result in zip(group, reply, strict=True):
-                await asyncio.sleep(0)
-                if isinstance(result, SweepResult):
-                    self._absorb([result], limit, received, clock_us)
-                    swept.append(part)
-                else:
-                    self._refused(part, result)
-            self._recovered(swept)
+            else:
+                absorbed = await self._settle_shard(group, limit, reply, received, absorbed)
         for _, exc in failed:
             if not is_transient(exc):
                 raise exc
@@ -268,6 +268,32 @@ class DeadlineScheduler:
         self.service.ok()
         for group, exc in failed:
             self._retry_later(group, exc)
+
+    async def _settle_shard(
+        self,
+        group: list[int],
+        limit: int,
+        reply: list[SweepResult | ResponseError],
+        received: float,
+        absorbed: int,
+    ) -> int:
+        """Absorb one shard's reply (see _settle); `absorbed`: the orders since
+        the last turn of the loop, before and (returned) after."""
+        swept: list[int] = []
+        clock_us = _clock_of(reply)
+        for part, result in zip(group, reply, strict=True):
+            size = len(result.cancelled) + len(result.dropped) if isinstance(result, SweepResult) else 0
+            if absorbed and absorbed + size > SETTLE_SLICE:
+                await asyncio.sleep(0)
+                absorbed = 0
+            absorbed += size
+            if isinstance(result, SweepResult):
+                self._absorb([result], limit, received, clock_us)
+                swept.append(part)
+            else:
+                self._refused(part, result)
+        self._recovered(swept)
+        return absorbed
 
     def _retry_later(self, parts: list[int], exc: BaseException) -> None:
         if not any(part in self._retries for part in parts):

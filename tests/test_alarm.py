@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from unittest.mock import MagicMock
 
 import pytest
 from redis.exceptions import ResponseError
 
 from listener.alarm import Alarm
-from listener.scheduler import ROUND_TRIP_ORDERS, DeadlineScheduler, _Sweep
+from listener.scheduler import ROUND_TRIP_ORDERS, SETTLE_SLICE, DeadlineScheduler, _Sweep
 from listener.store import SweepResult
 from listener.supervise import Service
 
@@ -177,6 +178,50 @@ async def test_a_parts_clock_is_timed_from_when_its_reply_was_read() -> None:
     ]
     await scheduler._settle(_Sweep([[3, 4]], [1000], [replies], [read_at]))
     assert scheduler._offsets[3] == scheduler._offsets[4] == (now_ms * 1000 + 400) / 1e6 - read_at
+
+
+async def test_a_trickles_reply_is_absorbed_in_one_turn_and_a_bursts_a_slice_at_a_time() -> None:
+    """Each turn of the loop the scheduler gives away can wait behind another
+    task's step while the next deadlines pass. A reply of 16 parts with an
+    order each is absorbed without giving one away; 16 parts of 250 orders
+    give one between slices of SETTLE_SLICE; a round trip sent ahead gets the
+    first turn, to write its request."""
+    now_ms = 1_800_000_000_000
+    scheduler = DeadlineScheduler(MagicMock(), Service("redis"))
+    parts = list(range(16))
+
+    def sweep(per_part: int) -> _Sweep:
+        replies: list[SweepResult | ResponseError] = [
+            SweepResult(
+                part, now_ms, now_ms * 1000, None, [(f"o-{part}-{i}", now_ms - 1) for i in range(per_part)]
+            )
+            for part in parts
+        ]
+        return _Sweep([parts], [1000], [replies], [time.monotonic()])
+
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    async def turns_given(settle: Awaitable[None]) -> int:
+        before = turns
+        await settle
+        return turns - before
+
+    other = asyncio.create_task(other_task())
+    try:
+        await asyncio.sleep(0)  # the other task is at its first sleep
+        assert await turns_given(scheduler._settle(sweep(1))) == 0
+        assert await turns_given(scheduler._settle(sweep(1), ahead=True)) == 1
+        assert SETTLE_SLICE < 2 * 250  # so each part after the first starts a slice
+        assert await turns_given(scheduler._settle(sweep(250))) == 15
+    finally:
+        other.cancel()
+    assert scheduler.cancelled == 16 + 16 + 16 * 250
 
 
 async def test_a_round_trip_sent_ahead_is_absorbed_when_the_one_before_fails() -> None:
