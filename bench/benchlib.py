@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from lag import DaemonProcess, command_output, cpu_model, machine_busy, percentile
+from lag import DaemonProcess, command_output, cpu_model, machine_busy, percentile, speed_line
 from redis.asyncio import Redis
 
 from listener.api import OrderClient
@@ -52,6 +52,7 @@ def setup_lines(extra: Sequence[tuple[str, str]] = ()) -> list[str]:
         f"load:       {busy:.0f}% of one core busy before the start (load average "
         f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])})"
         + ("  <- other work on this machine skews the figures" if busy > 20 else ""),
+        speed_line(),
     ]
     own = sorted(f"{k[6:]}={v}" for k, v in os.environ.items() if k.startswith("BENCH_ORDER_LISTENER_"))
     lines.append(f"daemon:     {' '.join(own) if own else 'default settings'}")

@@ -542,6 +542,25 @@ def machine_busy(seconds: float = 1.0) -> float:
     return 100 * (machine_seconds()[0] - busy) / seconds
 
 
+def python_speed() -> float:
+    """Milliseconds this host takes for a million additions in a Python loop,
+    the best of three: a gauge of the host, printed beside every figure,
+    since machines of one kind differ between hosts by more than most
+    changes of the code."""
+    best = math.inf
+    for _ in range(3):
+        began = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        best = min(best, time.perf_counter() - began)
+    return 1000 * best
+
+
+def speed_line() -> str:
+    return f"speed:      a million additions in a Python loop take {python_speed():.0f} ms here (best of 3)"
+
+
 class CpuMeter:
     """CPU used by named processes between start() and stop(), in % of one core,
     and by everything else on the machine (`others`: CPU this run does not control)."""
@@ -1002,6 +1021,7 @@ def print_setup(args: argparse.Namespace) -> None:
         f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])})"
         + ("  <- other work on this machine skews the figures" if busy > 20 else "")
     )
+    print(f"  {speed_line()}")
     print(
         f"  subscriber: {args.subscriber} (QoS 1, {TOPIC}); daemon log level "
         f"{args.daemon_log_level}; redis.conf of the project, all on loopback"
