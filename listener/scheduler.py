@@ -44,9 +44,9 @@ SHOWN_ID_MAX = 200  # an id the rules refuse may be of any length: logs show its
 # Smaller costs the catch-up more round trips (docs/figures.md).
 ROUND_TRIP_ORDERS = 4000
 # At most about this many orders absorbed from a reply before the scheduler
-# lets other tasks run: a burst's reply is absorbed a part at a time, while
-# the few orders of a trickle cost no extra turns of the loop, each of which
-# can wait behind another task's step while the next deadlines pass.
+# lets other tasks run (before each part while a round trip sent ahead is on
+# its way): the few orders of a trickle cost no extra turns of the loop, each
+# of which can wait behind another task's step while the next deadlines pass.
 SETTLE_SLICE = 256
 
 
@@ -247,19 +247,18 @@ class DeadlineScheduler:
         return sorted(full + others)
 
     async def _settle(self, sweep: _Sweep, *, ahead: bool = False) -> None:
-        """Absorb each part's result, letting other tasks run between parts
-        once about SETTLE_SLICE orders were absorbed (a full round trip
-        carries thousands), and first of all when a round trip was sent
-        ahead (`ahead`: its task writes the request in its first step)."""
+        """Absorb each part's result, letting other tasks run before each
+        part while a round trip sent ahead is on its way (`ahead`: its task
+        needs a few turns of the loop to write the request, and a full
+        round trip carries thousands of orders), else once about
+        SETTLE_SLICE orders were absorbed."""
         failed: list[tuple[list[int], BaseException]] = []
-        if ahead:
-            await asyncio.sleep(0)
         absorbed = 0  # orders since the last turn of the loop
         for group, limit, reply, received in sweep:
             if isinstance(reply, BaseException):
                 failed.append((group, reply))
             else:
-                absorbed = await self._settle_shard(group, limit, reply, received, absorbed)
+                absorbed = await self._settle_shard(group, limit, reply, received, absorbed, ahead)
         for _, exc in failed:
             if not is_transient(exc):
                 raise exc
@@ -276,6 +275,7 @@ class DeadlineScheduler:
         reply: list[SweepResult | ResponseError],
         received: float,
         absorbed: int,
+        ahead: bool,
     ) -> int:
         """Absorb one shard's reply (see _settle); `absorbed`: the orders since
         the last turn of the loop, before and (returned) after."""
@@ -283,7 +283,7 @@ class DeadlineScheduler:
         clock_us = _clock_of(reply)
         for part, result in zip(group, reply, strict=True):
             size = len(result.cancelled) + len(result.dropped) if isinstance(result, SweepResult) else 0
-            if absorbed and absorbed + size > SETTLE_SLICE:
+            if ahead or (absorbed and absorbed + size > SETTLE_SLICE):
                 await asyncio.sleep(0)
                 absorbed = 0
             absorbed += size
