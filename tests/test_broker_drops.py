@@ -19,6 +19,7 @@ import structlog
 from listener import logs
 from listener.config import Settings
 from listener.daemon import Daemon
+from listener.mqtt import client as client_module
 from listener.mqtt import link as link_module
 from listener.mqtt.drops import DROPPED_TOPIC, DropWatch, read_count
 from listener.servers import ServerProcess, mosquitto
@@ -240,6 +241,7 @@ async def test_a_broker_that_closes_the_connection_on_the_subscription_costs_one
     protocol error): asked for that instead, the link loses its first session,
     says so, does not ask again, and connects and publishes."""
     monkeypatch.setattr(link_module, "DROPPED_TOPIC", "drops\x00probe")
+    monkeypatch.setattr(client_module, "CLIENT_TIMEOUT_S", 3.0)  # (10 s in the daemon)
     with structlog.testing.capture_logs() as logged:
         # the first session waits for a SUBACK that never comes, up to the client's timeout
         async with running(settings, drops=DropWatch(lambda _: None), connect_within=30) as link:

@@ -18,6 +18,7 @@ import structlog
 
 from listener.config import Settings
 from listener.mqtt import MqttLink
+from listener.mqtt import client as client_module
 from listener.mqtt.link import connections_for
 from listener.outbox import _changed
 from listener.servers import ServerProcess, mosquitto
@@ -117,12 +118,13 @@ def connection_limited_broker(workdir: Path) -> Any:
 
 
 async def test_auto_goes_on_with_the_connections_the_broker_accepts(
-    settings: Settings, connection_limited_broker: ServerProcess
+    settings: Settings, connection_limited_broker: ServerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """auto asks a stock broker for 4 connections; this one refuses the third:
     the link publishes over the two it has, says so, and asks for no more on
     its next session."""
     config = dataclasses.replace(settings, mqtt_url=f"mqtt://127.0.0.1:{connection_limited_broker.port}")
+    monkeypatch.setattr(client_module, "CLIENT_TIMEOUT_S", 3.0)  # (10 s in the daemon)
     with structlog.testing.capture_logs() as logged:
         link = MqttLink(config, Service("mqtt"))
         task = asyncio.create_task(link.run())

@@ -104,12 +104,17 @@ class CheckedClient(aiomqtt.Client):
             self.acker(mid, 0)
 
 
+# How long aiomqtt waits for the broker's answer to CONNECT, SUBSCRIBE and
+# the like before it gives the session up.
+CLIENT_TIMEOUT_S = 10.0
+
+
 def make_client(
     settings: Settings,
     *,
     identifier: str | None = None,
     persistent: bool = False,
-    timeout: float = 10.0,
+    timeout: float | None = None,
     fast_io: bool = False,
     on_fast_failure: Callable[[BaseException], None] | None = None,
 ) -> CheckedClient:
@@ -128,7 +133,7 @@ def make_client(
         clean_start=_clean_start(v5, persistent),
         properties=_session_expiry() if (v5 and persistent) else None,
         tls_context=tls_context(settings) if target.tls else None,
-        timeout=timeout,
+        timeout=CLIENT_TIMEOUT_S if timeout is None else timeout,
         keepalive=15,
         max_inflight_messages=1000,
         fast_io=fast_io,
