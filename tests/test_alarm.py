@@ -160,7 +160,7 @@ async def test_a_wake_while_a_round_trip_is_under_way_is_not_undone_by_its_reply
 
 async def test_a_parts_clock_is_timed_from_when_its_reply_was_read() -> None:
     """Absorbing the parts of a reply one by one takes time (and other tasks
-    run between them): each part's clock is timed from the reply's reading,
+    may run between them): each part's clock is timed from the reply's reading,
     and from the clock of the round trip's last script (part 3's ran first,
     400 µs earlier, but the reply came after part 4's)."""
     now_ms = 1_800_000_000_000
