@@ -303,4 +303,7 @@ class Daemon:
             left = None
             with contextlib.suppress(Exception):
                 left = await self.outbox.backlog()
-            log.warning("stopped before the outbox was empty; the events stay in Redis", unpublished=left)
+            if left == 0:
+                log.info("stopped: the outbox had nothing left to publish")
+            else:
+                log.warning("stopped before the outbox was empty; the events stay in Redis", unpublished=left)

@@ -38,6 +38,7 @@ from listener.connection import redis_lost
 from listener.events import StatusEvent, from_created_entry, from_outbox_entry
 from listener.keys import PARTS, KeyLayout
 from listener.mqtt import MqttLink, Publisher
+from listener.mqtt.link import Connection
 from listener.outbox_pump import BLOCK_MS, POLL_S, Deletes, Pump, debug_published
 from listener.store import Store
 from listener.supervise import Service, supervise
@@ -202,13 +203,7 @@ class Outbox:
             await supervise(task, self.redis_service, lambda: self._drain(parts))
 
     async def _until_held(self, parts: list[int]) -> None:
-        waiters = [asyncio.ensure_future(self.held[part].wait()) for part in parts]
-        waiters.append(asyncio.ensure_future(self.stopping.wait()))
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        await _first_of(*(self.held[part] for part in parts), self.stopping)
 
     async def _drain(self, parts: list[int]) -> None:
         """Publish the lanes of `parts` from their first unpublished entry, each
@@ -234,9 +229,9 @@ class Outbox:
                 # cancellations first: nothing new is read while the scheduler is behind
                 await self.catch_up.wait(self.stopping)
                 got, mine = await self._settle_lanes(pump, reading, parts, mine)
-                if not mine:
-                    return
-                connection = await self.link.connection()
+                connection = await self._broker(pump, reading, mine) if mine else None
+                if connection is None:
+                    return  # no lane held, or stopping with the broker away and nothing of them to publish
                 publishers = connection.publishers
                 if pump.gone or pump.refused:
                     await reading.settle()
@@ -275,6 +270,35 @@ class Outbox:
             self.pumps.discard(pump)
             await reading.cancel()  # (its deletes go back to the pump: forgotten below)
             await self._forget(pump.take_deletes())  # what the broker has must not go out again
+
+    async def _broker(self, pump: Pump, reading: _ReadUnderWay, lanes: set[int]) -> Connection | None:
+        """The broker's connection. None when the daemon stops while the
+        broker is away and `lanes` have nothing left to publish: waiting for
+        the broker would only hold the stop up until its timeout. With
+        something left it waits on, and the shutdown's timeout ends the wait
+        and says how much stays in Redis."""
+        if not self.link.connected.is_set():
+            await _first_of(self.link.connected, self.stopping)
+            if not self.link.connected.is_set() and await self._nothing_left(pump, reading, lanes):
+                return None
+        return await self.link.connection()
+
+    async def _nothing_left(self, pump: Pump, reading: _ReadUnderWay, lanes: set[int]) -> bool:
+        """Whether `lanes` have no entry left to publish, once the deletes of
+        what the broker acknowledged are sent (False when Redis cannot say)."""
+        await reading.cancel()  # (its deletes go back to the pump)
+        await self._forget(pump.take_deletes())
+        if pump.open or pump.queued():
+            return False
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for part in lanes:
+                    pipe.xlen(self.layout.outbox(part))
+                    pipe.xlen(self.layout.outbox_created(part))
+                lengths = await pipe.execute()
+        except Exception:  # Redis away too: it cannot say
+            return False
+        return not any(int(length) for length in lengths)
 
     async def _settle_lanes(
         self, pump: Pump, reading: _ReadUnderWay, parts: list[int], mine: set[int]
@@ -611,6 +635,16 @@ class _ReadUnderWay:
             task, self.task = self.task, None
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    """Until one of `events` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def _wait_for_something_to_send(

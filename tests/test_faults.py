@@ -4,15 +4,19 @@ down, Redis restarted, several daemons, pay racing the expiry, SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import random
 import signal
 import socket
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from redis.asyncio import Redis
 
 from listener.api import OrderClient
@@ -21,9 +25,9 @@ from listener.daemon import Daemon
 from listener.fastpath import hiredis_drain
 from listener.keys import KeyLayout, part_of
 from listener.orders import Operation
-from listener.servers import ServerProcess, free_port
+from listener.servers import ServerProcess, free_port, mosquitto
 from listener.store import Store
-from tests.conftest import DaemonProcess, Subscriber, wait_until
+from tests.conftest import DaemonProcess, Subscriber, wait_until, watch_topic
 from tests.life import deadline_of, lanes_barrier
 
 # CI runs these once more with ORDER_LISTENER_FAST_PATHS=off (both ways stay green)
@@ -110,6 +114,73 @@ async def test_broker_down_while_orders_fall_due_nothing_lost(
         return await daemon.outbox.backlog() == 0
 
     await wait_until(drained, 10, "the outbox to drain")
+
+
+async def _run_then_stop(
+    config: Settings, meanwhile: Callable[[Daemon], Awaitable[None]]
+) -> tuple[float, list[MutableMapping[str, Any]]]:
+    """Run a daemon, do `meanwhile`, stop it: how long the stop took, and its log."""
+    daemon = Daemon(config)
+    stop = asyncio.Event()
+    with structlog.testing.capture_logs() as logged:
+        task = asyncio.create_task(daemon.run(stop))
+        await asyncio.wait_for(daemon.ready.wait(), 20)
+        await meanwhile(daemon)
+        began = time.monotonic()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    return time.monotonic() - began, logged
+
+
+async def test_a_stop_while_the_broker_is_away_waits_only_when_events_are_left(
+    settings: Settings, workdir: Path
+) -> None:
+    """The broker goes away. A stop with nothing left to publish does not wait
+    for it (the outbox's half of the shutdown timeout, 3 s here) and warns of
+    nothing. A stop with events left waits for the broker that long, says how
+    many stay in Redis, and the next daemon publishes them."""
+    broker = mosquitto(workdir / f"away-{random.randrange(10**9)}")
+    broker.start()
+    config = dataclasses.replace(settings, mqtt_url=f"mqtt://127.0.0.1:{broker.port}", shutdown_timeout=6.0)
+    order_id = f"away-{random.randrange(10**9)}"
+    left_warning = "stopped before the outbox was empty; the events stay in Redis"
+
+    async def broker_gone(daemon: Daemon) -> None:
+        broker.stop()
+        await wait_until(lambda: not daemon.link.connected.is_set(), 10, "the daemon to lose the broker")
+
+    async def broker_gone_then_an_order_cancelled(daemon: Daemon) -> None:
+        await broker_gone(daemon)
+        async with OrderClient(config) as client:
+            await client.create(order_id, timeout=0.3)
+
+            async def cancelled() -> bool:
+                return str((await client.get(order_id)).status) == "cancelled"
+
+            await wait_until(cancelled, 10, "the order cancelled in Redis")
+
+    try:
+        took, logged = await _run_then_stop(config, broker_gone)
+        assert took < 2.5, f"the stop waited {took:.1f} s for a broker with nothing to publish"
+        assert not [line for line in logged if line["event"] == left_warning]
+
+        broker.start()
+        took, logged = await _run_then_stop(config, broker_gone_then_an_order_cancelled)
+        assert took >= 3.0, f"the stop gave up on the broker after {took:.1f} s, with events left"
+        (warning,) = [line for line in logged if line["event"] == left_warning]
+        assert warning["unpublished"] == 2  # the order's `created` and `cancelled` events
+
+        broker.start()
+        async with watch_topic(config, f"{config.topic_prefix}/{order_id}/status", f"{order_id}-w") as seen:
+
+            async def published(daemon: Daemon) -> None:
+                await wait_until(
+                    lambda: [r.event["status"] for r in seen] == ["created", "cancelled"], 20, "both events"
+                )
+
+            await _run_then_stop(config, published)
+    finally:
+        broker.stop()
 
 
 async def test_redis_restart_with_aof(
