@@ -286,7 +286,7 @@ class Outbox:
     async def _nothing_left(self, pump: Pump, reading: _ReadUnderWay, lanes: set[int]) -> bool:
         """Whether `lanes` have no entry left to publish, once the deletes of
         what the broker acknowledged are sent (False when Redis cannot say)."""
-        await reading.cancel()  # (its deletes go back to the pump)
+        await reading.settle()  # what a read under way brings is queued: left to publish
         await self._forget(pump.take_deletes())
         if pump.open or pump.queued():
             return False
