@@ -416,16 +416,21 @@ class Outbox:
         # the loop's "exception was never retrieved".
         task = asyncio.create_task(delete(), name="outbox-forget")
         self.forgetting.add(task)
-        task.add_done_callback(self._forgotten)
+        entries = sum(len(ids) for ids in (*deletes.ids.values(), *deletes.early.values()))
+        task.add_done_callback(lambda done: self._forgotten(done, entries))
         # At least once: a delete that fails costs a repeat, and _forgotten logs it.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
                 await asyncio.shield(task)
 
-    def _forgotten(self, task: asyncio.Task[None]) -> None:
+    def _forgotten(self, task: asyncio.Task[None], entries: int) -> None:
+        # A warning: subscribers may see these events twice (same event ids)
+        # when the next session of their lanes reads them again.
         self.forgetting.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.debug("could not delete published entries; they may be sent again", error=str(exc))
+            log.warning(
+                "could not delete published entries; they may be sent again", entries=entries, error=str(exc)
+            )
 
     async def _xrange_each(self, lookups: list[tuple[str, bytes]]) -> list[list[Entry]]:
         """The entry of each (stream, id), or an empty list: one round trip."""

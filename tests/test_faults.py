@@ -25,6 +25,7 @@ from listener.daemon import Daemon
 from listener.fastpath import hiredis_drain
 from listener.keys import KeyLayout, part_of
 from listener.orders import Operation
+from listener.outbox_pump import Deletes
 from listener.servers import ServerProcess, free_port, mosquitto
 from listener.store import Store
 from tests.conftest import DaemonProcess, Subscriber, wait_until, watch_topic
@@ -181,6 +182,25 @@ async def test_a_stop_while_the_broker_is_away_waits_only_when_events_are_left(
             await _run_then_stop(config, published)
     finally:
         broker.stop()
+
+
+async def test_a_delete_that_fails_at_a_sessions_end_is_a_warning_with_its_count(
+    settings: Settings, redis: Redis, start_daemon: Callable[..., Awaitable[Daemon]]
+) -> None:
+    """When a lane's session ends, what the broker acknowledged is deleted; if
+    that delete fails, the next session sends those events again (with the
+    same event ids). Operators see it: a warning with how many entries."""
+    daemon = await start_daemon()
+    key = f"{settings.key_prefix}:not-a-stream-{random.randrange(10**9)}"
+    await redis.set(key, "x")  # XDEL on it: WRONGTYPE
+    deletes = Deletes(upto={key: b"1-3"}, ids={key: [b"1-1", b"1-2"]}, early={key: [b"1-3"]})
+    with structlog.testing.capture_logs() as logged:
+        await daemon.outbox._forget(deletes)
+        await wait_until(lambda: not daemon.outbox.forgetting, 5, "the delete to end")
+    (warning,) = [line for line in logged if line["event"].startswith("could not delete published entries")]
+    assert warning["log_level"] == "warning"
+    assert warning["entries"] == 3
+    assert "WRONGTYPE" in warning["error"]
 
 
 async def test_redis_restart_with_aof(
