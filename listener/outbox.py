@@ -25,7 +25,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import aiomqtt
@@ -291,14 +291,9 @@ class Outbox:
         if pump.open or pump.queued():
             return False
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for part in lanes:
-                    pipe.xlen(self.layout.outbox(part))
-                    pipe.xlen(self.layout.outbox_created(part))
-                lengths = await pipe.execute()
+            return await self.backlog(lanes) == 0
         except Exception:  # Redis away too: it cannot say
             return False
-        return not any(int(length) for length in lengths)
 
     async def _settle_lanes(
         self, pump: Pump, reading: _ReadUnderWay, parts: list[int], mine: set[int]
@@ -416,7 +411,7 @@ class Outbox:
         # the loop's "exception was never retrieved".
         task = asyncio.create_task(delete(), name="outbox-forget")
         self.forgetting.add(task)
-        entries = sum(len(ids) for ids in (*deletes.ids.values(), *deletes.early.values()))
+        entries = deletes.entries()
         task.add_done_callback(lambda done: self._forgotten(done, entries))
         # At least once: a delete that fails costs a repeat, and _forgotten logs it.
         with contextlib.suppress(Exception):
@@ -557,9 +552,10 @@ class Outbox:
             error=error,
         )
 
-    async def backlog(self) -> int:
+    async def backlog(self, parts: Iterable[int] = range(PARTS)) -> int:
+        """Entries in the outbox streams of `parts` (every lane by default)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for part in range(PARTS):
+            for part in parts:
                 pipe.xlen(self.layout.outbox(part))
                 pipe.xlen(self.layout.outbox_created(part))
             lengths = await pipe.execute()

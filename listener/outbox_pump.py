@@ -130,6 +130,10 @@ class Deletes:
     def __bool__(self) -> bool:
         return bool(self.upto or self.early or self.logged)
 
+    def entries(self) -> int:
+        """How many outbox entries these deletes remove."""
+        return sum(len(ids) for ids in (*self.ids.values(), *self.early.values()))
+
     def merge(self, later: Deletes) -> None:
         """Take back deletes that were not sent; the ones made since are later in each stream."""
         for key, last in later.upto.items():
