@@ -41,7 +41,7 @@ from listener.mqtt import MqttLink, Publisher
 from listener.mqtt.link import Connection
 from listener.outbox_pump import BLOCK_MS, POLL_S, Deletes, Pump, debug_published
 from listener.store import Store
-from listener.supervise import Service, supervise
+from listener.supervise import Service, is_transient, supervise
 
 log = logs.get("listener.outbox")
 
@@ -50,6 +50,7 @@ RENEW_EVERY = 2.0
 LEASE_MARGIN = 1.0  # seconds: stop publishing a lane this long before the lease could lapse
 BROKEN_RETRY = 10.0  # seconds a lane whose stream has the wrong type is left out before a new look
 PUBLISH_TIMEOUT = 10.0  # seconds without a PUBACK while publishes are in flight: send again
+FORGET_WAIT_S = 2.0  # how long the deletes of what the broker acknowledged are waited for
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -106,6 +107,9 @@ class Outbox:
         self.trim = not isinstance(self.redis, RedisCluster)
         self.broken: dict[int, float] = {}  # part -> until when its lane is left out (wrong key type)
         self.forgetting: set[asyncio.Task[None]] = set()  # deletes that outlived their wait
+        # Deletes that ended sessions could not send (Redis away): each lane's
+        # next session sends its own before its first read (_send_left_over).
+        self.left_over = Deletes()
         self.pumps: set[Pump] = set()  # of the readers running now
 
     def read_ahead(self) -> int:
@@ -114,16 +118,28 @@ class Outbox:
 
     async def run(self) -> None:
         """Run the leases and all lanes until `stop()` drained them."""
-        async with asyncio.TaskGroup() as group:
-            leases = group.create_task(self._keep_leases(), name="outbox-leases")
-            readers = [
-                group.create_task(self._reader(parts), name=_task_name(parts)) for parts in self._groups()
-            ]
-            await asyncio.gather(*readers)
-            leases.cancel()
-        if self.forgetting:  # deletes that outlived their wait: what they delete is not sent again
-            await asyncio.wait(set(self.forgetting), timeout=2.0)
-        await self._release_leases()
+        try:
+            async with asyncio.TaskGroup() as group:
+                leases = group.create_task(self._keep_leases(), name="outbox-leases")
+                readers = [
+                    group.create_task(self._reader(parts), name=_task_name(parts)) for parts in self._groups()
+                ]
+                await asyncio.gather(*readers)
+                leases.cancel()
+            if self.forgetting:  # deletes that outlived their wait: what they delete is not sent again
+                await asyncio.wait(set(self.forgetting), timeout=FORGET_WAIT_S)
+            if self.left_over:  # a last try
+                left, self.left_over = self.left_over, Deletes()
+                try:
+                    async with asyncio.timeout(FORGET_WAIT_S):
+                        await self._with_deletes(left, lambda pipe: None, trim=False)
+                except Exception as exc:
+                    self._not_deleted(left, str(exc) or type(exc).__name__)
+            await self._release_leases()
+        finally:
+            if self.left_over:  # cancelled: a stop that timed out, most likely with Redis away
+                self._not_deleted(self.left_over, "the daemon stopped before Redis was back")
+                self.left_over = Deletes()
 
     def _groups(self) -> list[list[int]]:
         """Lanes read together, in one XREAD: all of them on a single Redis (one
@@ -220,9 +236,11 @@ class Outbox:
             created_rate=self.created_rate,
             log=self.event_log_ms > 0,
         )
+        await self._after_last_session(pump)
         mine = set(parts)
         refusals = 0
         reading = _ReadUnderWay(pump, self._set_aside_or_raise, self.redis_service)
+        publishers: list[Publisher] = []
         self.pumps.add(pump)
         try:
             while True:
@@ -269,7 +287,10 @@ class Outbox:
         finally:
             self.pumps.discard(pump)
             await reading.cancel()  # (its deletes go back to the pump: forgotten below)
-            await self._forget(pump.take_deletes())  # what the broker has must not go out again
+            try:
+                await _until_answered(pump, publishers)
+            finally:
+                await self._forget(pump.take_deletes())  # what the broker has must not go out again
 
     async def _broker(self, pump: Pump, reading: _ReadUnderWay, lanes: set[int]) -> Connection | None:
         """The broker's connection. None when the daemon stops while the
@@ -395,8 +416,8 @@ class Outbox:
 
     async def _forget(self, deletes: Deletes) -> None:
         """Delete entries the broker acknowledged, even while being cancelled (a
-        short, shielded round trip); if Redis is away they are sent again later.
-        By id (XDEL), not XTRIM: this runs when a session ends, maybe on a
+        short, shielded round trip); if Redis is away they are kept for the
+        lane's next session (`left_over`). By id (XDEL), not XTRIM: this runs when a session ends, maybe on a
         failure, and after a failover a new primary whose writes and clock lag
         could give new entries ids below the trim point; XDEL cannot touch them.
         Nothing to delete: no round trip."""
@@ -411,21 +432,56 @@ class Outbox:
         # the loop's "exception was never retrieved".
         task = asyncio.create_task(delete(), name="outbox-forget")
         self.forgetting.add(task)
-        entries = deletes.entries()
-        task.add_done_callback(lambda done: self._forgotten(done, entries))
-        # At least once: a delete that fails costs a repeat, and _forgotten logs it.
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2.0):
+        task.add_done_callback(lambda done: self._forgotten(done, deletes))
+        with contextlib.suppress(Exception):  # _forgotten deals with it
+            async with asyncio.timeout(FORGET_WAIT_S):
                 await asyncio.shield(task)
 
-    def _forgotten(self, task: asyncio.Task[None], entries: int) -> None:
-        # A warning: subscribers may see these events twice (same event ids)
-        # when the next session of their lanes reads them again.
+    def _forgotten(self, task: asyncio.Task[None], deletes: Deletes) -> None:
         self.forgetting.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning(
-                "could not delete published entries; they may be sent again", entries=entries, error=str(exc)
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        if is_transient(exc):  # Redis away: the lane's next session sends them first
+            self.left_over.merge(deletes)
+            log.info(
+                "published entries not deleted yet (Redis away): deleted before their lane reads on",
+                entries=deletes.entries(),
+                error=str(exc),
             )
+        else:
+            self._not_deleted(deletes, str(exc))
+
+    def _not_deleted(self, deletes: Deletes, error: str) -> None:
+        # A warning: subscribers may see these events twice (same event ids)
+        # when the next session of their lanes (or the next daemon) reads them again.
+        log.warning(
+            "could not delete published entries; they may be sent again",
+            entries=deletes.entries(),
+            error=error,
+        )
+
+    async def _after_last_session(self, pump: Pump) -> None:
+        """The deletes of the lanes' last session go before this one reads:
+        those under way are waited for (FORGET_WAIT_S), those it could not
+        send are sent."""
+        if self.forgetting:
+            await asyncio.wait(set(self.forgetting), timeout=FORGET_WAIT_S)
+        await self._send_left_over(self.left_over.take(pump.keys()))
+
+    async def _send_left_over(self, deletes: Deletes) -> None:
+        """The deletes ended sessions could not send, before a lane reads (by
+        id, as in _forget). Redis away again: kept, and the error raised (the
+        session starts over later); refused: said, and let go."""
+        if not deletes:
+            return
+        try:
+            await self._with_deletes(deletes, lambda pipe: None, trim=False)
+        except Exception as exc:
+            if not is_transient(exc):
+                self._not_deleted(deletes, str(exc))
+                return
+            self.left_over.merge(deletes)
+            raise
 
     async def _xrange_each(self, lookups: list[tuple[str, bytes]]) -> list[list[Entry]]:
         """The entry of each (stream, id), or an empty list: one round trip."""
@@ -671,6 +727,19 @@ async def _wait_for_something_to_send(
         await _changed(publishers, POLL_S if not pump.queued() else 1.0)
     elif not got and pump.queued():
         await asyncio.sleep(0.2)  # held, but the lease is being renewed
+
+
+async def _until_answered(pump: Pump, publishers: list[Publisher]) -> None:
+    """A session that ends (Redis away, say) with publishes in flight waits
+    for their PUBACKs, or for the broker's silence of PUBLISH_TIMEOUT: what
+    they acknowledge is deleted then, not read and sent again by the lane's
+    next session. Not while the task is cancelled (a stop that timed out),
+    nor when the connection is gone (nothing will answer)."""
+    task = asyncio.current_task()
+    if not publishers or (task is not None and task.cancelling()):
+        return
+    while pump.open and not pump.gone and (left := PUBLISH_TIMEOUT - pump.idle_for()) > 0:
+        await _changed(publishers, left)
 
 
 async def _resend_if_silent(pump: Pump, publishers: list[Publisher], reading: _ReadUnderWay) -> None:

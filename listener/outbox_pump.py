@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from listener import logs
 from listener.events import StatusEvent, from_created_entry, logged
@@ -112,6 +112,7 @@ class Item:
     acked: bool = False
 
 
+V = TypeVar("V")
 Batches = dict[int, tuple[list[StatusEvent], list[Item]]]  # per connection: its events, their items
 
 
@@ -133,6 +134,15 @@ class Deletes:
     def entries(self) -> int:
         """How many outbox entries these deletes remove."""
         return sum(len(ids) for ids in (*self.ids.values(), *self.early.values()))
+
+    def take(self, keys: Container[str]) -> Deletes:
+        """The deletes (and event log appends) on `keys`, taken out of these."""
+        taken = Deletes()
+        _move(self.upto, taken.upto, keys)
+        _move(self.ids, taken.ids, keys)
+        _move(self.early, taken.early, keys)
+        _move(self.logged, taken.logged, keys)
+        return taken
 
     def merge(self, later: Deletes) -> None:
         """Take back deletes that were not sent; the ones made since are later in each stream."""
@@ -280,6 +290,10 @@ class Pump:
         self.refused.clear()
         self.gone = ""
         # `open` stays: what is in flight is answered (and ignored) or lost with the connection
+
+    def keys(self) -> set[str]:
+        """The streams of its lanes and their event logs: what its deletes are on."""
+        return {*self.hi_key.values(), *self.lo_key.values(), *self.log_key.values()}
 
     def take_deletes(self) -> Deletes:
         deletes, self.deletes = self.deletes, Deletes()
@@ -576,6 +590,11 @@ class _Pass:
         self.rooms[index] -= 1
         if not self.rooms[index]:
             self.sendable -= self.waiting[index]
+
+
+def _move(source: dict[str, V], target: dict[str, V], keys: Container[str]) -> None:
+    for key in [key for key in source if key in keys]:
+        target[key] = source.pop(key)
 
 
 def _by_stream(reply: Any) -> dict[str, list[Entry]]:

@@ -203,6 +203,93 @@ async def test_a_delete_that_fails_at_a_sessions_end_is_a_warning_with_its_count
     assert "WRONGTYPE" in warning["error"]
 
 
+async def test_a_session_cut_short_by_redis_deletes_what_the_broker_acknowledged_after(
+    settings: Settings,
+    redis: Redis,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    subscriber: Subscriber,
+    redis_server_proc: ServerProcess,
+    mqtt_server_proc: ServerProcess,
+) -> None:
+    """Redis goes away while publishes await their PUBACK (the broker is
+    frozen, so they wait for sure). The lane's session ends; the PUBACKs come
+    once the broker runs again, while Redis is still away, so their deletes
+    cannot be sent then. They go before the lane's next read, once Redis is
+    back: no event is published twice."""
+    await redis.config_set("appendonly", "yes")  # as in redis.conf: the entries outlive the restart
+    daemon = await start_daemon()
+    ids = [f"cut-{i:03d}" for i in range(50)]
+    assert mqtt_server_proc.proc is not None
+    mqtt_server_proc.proc.send_signal(signal.SIGSTOP)
+    try:
+        async with OrderClient(settings) as client:
+            await client.create_many([(oid, 120.0) for oid in ids])
+        await wait_until(
+            lambda: sum(pump.open for pump in daemon.outbox.pumps) == len(ids), 10, "the events in flight"
+        )
+        redis_server_proc.stop()
+        await wait_until(lambda: not daemon.outbox.pumps, 10, "the session to end")
+    finally:
+        mqtt_server_proc.proc.send_signal(signal.SIGCONT)
+    await wait_until(
+        lambda: {e["order_id"] for e in subscriber.with_status("created")} >= set(ids), 10, "the delivery"
+    )
+    # acknowledged while Redis is away: their deletes wait for the lane's next session
+    await wait_until(lambda: daemon.outbox.left_over.entries() == len(ids), 5, "the deletes kept")
+    redis_server_proc.start()
+    await wait_until(lambda: bool(daemon.outbox.pumps), 20, "the lanes to read again")
+    async with OrderClient(settings) as client:
+        markers = await lanes_barrier(client, subscriber, ids)  # a second publication comes before these
+    created = Counter(
+        e["order_id"] for e in subscriber.with_status("created") if e["order_id"] not in markers
+    )
+    assert created == dict.fromkeys(ids, 1)
+
+
+async def test_a_stop_with_redis_away_warns_of_the_deletes_it_could_not_send(
+    settings: Settings,
+    subscriber: Subscriber,
+    redis_server_proc: ServerProcess,
+    mqtt_server_proc: ServerProcess,
+) -> None:
+    """As above, but the daemon stops before Redis is back: it says how many
+    published entries it could not delete, and the next daemon sends those
+    events again, with the same event ids (at least once)."""
+    config = dataclasses.replace(settings, shutdown_timeout=4.0)
+    ids = [f"away-{i:03d}" for i in range(20)]
+    assert mqtt_server_proc.proc is not None
+
+    async def acknowledged_with_redis_away(daemon: Daemon) -> None:
+        mqtt_server_proc.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            async with OrderClient(config) as client:
+                await client.create_many([(oid, 120.0) for oid in ids])
+            await wait_until(
+                lambda: sum(pump.open for pump in daemon.outbox.pumps) == len(ids), 10, "the events in flight"
+            )
+            redis_server_proc.stop()
+            await wait_until(lambda: not daemon.outbox.pumps, 10, "the session to end")
+        finally:
+            mqtt_server_proc.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        await wait_until(lambda: daemon.outbox.left_over.entries() == len(ids), 10, "the deletes kept")
+
+    try:
+        _, logged = await _run_then_stop(config, acknowledged_with_redis_away)
+    finally:
+        redis_server_proc.start()
+    (warning,) = [line for line in logged if line["event"].startswith("could not delete published entries")]
+    assert warning["entries"] == len(ids)
+    first = {e["order_id"]: e["event_id"] for e in subscriber.with_status("created")}
+
+    async def sent_again(daemon: Daemon) -> None:
+        await wait_until(lambda: len(subscriber.with_status("created")) == 2 * len(ids), 10, "the repeats")
+
+    await _run_then_stop(config, sent_again)
+    again = [e for e in subscriber.with_status("created") if e["order_id"] in ids]
+    assert Counter(e["order_id"] for e in again) == dict.fromkeys(ids, 2)
+    assert all(e["event_id"] == first[e["order_id"]] for e in again)
+
+
 async def test_redis_restart_with_aof(
     settings: Settings,
     start_daemon: Callable[..., Awaitable[Daemon]],
