@@ -106,7 +106,9 @@ class Outbox:
         # deletes go by id: see _forget.)
         self.trim = not isinstance(self.redis, RedisCluster)
         self.broken: dict[int, float] = {}  # part -> until when its lane is left out (wrong key type)
-        self.forgetting: set[asyncio.Task[None]] = set()  # deletes that outlived their wait
+        # deletes that outlived their wait, with the keys they are on
+        self.forgetting: dict[asyncio.Task[None], set[str]] = {}
+        self.closed = False  # run() ended: a delete that fails now is not sent again by anyone
         # Deletes that ended sessions could not send (Redis away): each lane's
         # next session sends its own before its first read (_send_left_over).
         self.left_over = Deletes()
@@ -135,10 +137,14 @@ class Outbox:
                         await self._with_deletes(left, lambda pipe: None, trim=False)
                 except Exception as exc:
                     self._not_deleted(left, str(exc) or type(exc).__name__)
+                except BaseException:
+                    self.left_over.merge(left)  # cancelled: said below
+                    raise
             await self._release_leases()
         finally:
+            self.closed = True
             if self.left_over:  # cancelled: a stop that timed out, most likely with Redis away
-                self._not_deleted(self.left_over, "the daemon stopped before Redis was back")
+                self._not_deleted(self.left_over, "the daemon stopped before they could be deleted")
                 self.left_over = Deletes()
 
     def _groups(self) -> list[list[int]]:
@@ -431,17 +437,17 @@ class Outbox:
         # until it ends, and its failure read and logged then, not left to
         # the loop's "exception was never retrieved".
         task = asyncio.create_task(delete(), name="outbox-forget")
-        self.forgetting.add(task)
+        self.forgetting[task] = deletes.keys()
         task.add_done_callback(lambda done: self._forgotten(done, deletes))
         with contextlib.suppress(Exception):  # _forgotten deals with it
             async with asyncio.timeout(FORGET_WAIT_S):
                 await asyncio.shield(task)
 
     def _forgotten(self, task: asyncio.Task[None], deletes: Deletes) -> None:
-        self.forgetting.discard(task)
+        self.forgetting.pop(task, None)
         if task.cancelled() or (exc := task.exception()) is None:
             return
-        if is_transient(exc):  # Redis away: the lane's next session sends them first
+        if is_transient(exc) and not self.closed:  # Redis away: the lane's next session sends them first
             self.left_over.merge(deletes)
             log.info(
                 "published entries not deleted yet (Redis away): deleted before their lane reads on",
@@ -464,9 +470,10 @@ class Outbox:
         """The deletes of the lanes' last session go before this one reads:
         those under way are waited for (FORGET_WAIT_S), those it could not
         send are sent."""
-        if self.forgetting:
-            await asyncio.wait(set(self.forgetting), timeout=FORGET_WAIT_S)
-        await self._send_left_over(self.left_over.take(pump.keys()))
+        keys = pump.keys()
+        if under_way := [task for task, on in self.forgetting.items() if on & keys]:
+            await asyncio.wait(under_way, timeout=FORGET_WAIT_S)
+        await self._send_left_over(self.left_over.take(keys))
 
     async def _send_left_over(self, deletes: Deletes) -> None:
         """The deletes ended sessions could not send, before a lane reads (by
@@ -476,11 +483,11 @@ class Outbox:
             return
         try:
             await self._with_deletes(deletes, lambda pipe: None, trim=False)
-        except Exception as exc:
-            if not is_transient(exc):
+        except BaseException as exc:
+            if isinstance(exc, Exception) and not is_transient(exc):
                 self._not_deleted(deletes, str(exc))
                 return
-            self.left_over.merge(deletes)
+            self.left_over.merge(deletes)  # Redis away again, or cancelled
             raise
 
     async def _xrange_each(self, lookups: list[tuple[str, bytes]]) -> list[list[Entry]]:
@@ -740,6 +747,8 @@ async def _until_answered(pump: Pump, publishers: list[Publisher]) -> None:
         return
     while pump.open and not pump.gone and (left := PUBLISH_TIMEOUT - pump.idle_for()) > 0:
         await _changed(publishers, left)
+    if pump.open:  # the broker fell silent: their room in the window goes to the next session
+        pump.open -= sum(publisher.forget(pump) for publisher in publishers)
 
 
 async def _resend_if_silent(pump: Pump, publishers: list[Publisher], reading: _ReadUnderWay) -> None:

@@ -120,7 +120,8 @@ Batches = dict[int, tuple[list[StatusEvent], list[Item]]]  # per connection: its
 class Deletes:
     """Acknowledged entries to delete: `upto` per stream (everything up to and
     including that id was published), `ids` every id of them (for XDEL), and
-    `early` the `created` entries sent out of turn (always XDEL)."""
+    `early` the `created` entries sent out of turn and those acknowledged
+    after their lane started over (always XDEL)."""
 
     upto: dict[str, bytes] = field(default_factory=dict)
     ids: dict[str, list[bytes]] = field(default_factory=dict)
@@ -130,6 +131,10 @@ class Deletes:
 
     def __bool__(self) -> bool:
         return bool(self.upto or self.early or self.logged)
+
+    def keys(self) -> set[str]:
+        """The streams and event logs these deletes are on."""
+        return {*self.upto, *self.ids, *self.early, *self.logged}
 
     def entries(self) -> int:
         """How many outbox entries these deletes remove."""
@@ -239,19 +244,23 @@ class Pump:
     def acked(self, token: Any, reason: int) -> None:
         item = cast(Item, token)
         self.open -= 1
-        if item.gen != self.gen[item.part]:
-            return  # the lane started over since: its new reader sends it again
         self.last_ack = time.monotonic()
+        stale = item.gen != self.gen[item.part]  # its lane started over since (a lost lease, say)
         if reason >= 0x80:
-            self.refused.append(refusal_text(reason))
-            return
+            if not stale:
+                self.refused.append(refusal_text(reason))
+            return  # not deleted: sent again
         item.acked = True
         self.published.append(item.event)
         if self.log_key:
             self.deletes.logged.setdefault(self.log_key[item.part], []).append(logged(item.event))
-        if item.early:
+        if item.early or stale:
+            # By id: a stale one is no longer in its stream's order (the lane
+            # reads again from its first entry, or another daemon holds it), and
+            # whoever reads it next need not send it again: it was published.
             self.deletes.early.setdefault(item.key, []).append(item.entry_id)
-        self._advance(item.key)
+        if not stale:
+            self._advance(item.key)
 
     def lost(self, reason: str) -> None:
         self.gone = reason

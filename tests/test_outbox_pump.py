@@ -97,6 +97,28 @@ async def test_a_created_entry_kept_back_is_never_trimmed_by_one_sent_ahead_of_i
     assert_counts_match(reader)
 
 
+async def test_a_publish_acknowledged_after_its_lane_started_over_is_deleted_by_id() -> None:
+    """A lane starts over (a lost lease, a refusal) while its events are in
+    flight; their PUBACKs still come. The entries are published: they are
+    deleted by id, never by a trim (the lane reads its stream again from the
+    first entry, and the new reader's order is not theirs), and counted as
+    published. A refusal of a stale one is not a refusal of the new session."""
+    reader = pump(xrange_one=none_found)
+    hi = reader.hi_key[0]
+    await reader._take_transitions(0, [(b"1-0", cancellation("A", 1)), (b"2-0", cancellation("B", 2))])
+    window = Window(room=5)
+    assert reader.send(publishers(window)) == 2
+    first, second = window.sent
+    reader.reset_part(0)
+    reader.acked(first, 0)
+    reader.acked(second, 0x87)  # not authorized
+    assert reader.open == 0
+    assert reader.deletes.early == {hi: [b"1-0"]}
+    assert reader.deletes.upto == {} and reader.deletes.ids == {}
+    assert [event.order_id for event in reader.published] == ["A"]
+    assert reader.refused == []
+
+
 class Watched(deque[Item]):
     """A queue that counts the items taken off its front."""
 
