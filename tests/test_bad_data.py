@@ -20,6 +20,7 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 
+from listener import outbox
 from listener.api import OrderClient
 from listener.config import Settings
 from listener.daemon import Daemon
@@ -377,10 +378,13 @@ async def test_an_outbox_stream_of_the_wrong_type_holds_back_only_its_lane(
     redis: Redis,
     start_daemon: Callable[..., Awaitable[Daemon]],
     subscriber: Subscriber,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """One XREAD reads every lane: a lane key holding a string (written by
     hand) would fail it for all. That lane is left out; the others go on, and
-    it resumes once the key is moved aside."""
+    it resumes once the key is moved aside (looked at again after
+    BROKEN_RETRY, 10 s in the daemon, 2 s here)."""
+    monkeypatch.setattr(outbox, "BROKEN_RETRY", 2.0)
     layout = KeyLayout(settings.key_prefix)
     orders = [f"wt-{i:02d}" for i in range(40)]
     broken = part_of(orders[0])

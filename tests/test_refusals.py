@@ -100,11 +100,10 @@ async def test_broker_refusing_publishes_loses_nothing(
         assert [r.event["status"] for r in seen] == ["created", "cancelled"]
 
 
-@contextlib.asynccontextmanager
-async def daemon_user_without(redis: Redis, settings: Settings, command: str) -> AsyncIterator[Settings]:
+async def _set_user_without(redis: Redis, settings: Settings, command: str) -> Settings:
     """The daemon's Redis user as deploy/redis-users.acl has it but without
     `command` (as an earlier ACL had it), an empty ACL LOG, and the settings
-    that connect as that user; the user is removed afterwards."""
+    that connect as that user."""
     shipped = acl_with_passwords(REDIS_ACL.read_text(), redis_version())
     (rules,) = [line for line in shipped.splitlines() if line.startswith("user order-listener ")]
     assert f" +{command} " in rules, f"the shipped ACL grants {command.upper()}"
@@ -112,57 +111,79 @@ async def daemon_user_without(redis: Redis, settings: Settings, command: str) ->
     # execute_command is unannotated in redis-py
     await redis.execute_command("ACL", "SETUSER", *without)  # type: ignore[no-untyped-call]
     await redis.acl_log_reset()
+    return dataclasses.replace(
+        settings,
+        redis_url=settings.redis_url.replace(
+            "redis://", f"redis://order-listener:{PASSWORDS['order-listener']}@"
+        ),
+    )
+
+
+@contextlib.asynccontextmanager
+async def daemon_user_without(redis: Redis, settings: Settings, command: str) -> AsyncIterator[Settings]:
+    """`_set_user_without` for the block; the user is removed afterwards."""
     try:
-        yield dataclasses.replace(
-            settings,
-            redis_url=settings.redis_url.replace(
-                "redis://", f"redis://order-listener:{PASSWORDS['order-listener']}@"
-            ),
-        )
+        yield await _set_user_without(redis, settings, command)
     finally:
         await redis.execute_command("ACL", "DELUSER", "order-listener")  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+async def user_without(
+    redis: Redis, settings: Settings
+) -> AsyncIterator[Callable[[str], Awaitable[Settings]]]:
+    """`_set_user_without` for a daemon: the user is removed only once the
+    test's daemons stopped (ask for this fixture before `start_daemon`, which
+    is then torn down first). Removed under a running daemon, the user's
+    connections fail and the daemon's stop waits out its timeout."""
+
+    async def without(command: str) -> Settings:
+        return await _set_user_without(redis, settings, command)
+
+    yield without
+    await redis.execute_command("ACL", "DELUSER", "order-listener")  # type: ignore[no-untyped-call]
 
 
 async def test_daemon_user_without_exists_sweeps_all_the_same(
     settings: Settings,
     redis: Redis,
+    user_without: Callable[[str], Awaitable[Settings]],
     start_daemon: Callable[..., Awaitable[Daemon]],
     subscriber: Subscriber,
 ) -> None:
     """The daemon's Redis user as deploy/redis-users.acl had it before the
     sweep asked EXISTS of its batch (no +exists): Redis refuses it inside the
     script, which then reads every order's hash; the sweep cancels every order."""
-    async with daemon_user_without(redis, settings, "exists") as config:
-        daemon = await start_daemon(config)
-        async with OrderClient(settings) as client:
-            await client.create_many([(f"no-exists-{i}", 0.3) for i in range(20)])
-            await wait_until(lambda: len(subscriber.with_status("cancelled")) == 20, 15, "the cancellations")
-        # every order cancelled by a sweep, counted once its reply is absorbed
-        await wait_until(lambda: daemon.scheduler.cancelled == 20, 5, "the sweeps' count of them")
-        assert any(entry["object"] == "exists" for entry in await redis.acl_log())
+    daemon = await start_daemon(await user_without("exists"))
+    async with OrderClient(settings) as client:
+        await client.create_many([(f"no-exists-{i}", 0.3) for i in range(20)])
+        await wait_until(lambda: len(subscriber.with_status("cancelled")) == 20, 15, "the cancellations")
+    # every order cancelled by a sweep, counted once its reply is absorbed
+    await wait_until(lambda: daemon.scheduler.cancelled == 20, 5, "the sweeps' count of them")
+    assert any(entry["object"] == "exists" for entry in await redis.acl_log())
 
 
 async def test_daemon_user_without_xtrim_deletes_published_entries_with_xdel(
     settings: Settings,
     redis: Redis,
+    user_without: Callable[[str], Awaitable[Settings]],
     start_daemon: Callable[..., Awaitable[Daemon]],
     subscriber: Subscriber,
 ) -> None:
     """The daemon's Redis user as deploy/redis-users.acl had it before the
     outbox trimmed its streams (no +xtrim): Redis refuses XTRIM, the daemon
     says so and deletes what it published with XDEL; nothing is lost or sent twice."""
-    async with daemon_user_without(redis, settings, "xtrim") as config:
-        daemon = await start_daemon(config)
-        async with OrderClient(settings) as client:
-            await client.create_many([(f"no-xtrim-{i}", 0.3) for i in range(20)])
-            await wait_until(lambda: len(subscriber.with_status("cancelled")) == 20, 15, "the cancellations")
+    daemon = await start_daemon(await user_without("xtrim"))
+    async with OrderClient(settings) as client:
+        await client.create_many([(f"no-xtrim-{i}", 0.3) for i in range(20)])
+        await wait_until(lambda: len(subscriber.with_status("cancelled")) == 20, 15, "the cancellations")
 
-            async def deleted() -> bool:
-                return await daemon.outbox.backlog() == 0
+        async def deleted() -> bool:
+            return await daemon.outbox.backlog() == 0
 
-            await wait_until(deleted, 10, "the published entries deleted")
-        assert daemon.outbox.trim is False
-        assert any(entry["object"] == "xtrim" for entry in await redis.acl_log())
-        sent = Counter((event["order_id"], event["status"]) for event in subscriber.events)
-        expected = {(f"no-xtrim-{i}", status): 1 for i in range(20) for status in ("created", "cancelled")}
-        assert sent == expected, "each event exactly once"
+        await wait_until(deleted, 10, "the published entries deleted")
+    assert daemon.outbox.trim is False
+    assert any(entry["object"] == "xtrim" for entry in await redis.acl_log())
+    sent = Counter((event["order_id"], event["status"]) for event in subscriber.events)
+    expected = {(f"no-xtrim-{i}", status): 1 for i in range(20) for status in ("created", "cancelled")}
+    assert sent == expected, "each event exactly once"
