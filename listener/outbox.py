@@ -423,10 +423,10 @@ class Outbox:
     async def _forget(self, deletes: Deletes) -> None:
         """Delete entries the broker acknowledged, even while being cancelled (a
         short, shielded round trip); if Redis is away they are kept for the
-        lane's next session (`left_over`). By id (XDEL), not XTRIM: this runs when a session ends, maybe on a
-        failure, and after a failover a new primary whose writes and clock lag
-        could give new entries ids below the trim point; XDEL cannot touch them.
-        Nothing to delete: no round trip."""
+        lane's next session (`left_over`). By id (XDEL), not XTRIM: this runs
+        when a session ends, maybe on a failure, and after a failover a new
+        primary whose writes and clock lag could give new entries ids below
+        the trim point; XDEL cannot touch them. Nothing to delete: no round trip."""
         if not deletes:
             return
 

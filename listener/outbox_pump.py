@@ -14,10 +14,12 @@ before an order's later event, the reader sends that order's `created`
 event out of its turn if it has not gone yet (found by the entry id kept in
 the later event), and skips it when its turn comes.
 
-A lane whose lease is lost drops what it read and had in flight (the new
-holder sends it again: at least once); a lost connection, a refusal or a
-broker silent for `timeout` seconds starts every lane over from its first
-undeleted entry, after the acknowledged ones were deleted.
+A lane whose lease is lost drops what it read (the new holder sends it);
+a lost connection, a refusal or a broker silent for `timeout` seconds starts
+every lane over from its first undeleted entry, after the acknowledged ones
+were deleted. What a lane that started over still had in flight is deleted
+by id once the broker acknowledges it; what the broker never acknowledges is
+sent again (at least once).
 """
 
 from __future__ import annotations
@@ -298,7 +300,7 @@ class Pump:
             self.reset_part(part)
         self.refused.clear()
         self.gone = ""
-        # `open` stays: what is in flight is answered (and ignored) or lost with the connection
+        # `open` stays: what is in flight is answered (and deleted by id) or lost with the connection
 
     def keys(self) -> set[str]:
         """The streams of its lanes and their event logs: what its deletes are on."""
