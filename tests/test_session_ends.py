@@ -147,23 +147,24 @@ async def test_a_session_cut_short_by_redis_deletes_what_the_broker_acknowledged
 
     mqtt_server_proc.proc.send_signal(signal.SIGSTOP)
     try:
-        async with OrderClient(settings) as client:
-            await client.create_many([(oid, 120.0) for oid in ids])
+        try:
+            async with OrderClient(settings) as client:
+                await client.create_many([(oid, 120.0) for oid in ids])
+            pumps = daemon.outbox.pumps
+            await wait_until(lambda: sum(pump.open for pump in pumps) == in_flight, 10, "the publishes")
+            redis_server_proc.stop()
+            await wait_until(lambda: not daemon.outbox.pumps, 10, "the session to end")
+        finally:
+            mqtt_server_proc.proc.send_signal(signal.SIGCONT)
         await wait_until(
-            lambda: sum(pump.open for pump in daemon.outbox.pumps) == in_flight, 10, "the events in flight"
+            lambda: len({e["order_id"] for e in subscriber.with_status("created")} & set(ids)) == in_flight,
+            10,
+            "the delivery",
         )
-        redis_server_proc.stop()
-        await wait_until(lambda: not daemon.outbox.pumps, 10, "the session to end")
+        # acknowledged while Redis is away: their deletes wait for the lane's next session
+        await wait_until(lambda: daemon.outbox.left_over.entries() == in_flight, 5, "the deletes kept")
     finally:
-        mqtt_server_proc.proc.send_signal(signal.SIGCONT)
-    await wait_until(
-        lambda: len({e["order_id"] for e in subscriber.with_status("created")} & set(ids)) == in_flight,
-        10,
-        "the delivery",
-    )
-    # acknowledged while Redis is away: their deletes wait for the lane's next session
-    await wait_until(lambda: daemon.outbox.left_over.entries() == in_flight, 5, "the deletes kept")
-    redis_server_proc.start()
+        redis_server_proc.start()  # (if it runs, nothing happens; also for the tests after this one)
     await wait_until(lambda: bool(daemon.outbox.pumps), 20, "the lanes to read again")
     async with OrderClient(settings) as client:
         markers = await lanes_barrier(client, subscriber, ids)  # a second publication comes before these
