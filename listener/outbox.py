@@ -130,20 +130,15 @@ class Outbox:
                 leases.cancel()
             if self.forgetting:  # deletes that outlived their wait: what they delete is not sent again
                 await asyncio.wait(set(self.forgetting), timeout=FORGET_WAIT_S)
-            if self.left_over:  # a last try
+            if self.left_over:  # a last try; what Redis does not take is said below
                 left, self.left_over = self.left_over, Deletes()
-                try:
+                with contextlib.suppress(Exception):
                     async with asyncio.timeout(FORGET_WAIT_S):
-                        await self._with_deletes(left, lambda pipe: None, trim=False)
-                except Exception as exc:
-                    self._not_deleted(left, str(exc) or type(exc).__name__)
-                except BaseException:
-                    self.left_over.merge(left)  # cancelled: said below
-                    raise
+                        await self._send_left_over(left)
             await self._release_leases()
         finally:
             self.closed = True
-            if self.left_over:  # cancelled: a stop that timed out, most likely with Redis away
+            if self.left_over:  # Redis away, or a stop that timed out
                 self._not_deleted(self.left_over, "the daemon stopped before they could be deleted")
                 self.left_over = Deletes()
 
@@ -430,13 +425,10 @@ class Outbox:
         if not deletes:
             return
 
-        async def delete() -> None:
-            await self._with_deletes(deletes, lambda pipe: None, trim=False)
-
         # A delete that outlives its timeout goes on alone: kept referenced
         # until it ends, and its failure read and logged then, not left to
         # the loop's "exception was never retrieved".
-        task = asyncio.create_task(delete(), name="outbox-forget")
+        task = asyncio.create_task(self._delete_by_id(deletes), name="outbox-forget")
         self.forgetting[task] = deletes.keys()
         task.add_done_callback(lambda done: self._forgotten(done, deletes))
         with contextlib.suppress(Exception):  # _forgotten deals with it
@@ -482,13 +474,17 @@ class Outbox:
         if not deletes:
             return
         try:
-            await self._with_deletes(deletes, lambda pipe: None, trim=False)
+            await self._delete_by_id(deletes)
         except BaseException as exc:
             if isinstance(exc, Exception) and not is_transient(exc):
                 self._not_deleted(deletes, str(exc))
                 return
             self.left_over.merge(deletes)  # Redis away again, or cancelled
             raise
+
+    async def _delete_by_id(self, deletes: Deletes) -> None:
+        """The deletes alone, by id (XDEL): see _forget."""
+        await self._with_deletes(deletes, lambda pipe: None, trim=False)
 
     async def _xrange_each(self, lookups: list[tuple[str, bytes]]) -> list[list[Entry]]:
         """The entry of each (stream, id), or an empty list: one round trip."""
@@ -748,7 +744,7 @@ async def _until_answered(pump: Pump, publishers: list[Publisher]) -> None:
     while pump.open and not pump.gone and (left := PUBLISH_TIMEOUT - pump.idle_for()) > 0:
         await _changed(publishers, left)
     if pump.open:  # the broker fell silent: their room in the window goes to the next session
-        pump.open -= sum(publisher.forget(pump) for publisher in publishers)
+        _give_up_in_flight(pump, publishers)
 
 
 async def _resend_if_silent(pump: Pump, publishers: list[Publisher], reading: _ReadUnderWay) -> None:
@@ -758,8 +754,14 @@ async def _resend_if_silent(pump: Pump, publishers: list[Publisher], reading: _R
     if pump.open and pump.idle_for() > PUBLISH_TIMEOUT:
         await reading.settle()
         log.warning("no PUBACK from the broker; sending again", seconds=PUBLISH_TIMEOUT)
-        pump.open -= sum(publisher.forget(pump) for publisher in publishers)
+        _give_up_in_flight(pump, publishers)
         pump.reset()
+
+
+def _give_up_in_flight(pump: Pump, publishers: list[Publisher]) -> None:
+    """The pump's publishes the broker has not answered: no longer routed to
+    it, and their room in each window freed (they go out again unless deleted)."""
+    pump.open -= sum(publisher.forget(pump) for publisher in publishers)
 
 
 async def _changed(

@@ -115,6 +115,32 @@ async def test_a_delete_that_fails_at_a_sessions_end_is_a_warning_with_its_count
     assert "WRONGTYPE" in warning["error"]
 
 
+async def _acknowledged_while_redis_is_away(
+    daemon: Daemon,
+    settings: Settings,
+    ids: list[str],
+    in_flight: int,
+    redis_server_proc: ServerProcess,
+    mqtt_server_proc: ServerProcess,
+) -> None:
+    """With the broker frozen, orders `ids` are created and `in_flight` of
+    their `created` events sent; Redis is stopped, the lane's session ends,
+    the broker runs again and acknowledges them while Redis stays away: the
+    daemon keeps their deletes. (Redis is left stopped.)"""
+    assert mqtt_server_proc.proc is not None
+    mqtt_server_proc.proc.send_signal(signal.SIGSTOP)
+    try:
+        async with OrderClient(settings) as client:
+            await client.create_many([(oid, 120.0) for oid in ids])
+        pumps = daemon.outbox.pumps
+        await wait_until(lambda: sum(pump.open for pump in pumps) == in_flight, 10, "the publishes")
+        redis_server_proc.stop()
+        await wait_until(lambda: not daemon.outbox.pumps, 10, "the session to end")
+    finally:
+        mqtt_server_proc.proc.send_signal(signal.SIGCONT)
+    await wait_until(lambda: daemon.outbox.left_over.entries() == in_flight, 10, "the deletes kept")
+
+
 @pytest.mark.parametrize("orders", [50, 400], ids=["room-left", "window-full"])
 async def test_a_session_cut_short_by_redis_deletes_what_the_broker_acknowledged_after(
     orders: int,
@@ -140,29 +166,11 @@ async def test_a_session_cut_short_by_redis_deletes_what_the_broker_acknowledged
     daemon = await start_daemon()
     publishers = (await daemon.link.connection()).publishers
     ids = [f"cut-{orders}-{i:03d}" for i in range(orders)]
-    assert mqtt_server_proc.proc is not None
-
-    window = sum(publisher.window for publisher in publishers)
-    in_flight = min(orders, window)
-
-    mqtt_server_proc.proc.send_signal(signal.SIGSTOP)
+    in_flight = min(orders, sum(publisher.window for publisher in publishers))
     try:
-        try:
-            async with OrderClient(settings) as client:
-                await client.create_many([(oid, 120.0) for oid in ids])
-            pumps = daemon.outbox.pumps
-            await wait_until(lambda: sum(pump.open for pump in pumps) == in_flight, 10, "the publishes")
-            redis_server_proc.stop()
-            await wait_until(lambda: not daemon.outbox.pumps, 10, "the session to end")
-        finally:
-            mqtt_server_proc.proc.send_signal(signal.SIGCONT)
-        await wait_until(
-            lambda: len({e["order_id"] for e in subscriber.with_status("created")} & set(ids)) == in_flight,
-            10,
-            "the delivery",
+        await _acknowledged_while_redis_is_away(
+            daemon, settings, ids, in_flight, redis_server_proc, mqtt_server_proc
         )
-        # acknowledged while Redis is away: their deletes wait for the lane's next session
-        await wait_until(lambda: daemon.outbox.left_over.entries() == in_flight, 5, "the deletes kept")
     finally:
         redis_server_proc.start()  # (if it runs, nothing happens; also for the tests after this one)
     await wait_until(lambda: bool(daemon.outbox.pumps), 20, "the lanes to read again")
@@ -184,22 +192,12 @@ async def test_a_stop_with_redis_away_warns_of_the_deletes_it_could_not_send(
     published entries it could not delete, and the next daemon sends those
     events again, with the same event ids (at least once)."""
     config = dataclasses.replace(settings, shutdown_timeout=4.0)
-    ids = [f"away-{i:03d}" for i in range(20)]
-    assert mqtt_server_proc.proc is not None
+    ids = [f"away-{i:03d}" for i in range(20)]  # all in flight: fewer than the window
 
     async def acknowledged_with_redis_away(daemon: Daemon) -> None:
-        mqtt_server_proc.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
-        try:
-            async with OrderClient(config) as client:
-                await client.create_many([(oid, 120.0) for oid in ids])
-            await wait_until(
-                lambda: sum(pump.open for pump in daemon.outbox.pumps) == len(ids), 10, "the events in flight"
-            )
-            redis_server_proc.stop()
-            await wait_until(lambda: not daemon.outbox.pumps, 10, "the session to end")
-        finally:
-            mqtt_server_proc.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
-        await wait_until(lambda: daemon.outbox.left_over.entries() == len(ids), 10, "the deletes kept")
+        await _acknowledged_while_redis_is_away(
+            daemon, config, ids, len(ids), redis_server_proc, mqtt_server_proc
+        )
 
     try:
         _, logged = await _run_then_stop(config, acknowledged_with_redis_away)
