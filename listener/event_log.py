@@ -3,13 +3,14 @@
 The outbox reader appends the events its lanes' PUBACKs acknowledged to each
 part's stream ``<prefix>:{P}:log`` in the round trip that deletes their
 outbox entries (listener.outbox_pump, Deletes.queue_log): one entry per part
-and round trip, its id the publish time by the Redis clock, its fields "0",
-"1", ... the events in PUBACK order (events.logged). Only the holder of a
+and round trip, its id the publish time by the Redis clock, its field `e`
+the events in PUBACK order, one per line (events.logged; entries written
+by earlier versions hold them in fields "0", "1", ...). Only the holder of a
 lane's lease deletes its entries, so an event is logged once however many
 daemons run; the trimming is by time (XADD MINID, whole stream nodes),
 ORDER_LISTENER_EVENT_LOG_RETENTION.
 
-`replay` merges the parts by (entry id, part, field), so events of one order
+`replay` merges the parts by (entry id, part, place in the entry), so events of one order
 come in the order they were published: version order.
 """
 
@@ -24,7 +25,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from listener.errors import BadInput, ListenerError
-from listener.events import StatusEvent, from_logged, iso_ms
+from listener.events import LOG_FIELD, StatusEvent, from_logged, iso_ms
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.orders import ORDER_ID_PATTERN
 from listener.store import Store
@@ -102,7 +103,7 @@ class EventLog:
         return [reply[0][0] if reply else None for reply in replies]
 
     async def _find(self, ref: EventRef) -> tuple[bytes, int]:
-        """Where the event `ref` is in the log (entry id, field), looked for
+        """Where the event `ref` is in the log (entry id, place), looked for
         from its order's creation on."""
         key = self.layout.event_log(part_of(ref.order_id))
         start = f"{ref.created_ms}-0"
@@ -111,14 +112,15 @@ class EventLog:
         while looked < SCAN_LIMIT:
             entries = cast("list[Any]", await self.redis.xrange(key, start, "+", count=PAGE))
             for entry_id, fields in entries:
-                for index, value in _events_of(fields):
+                events = events_of(fields)
+                for index, value in events:
                     if value.startswith(prefix):
                         try:
                             if from_logged(value).event_id == ref.event_id:
                                 return bytes(entry_id), index
                         except ValueError:
                             pass
-                looked += len(fields)
+                looked += len(events)
             if len(entries) < PAGE:
                 break
             start = "(" + entries[-1][0].decode()
@@ -157,11 +159,11 @@ class EventLog:
         were published. Raises NotRetained before the first event if the log
         no longer holds all of them."""
         parts = [part_of(order_id)] if order_id is not None else list(range(PARTS))
-        skip: tuple[int, bytes, int] | None = None  # the event's own entry: its fields up to it
+        skip: tuple[int, bytes, int] | None = None  # the event's own entry: its events up to it
         if isinstance(since, EventRef):
             after, index = await self._find(since)
-            # after it in the merged order (entry id, part, field): its own
-            # entry from the next field, an entry of a later part with the
+            # after it in the merged order (entry id, part, place): its own
+            # entry from the next event, an entry of a later part with the
             # same id whole, one of an earlier part not at all
             pivot = part_of(since.order_id)
             start = {part: ("(" if part < pivot else "") + after.decode() for part in parts}
@@ -189,8 +191,8 @@ class EventLog:
         skip: tuple[int, bytes, int] | None,
     ) -> AsyncIterator[StatusEvent]:
         """The parts' entries merged by (entry id, part), each entry's events
-        in field order, a page per part at a time; `skip` (part, entry id,
-        field): that entry's fields up to and including it are left out. A
+        in their order, a page per part at a time; `skip` (part, entry id,
+        place): that entry's events up to and including it are left out. A
         value that makes no event (written by hand) is skipped."""
         buffers: dict[int, deque[tuple[bytes, dict[bytes, bytes]]]] = {part: deque() for part in parts}
         done: set[int] = set()
@@ -213,7 +215,7 @@ class EventLog:
             empty = [part for part in parts if not buffers[part] and part not in done]
             if empty:
                 await refill(empty)
-            # (the order `--since EVENT_ID` counts "after" in: entry id, part, field)
+            # (the order `--since EVENT_ID` counts "after" in: entry id, part, place)
             heads = [(_id(buffers[part][0][0]), part) for part in parts if buffers[part]]
             if not heads:
                 return
@@ -246,9 +248,9 @@ class _Seen:
 def _entry_events(
     fields: dict[bytes, bytes], first: int, keep: Callable[[bytes], bool]
 ) -> Iterator[StatusEvent]:
-    """The events of one log entry from field number `first` on that `keep`
+    """The events of one log entry from place `first` on that `keep`
     takes; a value that makes no event (written by hand) is left out."""
-    for index, value in _events_of(fields):
+    for index, value in events_of(fields):
         if index < first or not keep(value):
             continue
         try:
@@ -258,9 +260,14 @@ def _entry_events(
         yield event
 
 
-def _events_of(fields: dict[bytes, bytes]) -> list[tuple[int, bytes]]:
-    """The events of a log entry, (field number, value), in field order; a
-    field whose name is not a number (written by hand) is left out."""
+def events_of(fields: dict[bytes, bytes]) -> list[tuple[int, bytes]]:
+    """The events of a log entry, (place, value), in their order: the lines
+    of its field `e`; in an entry written before that field, its fields
+    "0", "1", ... by number (a field whose name is not a number, written by
+    hand, is left out)."""
+    lines = fields.get(LOG_FIELD)
+    if lines is not None:
+        return list(enumerate(lines.split(b"\n")))
     return sorted((int(name), value) for name, value in fields.items() if name.isdigit() and len(name) < 8)
 
 

@@ -58,8 +58,13 @@ def event_id(order_id: str, created_ms: int, version: int, status: str, reason: 
     return f"{order_id}/{created_ms}/{version}/{status}/{reason}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StatusEvent:
+    """One status change as it is published. Treated as a value and never
+    changed once made, but not a frozen dataclass: one is built for every
+    event on the publish path, and a frozen one's ``__init__`` (a generic
+    ``object.__setattr__`` per field) costs several times as much."""
+
     order_id: str
     status: str
     previous: str | None
@@ -74,12 +79,28 @@ class StatusEvent:
     # the payload and the MQTT 5 properties both carry it
     event_id: str = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self,
-            "event_id",
-            event_id(self.order_id, self.created_ms, self.version, self.status, self.reason),
-        )
+    def __init__(  # written out: the generated one and a __post_init__ cost twice as much
+        self,
+        order_id: str,
+        status: str,
+        previous: str | None,
+        reason: str,
+        version: int,
+        at_ms: int,
+        created_ms: int,
+        deadline_ms: int | None = None,
+        created_entry: bytes = b"",
+    ) -> None:
+        self.order_id = order_id
+        self.status = status
+        self.previous = previous
+        self.reason = reason
+        self.version = version
+        self.at_ms = at_ms
+        self.created_ms = created_ms
+        self.deadline_ms = deadline_ms
+        self.created_entry = created_entry
+        self.event_id = f"{order_id}/{created_ms}/{version}/{status}/{reason}"  # as event_id() builds it
 
     def topic(self, prefix: str) -> str:
         return f"{prefix}/{self.order_id}/status"
@@ -188,7 +209,8 @@ def from_created_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StatusEve
         order_id is not None
         and timeout is not None
         and _ORDER_ID.fullmatch(order_id)
-        and _DIGITS.fullmatch(timeout)
+        and len(timeout) <= 16
+        and timeout.isdigit()  # ASCII digits only (as _DIGITS; no regex per field)
         and (entry := _ENTRY_ID.fullmatch(entry_id))
     ):
         created_ms, timeout_ms = int(entry.group(1)), int(timeout)
@@ -227,8 +249,10 @@ def from_outbox_entry(fields: dict[bytes, bytes]) -> StatusEvent:
         and previous is not None
         and reason is not None
         and _ORDER_ID.fullmatch(order_id)
-        and _DIGITS.fullmatch(version)
-        and _DIGITS.fullmatch(at)
+        and len(version) <= 16
+        and version.isdigit()  # ASCII digits only (as _DIGITS; no regex per field)
+        and len(at) <= 16
+        and at.isdigit()
         and (entry := _ENTRY_ID.fullmatch(created))
     ):
         version_n, at_ms, created_ms = int(version), int(at), int(entry.group(1))
@@ -298,8 +322,14 @@ def packed(event: StatusEvent) -> bytes:
     ).encode()
 
 
+# The field of an event log entry that holds its events: `logged` values, one
+# per line (neither an order id nor `packed` has a line break). Entries written
+# before it held them in fields "0", "1", ... (event_log reads both).
+LOG_FIELD = b"e"
+
+
 def logged(event: StatusEvent) -> bytes:
-    """An event log entry's value: the order id, then `packed(event)`."""
+    """An event's value in the event log: the order id, then `packed(event)`."""
     return event.order_id.encode() + b"|" + packed(event)
 
 

@@ -25,8 +25,9 @@ With the default prefix ``order``, ``PARTS = 16`` and ``BUCKETS = 256``::
                                       it expires at until (one per part: every script
                                       reads the one in its own slot)
     order:{P}:log             stream  the event log: what the broker acknowledged, an entry per
-                                      round trip, id = publish time, fields "0", "1", ...
-                                      (events.logged)
+                                      round trip, id = publish time, field e: its events
+                                      one per line (events.logged; earlier versions wrote
+                                      fields "0", "1", ...)
     order:wake                channel "<P> <deadline-ms>" when an order becomes the
                                       earliest of its part
 

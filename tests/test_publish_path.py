@@ -29,7 +29,7 @@ from listener.events import StatusEvent, iso_ms
 from listener.fastpath import paho_io
 from listener.mqtt import MqttLink, Publisher
 from listener.mqtt.drops import DropWatch
-from listener.mqtt.packets import _length, encode_publish, property_bytes
+from listener.mqtt.packets import _length, encode_publish, property_bytes, topic_level_ok
 from listener.servers import ServerProcess, mosquitto
 from listener.supervise import Service
 from tests.conftest import Subscriber, wait_until
@@ -101,6 +101,16 @@ def test_publish_packet_is_what_paho_builds(v5: bool) -> None:
         topic = f"orders/{event.order_id}/status".encode()
         ours = encode_publish(topic, 4711, property_bytes(event) if v5 else None, event.payload())
         assert ours == paho_packet(event, v5)
+
+
+@pytest.mark.parametrize(
+    ("order_id", "ok"),
+    [("A-1001", True), ("B.2:x_y", True), ('odd"\\é☃', True), ("", False)]
+    + [(f"a{bad}b", False) for bad in "+#/\0"]
+    + [(bad, False) for bad in "+#/\0"],
+)
+def test_an_order_id_is_a_topic_level_without_a_wildcard_or_a_separator(order_id: str, ok: bool) -> None:
+    assert topic_level_ok(order_id) is ok
 
 
 @pytest.mark.parametrize("value", [0, 1, 127, 128, 16383, 16384, 2097151, 2097152, 268435455])

@@ -15,8 +15,9 @@ from redis.asyncio import Redis
 from listener.api import OrderClient
 from listener.config import Settings
 from listener.daemon import Daemon
-from listener.event_log import EventLog, parse_since
-from listener.events import from_logged, iso_ms
+from listener.event_log import EventLog, events_of, parse_since
+from listener.events import LOG_FIELD, StatusEvent, from_logged, iso_ms
+from listener.events import logged as log_value
 from listener.keys import PARTS, KeyLayout
 from listener.servers import ServerProcess
 from tests.conftest import CliResult, Subscriber, compact, env_for, redis_clock_past, wait_until, watch_topic
@@ -33,11 +34,11 @@ async def logged(redis: Redis) -> list[tuple[bytes, bytes]]:
             pipe.xrange(LAYOUT.event_log(part))
         replies = await pipe.execute(raise_on_error=False)
     return [
-        (entry_id, fields[name])
+        (entry_id, value)
         for reply in replies
         if not isinstance(reply, Exception)
         for entry_id, fields in reply
-        for name in sorted(fields, key=int)  # an entry: a round trip's events, fields "0", "1", ...
+        for _, value in events_of(fields)  # an entry: a round trip's events
     ]
 
 
@@ -260,3 +261,28 @@ async def test_a_refused_append_loses_the_log_entry_never_the_event(
         assert await redis.xlen(LAYOUT.outbox(5)) == 0 and await redis.xlen(LAYOUT.outbox_created(5)) == 0
         assert await redis.get(LAYOUT.event_log(5)) == b"not a stream"
         assert [from_logged(v).order_id for _, v in await logged(redis)] == [fine, fine]
+
+
+async def test_entries_of_the_earlier_format_are_replayed_beside_the_current_one(
+    settings: Settings, redis: Redis
+) -> None:
+    """A log written by an earlier version holds its events in fields "0",
+    "1", ...; the current one in one field, a line each. After an upgrade
+    the log holds both: replay reads both, in order, and `--since EVENT_ID`
+    finds an event in either."""
+    ids = ids_in_part(4, 5, "mixed")
+    events = [
+        StatusEvent(oid, "created", None, "created", 1, 1_000 + n, 1_000 + n, deadline_ms=901_000 + n)
+        for n, oid in enumerate(ids)
+    ]
+    key = LAYOUT.event_log(4)
+    older = {str(n): log_value(event) for n, event in enumerate(events[:3])}
+    await redis.xadd(key, older)  # type: ignore[arg-type]
+    await redis.xadd(key, {LOG_FIELD: b"\n".join(log_value(event) for event in events[3:])})
+    async with OrderClient(settings) as client:
+        log = EventLog(await client.opened(), settings.event_log_retention_ms)
+        since = await client.store.now_ms() - 60_000
+        assert [e.event_id async for e in log.events(since)] == [e.event_id for e in events]
+        for index, event in enumerate(events):
+            after = [e.event_id async for e in log.events(parse_since(event.event_id))]
+            assert after == [e.event_id for e in events[index + 1 :]]

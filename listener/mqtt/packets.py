@@ -88,4 +88,11 @@ def publish_properties(event: StatusEvent, v5: bool) -> Properties | None:
 
 def topic_level_ok(order_id: str) -> bool:
     """Whether an order id can stand as one topic level (no wildcard, no level separator)."""
-    return bool(order_id) and not any(char in order_id for char in "+#/\0")
+    # four `in` tests: a generator over the characters costs several times as much, per event
+    return (
+        bool(order_id)
+        and "/" not in order_id
+        and "+" not in order_id
+        and "#" not in order_id
+        and "\0" not in order_id
+    )
