@@ -64,6 +64,7 @@ from redis.asyncio import Redis
 
 from listener.api import OrderClient
 from listener.config import load_settings
+from listener.event_log import events_of
 from listener.keys import PARTS, KeyLayout
 from listener.servers import ServerProcess, redis_server
 
@@ -195,14 +196,14 @@ async def measure_orders(
 
 async def log_usage(redis: Redis) -> tuple[int, int]:
     """(MEMORY USAGE of every part's event log stream, the events they hold:
-    an entry holds a round trip's events, one a field)."""
+    an entry holds a round trip's events, a line each in one field)."""
     layout = KeyLayout()
     async with redis.pipeline(transaction=False) as pipe:
         for part in range(PARTS):
             pipe.memory_usage(layout.event_log(part), samples=0)
             pipe.xrange(layout.event_log(part))
         replies = await pipe.execute()
-    events = sum(len(fields) for entries in replies[1::2] for _, fields in entries)
+    events = sum(len(events_of(fields)) for entries in replies[1::2] for _, fields in entries)
     return sum(int(r or 0) for r in replies[::2]), events
 
 
@@ -215,18 +216,18 @@ async def measure_event_log(args: argparse.Namespace, workdir: Path, broker: Ser
             await daemon_cancels_probe(orders, daemon, PROBE)
             await backlog_empty(redis, 30, daemon)
             before = await settle(redis)
-            log_before, entries_before = await log_usage(redis)
+            log_before, events_before = await log_usage(redis)
             ids = ids_of(args.orders, "o")
             await orders.create_many([(order_id, TIMEOUT_S) for order_id in ids])
         drained = await backlog_empty(redis, 120 + args.orders / 2000, daemon)
         give_up = time.monotonic() + 30
         while time.monotonic() < give_up:  # the last appends ride the daemon's next round trip
-            if (await log_usage(redis))[1] >= entries_before + args.orders:
+            if (await log_usage(redis))[1] >= events_before + args.orders:
                 break
             await asyncio.sleep(0.2)
         after = await settle(redis)
-        log_bytes, entries = await log_usage(redis)
-        logged = Measure("event log, per logged event", entries - entries_before, log_bytes - log_before)
+        log_bytes, events = await log_usage(redis)
+        logged = Measure("event log, per logged event", events - events_before, log_bytes - log_before)
         logged.note = "MEMORY USAGE of the 16 streams / events"
         rest = Measure(
             "orders, event log on, the log's share left out",

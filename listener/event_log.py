@@ -32,7 +32,7 @@ from listener.store import Store
 
 PAGE = 2000  # entries read per part and round trip
 RECENT = 100_000  # event ids remembered to drop a repeated log entry (a retried append)
-SCAN_LIMIT = 1_000_000  # entries looked through for the event of `--since EVENT_ID`
+SCAN_LIMIT = 1_000_000  # events looked through for the event of `--since EVENT_ID`
 
 _EVENT_ID = re.compile(rf"({ORDER_ID_PATTERN.pattern})/([0-9]{{1,16}})/([0-9]{{1,16}})/([a-z]+)/([a-z]+)")
 _UNIX = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")

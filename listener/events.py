@@ -60,10 +60,12 @@ def event_id(order_id: str, created_ms: int, version: int, status: str, reason: 
 
 @dataclass(slots=True)
 class StatusEvent:
-    """One status change as it is published. Treated as a value and never
-    changed once made, but not a frozen dataclass: one is built for every
-    event on the publish path, and a frozen one's ``__init__`` (a generic
-    ``object.__setattr__`` per field) costs several times as much."""
+    """One status change as it is published. Treated as a value: nothing
+    assigns to one once made (`event_id` is computed from the other fields
+    then), and none is hashed. Not a frozen dataclass, which would enforce
+    both: one is built for every event on the publish path, and a frozen
+    one's ``__init__`` (a generic ``object.__setattr__`` per field) costs
+    about twice as much as this whole one."""
 
     order_id: str
     status: str
@@ -79,7 +81,7 @@ class StatusEvent:
     # the payload and the MQTT 5 properties both carry it
     event_id: str = field(init=False, repr=False, compare=False)
 
-    def __init__(  # written out: the generated one and a __post_init__ cost twice as much
+    def __init__(  # written out: the generated one with a __post_init__ costs more
         self,
         order_id: str,
         status: str,

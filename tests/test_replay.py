@@ -42,6 +42,21 @@ async def logged(redis: Redis) -> list[tuple[bytes, bytes]]:
     ]
 
 
+async def field_names(redis: Redis) -> set[bytes]:
+    """The field names of every event log entry of every part."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for part in range(PARTS):
+            pipe.xrange(LAYOUT.event_log(part))
+        replies = await pipe.execute(raise_on_error=False)
+    return {
+        name
+        for reply in replies
+        if not isinstance(reply, Exception)
+        for _, fields in reply
+        for name in fields
+    }
+
+
 async def wait_logged(redis: Redis, count: int) -> None:
     async def enough() -> bool:
         return len(await logged(redis)) >= count
@@ -127,6 +142,7 @@ async def test_replay_gives_exactly_the_events_published_since_a_time(
     entries = await logged(redis)
     assert len(entries) == 100
     assert len({from_logged(value).event_id for _, value in entries}) == 100
+    assert await field_names(redis) == {LOG_FIELD}  # a round trip's events in one field, a line each
 
 
 async def test_malformed_since_is_bad_input_and_too_old_says_how_far_back(
