@@ -9,7 +9,7 @@ TTLs end spread over one second, then measures Redis' CPU time from just
 before the first ends until all are gone: once with nobody subscribed to the
 `expired` events, once with one subscriber (this process, reading them as
 they come, as the daemon does). Prints µs of Redis CPU per key for each.
-`bench/sweep_cost.py` leaves this out (its timers have expired before its
+`bench/sweep_cost.py` leaves most of this out (most of its timers expired before its
 sweeps run); a burst of `bench/burst.py` pays both. Nothing is asserted.
 """
 
