@@ -33,17 +33,23 @@ LEAD_MS = 3000  # the first TTL ends this long after the first key is set
 CHUNK = 5000
 
 
-async def count_expired(redis: Redis, seen: list[int]) -> None:
-    """Read the `expired` events until cancelled, counting them in seen[0]."""
-    pubsub = redis.pubsub()
-    await pubsub.subscribe("__keyevent@0__:expired")
-    try:
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None:
-                seen[0] += 1
-    finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+class ExpiredCounter:
+    """Reads the `expired` events until cancelled; `count`: how many so far."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.count = 0
+
+    async def run(self) -> None:
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe("__keyevent@0__:expired")
+        try:
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None:
+                    self.count += 1
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 async def one_run(keys: int, subscribed: bool) -> tuple[float, float, int, int]:
@@ -53,8 +59,8 @@ async def one_run(keys: int, subscribed: bool) -> tuple[float, float, int, int]:
     server = redis_server(workdir)
     server.start()
     redis = Redis(port=server.port)
-    seen = [0]
-    reader = asyncio.create_task(count_expired(redis, seen)) if subscribed else None
+    counter = ExpiredCounter(redis)
+    reader = asyncio.create_task(counter.run()) if subscribed else None
     try:
         await redis.ping()
         names = [layout.timer(f"o{n:010d}") for n in range(keys)]
@@ -77,11 +83,11 @@ async def one_run(keys: int, subscribed: bool) -> tuple[float, float, int, int]:
         cpu, wall = await redis_cpu(redis) - cpu_before, time.monotonic() - started
         expired = int((await redis.info("stats"))["expired_keys"])
         give_up = time.monotonic() + 10
-        while reader is not None and seen[0] < expired:  # the last events still on their way
+        while reader is not None and counter.count < expired:  # the last events still on their way
             if time.monotonic() > give_up:
                 break  # printed as read: fewer than expired
             await asyncio.sleep(0.05)
-        return cpu, wall, expired, seen[0]
+        return cpu, wall, expired, counter.count
     finally:
         if reader is not None:
             reader.cancel()

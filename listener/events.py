@@ -42,22 +42,6 @@ def _iso_second(unix_s: int) -> str:
     return datetime.fromtimestamp(unix_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
-def event_id(order_id: str, created_ms: int, version: int, status: str, reason: str) -> str:
-    """Unique per transition, the same on every redelivery.
-
-    The creation millisecond keeps ids unique even if an order id is reused
-    after its record's retention ran out. Status and reason keep them unique
-    when Redis loses an acknowledged write (a primary that died before it
-    replicated a `pay`) and the order then goes another way with the same
-    version (cancelled at its deadline): that is another transition, and
-    subscribers that deduplicate by event_id must not drop it. Built from the
-    entry's own fields only (not its stream id: after a failover a lagging
-    clock can give a new entry an id an earlier one had). '/' never occurs
-    in an order id, a status or a reason.
-    """
-    return f"{order_id}/{created_ms}/{version}/{status}/{reason}"
-
-
 @dataclass(slots=True)
 class StatusEvent:
     """One status change as it is published. Treated as a value: nothing
@@ -77,8 +61,17 @@ class StatusEvent:
     deadline_ms: int | None = None
     created_entry: bytes = b""  # id of the `created` outbox entry (events after created)
 
-    # `<order_id>/<created ms>/<version>/<status>/<reason>`, computed once:
-    # the payload and the MQTT 5 properties both carry it
+    # `<order_id>/<created ms>/<version>/<status>/<reason>`, computed once in
+    # __init__: the payload and the MQTT 5 properties both carry it. Unique per
+    # transition, the same on every redelivery. The creation millisecond keeps
+    # ids unique even if an order id is reused after its record's retention ran
+    # out. Status and reason keep them unique when Redis loses an acknowledged
+    # write (a primary that died before it replicated a `pay`) and the order
+    # then goes another way with the same version (cancelled at its deadline):
+    # that is another transition, and subscribers that deduplicate by event_id
+    # must not drop it. Built from the entry's own fields only (not its stream
+    # id: after a failover a lagging clock can give a new entry an id an
+    # earlier one had). '/' never occurs in an order id, a status or a reason.
     event_id: str = field(init=False, repr=False, compare=False)
 
     def __init__(  # written out: the generated one with a __post_init__ costs more
@@ -102,7 +95,7 @@ class StatusEvent:
         self.created_ms = created_ms
         self.deadline_ms = deadline_ms
         self.created_entry = created_entry
-        self.event_id = f"{order_id}/{created_ms}/{version}/{status}/{reason}"  # as event_id() builds it
+        self.event_id = f"{order_id}/{created_ms}/{version}/{status}/{reason}"
 
     def topic(self, prefix: str) -> str:
         return f"{prefix}/{self.order_id}/status"

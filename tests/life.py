@@ -76,16 +76,20 @@ def validator(name: str) -> Draft202012Validator:
     return Draft202012Validator(schema, format_checker=checker)
 
 
+def outbox_streams(layout: KeyLayout) -> list[str]:
+    """Both outbox lanes of every part: the transitions, then the `created` events."""
+    return [key for part in range(PARTS) for key in (layout.outbox(part), layout.outbox_created(part))]
+
+
 async def outbox_appends(redis: Redis, layout: KeyLayout) -> int:
     """How many entries were ever appended to the outbox streams (both lanes of
     every part). The daemon deletes entries once published, so the length
     says nothing; Redis' `entries-added` counter does."""
     total = 0
-    for part in range(PARTS):
-        for key in (layout.outbox(part), layout.outbox_created(part)):
-            if await redis.exists(key):
-                info = await redis.xinfo_stream(key)
-                total += int(info["entries-added"])
+    for key in outbox_streams(layout):
+        if await redis.exists(key):
+            info = await redis.xinfo_stream(key)
+            total += int(info["entries-added"])
     return total
 
 

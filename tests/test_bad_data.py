@@ -28,7 +28,7 @@ from listener.events import from_created_entry, from_outbox_entry
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.outbox_pump import Entry
 from tests.conftest import Subscriber, wait_until
-from tests.life import carrier
+from tests.life import carrier, outbox_streams
 
 NOW = b"1795564749929"
 CREATED = b"1795564740000-0"
@@ -167,12 +167,11 @@ def dead_count(daemon: Daemon) -> float:
 
 async def dead_entries(redis: Redis, layout: KeyLayout) -> list[tuple[str, dict[bytes, bytes]]]:
     found: list[tuple[str, dict[bytes, bytes]]] = []
-    for part in range(PARTS):
-        for key in (layout.outbox(part), layout.outbox_created(part)):
-            # The tests' client does not decode: bytes ids and fields, where redis-py's type
-            # says bytes or str (and an optional id and fields for each entry).
-            entries = cast("list[Entry]", await redis.xrange(layout.dead_letters(key)))
-            found += [(key, fields) for _, fields in entries]
+    for key in outbox_streams(layout):
+        # The tests' client does not decode: bytes ids and fields, where redis-py's type
+        # says bytes or str (and an optional id and fields for each entry).
+        entries = cast("list[Entry]", await redis.xrange(layout.dead_letters(key)))
+        found += [(key, fields) for _, fields in entries]
     return found
 
 

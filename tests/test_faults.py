@@ -19,12 +19,12 @@ from listener.api import OrderClient
 from listener.config import Settings
 from listener.daemon import Daemon
 from listener.fastpath import hiredis_drain
-from listener.keys import PARTS, KeyLayout, part_of
+from listener.keys import KeyLayout, part_of
 from listener.orders import Operation
 from listener.servers import ServerProcess, free_port
 from listener.store import Store
 from tests.conftest import DaemonProcess, Subscriber, wait_until
-from tests.life import deadline_of, lanes_barrier
+from tests.life import deadline_of, lanes_barrier, outbox_streams
 
 # CI runs these once more with ORDER_LISTENER_FAST_PATHS=off (both ways stay green)
 pytestmark = pytest.mark.fastpath
@@ -341,7 +341,7 @@ async def test_expired_event_burst_does_not_disconnect_the_listener(
     assert statuses[b"cancelled"] == daemon.listener.cancelled
     # What the outbox still holds (up to 100,000 events of no concern here) would
     # take the daemon's stop at teardown up to its whole timeout on a slow host.
-    await redis.delete(*(key for p in range(PARTS) for key in (layout.outbox(p), layout.outbox_created(p))))
+    await redis.delete(*outbox_streams(layout))
 
 
 async def test_second_signal_exits_at_once_still_losing_nothing(

@@ -26,35 +26,27 @@ from tests.test_script_inputs import ids_in_part
 LAYOUT = KeyLayout()
 
 
-async def logged(redis: Redis) -> list[tuple[bytes, bytes]]:
-    """Every event in the event log of every part: (entry id, value); a log
-    key of another type is left out."""
+async def log_entries(redis: Redis) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry of the event log of every part; a log key of another type is left out."""
     async with redis.pipeline(transaction=False) as pipe:
         for part in range(PARTS):
             pipe.xrange(LAYOUT.event_log(part))
         replies = await pipe.execute(raise_on_error=False)
+    return [entry for reply in replies if not isinstance(reply, Exception) for entry in reply]
+
+
+async def logged(redis: Redis) -> list[tuple[bytes, bytes]]:
+    """Every event in the event log of every part: (entry id, value)."""
     return [
         (entry_id, value)
-        for reply in replies
-        if not isinstance(reply, Exception)
-        for entry_id, fields in reply
+        for entry_id, fields in await log_entries(redis)
         for _, value in events_of(fields)  # an entry: a round trip's events
     ]
 
 
 async def field_names(redis: Redis) -> set[bytes]:
     """The field names of every event log entry of every part."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for part in range(PARTS):
-            pipe.xrange(LAYOUT.event_log(part))
-        replies = await pipe.execute(raise_on_error=False)
-    return {
-        name
-        for reply in replies
-        if not isinstance(reply, Exception)
-        for _, fields in reply
-        for name in fields
-    }
+    return {name for _, fields in await log_entries(redis) for name in fields}
 
 
 async def wait_logged(redis: Redis, count: int) -> None:
