@@ -1,6 +1,6 @@
 """The floor under a burst's publishing: the broker and the subscriber alone.
 
-    .venv/bin/python bench/floor.py [--events 100000] [--broker stock|tuned] [--repeat 3]
+    .venv/bin/python bench/floor.py [--events 100000] [--broker stock|tuned] [--repeat 3] [--rate R]
 
 How fast can N `cancelled` events get from a publisher through mosquitto to
 a `mosquitto_sub` subscriber on this machine, with no daemon and no Redis?
@@ -22,6 +22,12 @@ the publisher had every PUBACK and exited, until the subscriber had them
 all (or `--grace` s passed: the rest is missing, dropped by a stock broker's
 queue of 1,000 messages for a subscriber that falls behind), and the CPU of
 the broker, the subscriber and the publisher. Then the median of the runs.
+
+`--rate R` paces the publishers: R events a second from all of them
+together, their input handed over every few milliseconds instead of at
+once. A paced floor asks whether a publisher that never outruns the
+subscriber (R at or below the rate the subscriber takes when it is not
+stalled) still loses events to a stock broker's queue.
 
 What a burst of N adds to this is the daemon's and Redis' work on the same
 two cores. Nothing is asserted.
@@ -48,6 +54,7 @@ from listener.events import StatusEvent
 
 TOPIC = "orders/floor/status"
 POLL_S = 0.02
+PACE_STEP_S = 0.005  # a paced publisher's input is handed over in steps this long
 MAX_PER_CLIENT = 65_535  # a client's message ids: mosquitto_pub loses what is beyond them
 
 
@@ -93,7 +100,9 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def one_run(profile: str, events: int, publishers: int, grace: float, workdir: Path) -> Run:
+async def one_run(
+    profile: str, events: int, publishers: int, grace: float, workdir: Path, rate: float = 0.0
+) -> Run:
     broker = bench_broker(workdir / "mosquitto", profile)
     broker.start()
     sub = lag.MosquittoSubSubscriber("127.0.0.1", broker.port, workdir)
@@ -117,7 +126,8 @@ async def one_run(profile: str, events: int, publishers: int, grace: float, work
             children_cpu(),
         )
         started, started_unix = time.monotonic(), time.time()
-        await asyncio.gather(*(publish(binary, broker.port, source, extra) for source in sources))
+        share = rate / publishers
+        await asyncio.gather(*(publish(binary, broker.port, source, extra, share) for source in sources))
         published = time.monotonic() - started
         publisher_cpu = children_cpu() - cpu_children
         await wait_received(sub, events, time.monotonic() + grace)
@@ -139,18 +149,37 @@ async def one_run(profile: str, events: int, publishers: int, grace: float, work
         broker.stop()
 
 
-async def publish(binary: str, port: int, source: Path, extra: list[str]) -> None:
+async def publish(binary: str, port: int, source: Path, extra: list[str], rate: float) -> None:
+    """One mosquitto_pub, its input the lines of `source`: the whole file at
+    once, or (`rate`) that many lines a second, handed over every PACE_STEP_S."""
+    argv = [binary, "-h", "127.0.0.1", "-p", str(port), "-t", TOPIC, "-q", "1", "-V", "mqttv5", "-l", *extra]
     with source.open("rb") as feed:
         pub = await asyncio.create_subprocess_exec(
-            *(binary, "-h", "127.0.0.1", "-p", str(port), "-t", TOPIC),
-            *("-q", "1", "-V", "mqttv5", "-l", *extra),
-            stdin=feed,
+            *argv,
+            stdin=asyncio.subprocess.PIPE if rate else feed,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+        if rate:
+            lines = await asyncio.to_thread(lambda: source.read_bytes().splitlines(keepends=True))
+            await feed_at(pub, lines, rate)
         _, err = await pub.communicate()
     if pub.returncode != 0:
         raise RuntimeError(f"mosquitto_pub exited {pub.returncode}: {err.decode(errors='replace')}")
+
+
+async def feed_at(pub: asyncio.subprocess.Process, lines: list[bytes], rate: float) -> None:
+    """Write `lines` to `pub`'s input at `rate` a second, then close it."""
+    assert pub.stdin is not None
+    started, written = time.monotonic(), 0
+    while written < len(lines):
+        due = min(len(lines), int((time.monotonic() - started) * rate) + 1)
+        if due > written:
+            pub.stdin.write(b"".join(lines[written:due]))
+            await pub.stdin.drain()
+            written = due
+        await asyncio.sleep(PACE_STEP_S)
+    pub.stdin.close()
 
 
 async def wait_received(sub: lag.MosquittoSubSubscriber, events: int, give_up: float) -> None:
@@ -173,7 +202,7 @@ async def main_async(args: argparse.Namespace) -> None:
     runs: list[Run] = []
     for n in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="order-listener-floor-") as tmp:
-            run = await one_run(args.broker, args.events, args.publishers, args.grace, Path(tmp))
+            run = await one_run(args.broker, args.events, args.publishers, args.grace, Path(tmp), args.rate)
         runs.append(run)
         print(f"run {n + 1}: {show(run, args.events)}", flush=True)
     median = Run(
@@ -198,6 +227,13 @@ def main() -> None:
     parser.add_argument(
         "--grace", type=float, default=60.0, help="wait this long after the publisher for the rest"
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="events a second from all publishers together (0, the default: as fast as they go)",
+    )
     add_broker_arg(parser)
     args = parser.parse_args()
     if -(-args.events // args.publishers) > MAX_PER_CLIENT:
@@ -209,6 +245,7 @@ def main() -> None:
             ("publishers", f"{args.publishers} x mosquitto_pub (C, MQTT 5, QoS 1, -l: a message per line)"),
             ("subscriber", f"mosquitto_sub (QoS 1, {lag.TOPIC})"),
             ("events", f"{args.events:,}"),
+            ("pace", f"{args.rate:,.0f} events a second in all" if args.rate else "none: as fast as they go"),
         ],
     )
     asyncio.run(main_async(args))
