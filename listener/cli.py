@@ -544,6 +544,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
         until = parse_time(args.until, "--until") if args.until is not None else None
         if args.order is not None:
             validate_order_id(args.order)
+        rate = config.created_rate if args.rate is None else _replay_rate(args.rate)
     except BadInput as exc:
         raise _bad_input(exc) from None
     _logs_to_stderr(config)
@@ -568,13 +569,23 @@ def cmd_replay(args: argparse.Namespace) -> None:
             if terminal:
                 print(f"\rpublished {done}/{len(events)}", end="", file=sys.stderr, flush=True)
 
-        await publish_again(config, events, progress)
+        pace = await publish_again(config, events, progress, rate)
         if terminal:
             print(file=sys.stderr)
-        err(f"published {len(events)} event(s) again, with their event_ids")
+        paced = f", at most {pace:,.0f} a second" if pace else ""
+        err(f"published {len(events)} event(s) again, with their event_ids{paced}")
         return len(events)
 
     run_async(go, config)
+
+
+def _replay_rate(text: str) -> float | None:
+    from listener.config import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise BadInput(f"--rate {exc}") from None
 
 
 def cmd_check(args: argparse.Namespace) -> None:
@@ -764,6 +775,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--publish",
         action="store_true",
         help="publish them again on their topics (QoS 1, same event_ids) instead of printing them",
+    )
+    replay.add_argument(
+        "--rate",
+        metavar="R|auto",
+        help="with --publish: at most R events a second, 0 for as fast as the broker takes them, auto for "
+        "10,000 on a broker that looks untuned (default: ORDER_LISTENER_CREATED_RATE), so that a "
+        "subscriber's queue at the broker does not overflow again",
     )
 
     extend = command(

@@ -249,8 +249,9 @@ def _connections(value: Any) -> int | None:
 _RATE_RULE = "auto, 0 (unpaced) or a number of events a second up to 1000000"
 
 
-def _rate(value: Any) -> float | None:
-    """Events a second, 0 for no pace, None (`auto`) for the broker to decide."""
+def parse_rate(value: Any) -> float | None:
+    """Events a second, 0 for no pace, None (`auto`) for the broker to decide
+    (the setting `created_rate` and `replay --rate`). ValueError otherwise."""
     if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
         return None
     try:
@@ -279,7 +280,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "sweep_batch": _number(int, 1, 5000, "a whole number from 1 to 5000"),
     "publish_batch": _number(int, 1, 10000, "a whole number from 1 to 10000"),
     "mqtt_connections": _connections,
-    "created_rate": _rate,
+    "created_rate": parse_rate,
     "shutdown_timeout": _SECONDS,
     "resync_interval": _SECONDS,
     "metrics_addr": _metrics_addr,

@@ -75,7 +75,8 @@ class Daemon:
         self.redis = redis
         self.store = Store(self.redis, self.layout, settings.retention_ms)
         self.logistics = LogisticsHandler(self.store, settings.logistics_topic, self.redis_service)
-        self.drop_watch = DropWatch(self.metrics.broker_dropped.inc)
+        logged = settings.event_log_retention_ms > 0
+        self.drop_watch = DropWatch(self.metrics.broker_dropped.inc, replay=logged)
         self.metrics.broker_drops_watched.set_function(lambda: float(self.drop_watch.watched))
         self.link = MqttLink(
             settings,

@@ -16,8 +16,10 @@ come in the order they were published: version order.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -271,25 +273,46 @@ def events_of(fields: dict[bytes, bytes]) -> list[tuple[int, bytes]]:
     return sorted((int(name), value) for name, value in fields.items() if name.isdigit() and len(name) < 8)
 
 
+REPLAY_STEP_S = 0.005  # a paced replay publishes this many seconds' worth at a time
+
+
 async def publish_again(
-    settings: Any, events: Sequence[StatusEvent], progress: Callable[[int], None] | None = None
-) -> None:
+    settings: Any,
+    events: Sequence[StatusEvent],
+    progress: Callable[[int], None] | None = None,
+    rate: float | None = None,
+) -> float:
     """Publish `events` again, in this order, QoS 1, on their topics with the
-    same payloads and event_ids, as fast as the broker acknowledges (its
-    window kept full); `progress(n)` after each chunk. MQTT is loaded here only."""
+    same payloads and event_ids, at most `rate` a second (0: as fast as the
+    broker acknowledges, its window kept full; None: the pace the daemon
+    gives a `created` backlog on this broker, outbox_pump.auto_rate);
+    `progress(n)` after each chunk. Returns the pace kept (0: none). MQTT is
+    loaded here only.
+
+    Why a pace: a replay most often follows events a broker dropped because
+    a subscriber fell behind; sent at the broker's full speed, the replay
+    overflows the same subscriber's queue again."""
     import aiomqtt
 
     from listener.errors import Unavailable
     from listener.mqtt import Publisher, default_client_id, make_client
+    from listener.outbox_pump import auto_rate
     from listener.urls import mqtt_target
 
     try:
         async with make_client(settings, identifier=default_client_id("replay")) as client:
             publisher = Publisher(client, settings.mqtt_protocol == "5", settings.topic_prefix)
-            for start in range(0, len(events), 1000):
-                await publisher.publish(events[start : start + 1000], timeout=10.0)
+            pace = auto_rate([publisher.window]) if rate is None else rate
+            chunk = max(1, int(pace * REPLAY_STEP_S)) if pace else 1000
+            started = time.monotonic()
+            for start in range(0, len(events), chunk):
+                if pace:
+                    # the chunk's time by the pace from the start, so a late wake-up is caught up
+                    await asyncio.sleep(max(0.0, started + start / pace - time.monotonic()))
+                await publisher.publish(events[start : start + chunk], timeout=10.0)
                 if progress is not None:
-                    progress(min(start + 1000, len(events)))
+                    progress(min(start + chunk, len(events)))
+            return pace
     except aiomqtt.MqttError as exc:
         raise Unavailable(
             f"replay to the MQTT broker at {mqtt_target(settings.mqtt_url).shown} failed: {exc}; "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import random
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -17,6 +18,7 @@ import pytest
 import structlog
 
 from listener import logs
+from listener.api import OrderClient
 from listener.config import Settings
 from listener.daemon import Daemon
 from listener.mqtt import client as client_module
@@ -81,6 +83,46 @@ def test_drops_held_back_by_the_minute_are_said_when_it_is_over() -> None:
         watch.tick()
     said = [(line["dropped"], line["broker_total"]) for line in logged if "dropped" in line]
     assert said == [(5, 5), (4, 9)]
+
+
+def test_a_warning_of_new_drops_carries_the_replay_since_the_count_before_them() -> None:
+    """The drops happened after the count before them: the warning names the
+    `replay` that publishes the logged events again from then (less a margin
+    for the clocks of this machine and Redis); drops held back by the minute
+    are replayed from the count before the first of them."""
+    clock, wall = Clock(), Clock()
+    wall.now = 1_800_000_000.0
+    watch = DropWatch(lambda _: None, clock, wall, replay=True)
+    with structlog.testing.capture_logs() as logged:
+        watch.seen(b"0")
+        clock.now += 10
+        wall.now += 10
+        watch.seen(b"0")  # no drops: the count to start from is this one's (1_800_000_010)
+        clock.now += 10
+        wall.now += 10
+        watch.seen(b"5")
+        clock.now += 10
+        wall.now += 10
+        watch.seen(b"9")  # within the minute: held back, its drops after 1_800_000_020
+        clock.now += 10
+        wall.now += 10
+        watch.seen(b"12")
+        clock.now += 60
+        watch.tick()
+    said = [(line["dropped"], line["replay"]) for line in logged if "dropped" in line]
+    assert said == [
+        (5, "order-listener replay --since 2027-01-15T08:00:00.000Z --publish"),  # 1_800_000_010 - 10 s
+        (7, "order-listener replay --since 2027-01-15T08:00:10.000Z --publish"),  # 1_800_000_020 - 10 s
+    ]
+
+
+def test_without_an_event_log_the_warning_names_no_replay() -> None:
+    watch = DropWatch(lambda _: None, Clock(), Clock(), replay=False)
+    with structlog.testing.capture_logs() as logged:
+        watch.seen(b"0")
+        watch.seen(b"5")
+    said = [line for line in logged if "dropped" in line]
+    assert len(said) == 1 and "replay" not in said[0]
 
 
 @pytest.fixture
@@ -189,6 +231,65 @@ async def test_the_daemon_counts_and_says_what_a_stock_broker_drops_across_a_bro
     assert [line["dropped"] for line in said] == [25], "the 10 came within a minute: counted, not said again"
     assert FIX_WORDS in said[0]["fix"]
     assert not [line for line in logged if "before this daemon connected" in line["event"]]
+
+
+async def test_the_warnings_replay_gives_a_subscriber_what_the_broker_dropped_for_it(
+    settings: Settings,
+    dropping_broker: ServerProcess,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    cli: Callable[..., Awaitable[CliResult]],
+) -> None:
+    """A persistent subscriber is away while 30 orders are created: the broker
+    queues 5 of their events for it and drops 25. The daemon's warning names a
+    `replay`; run as given (at a pace for this broker's small queue), it
+    brings the subscriber every event it missed, with the event_ids the
+    daemon published."""
+    config = dataclasses.replace(settings, mqtt_url=f"mqtt://127.0.0.1:{dropping_broker.port}")
+    tag = f"again{random.randrange(10**6)}"
+    topic = f"{config.topic_prefix}/+/status"
+    v311 = aiomqtt.ProtocolVersion.V311
+
+    def subscriber() -> aiomqtt.Client:
+        return aiomqtt.Client(
+            "127.0.0.1", dropping_broker.port, identifier=f"{tag}-away", clean_session=False, protocol=v311
+        )
+
+    with structlog.testing.capture_logs() as logged:
+        daemon = await start_daemon(config)
+        await wait_until(lambda: daemon.drop_watch.last is not None, 10, "the broker's count read (retained)")
+        async with subscriber() as away:
+            await away.subscribe(topic, qos=1)
+        async with OrderClient(config) as orders:
+            await orders.create_many([(f"{tag}-{n}", 600) for n in range(30)])
+        await wait_until(lambda: dropped_metric(daemon) == 25, 15, "25 drops counted")
+        await wait_until(lambda: any("replay" in line for line in logged), 10, "the warning")
+    replay = next(line["replay"] for line in logged if "replay" in line).split()
+    assert replay[:2] == ["order-listener", "replay"] and replay[-1] == "--publish", replay
+
+    seen: dict[str, dict[str, object]] = {}
+
+    async def collect(client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            assert isinstance(message.payload, bytes)
+            event = json.loads(message.payload)
+            seen[str(event["event_id"])] = event
+
+    async with subscriber() as back:  # the same session: its 5 queued events come first
+        collecting = asyncio.create_task(collect(back))
+        try:
+            await wait_until(lambda: len(seen) == 5, 10, "the 5 events the broker kept")
+            env = env_for(config, ORDER_LISTENER_MQTT_URL=config.mqtt_url)
+            # this broker queues 5, not a stock 1,000: a pace that fits 5 beside the 20 in flight
+            again = await cli(*replay[1:], "--rate", "200", env=env)
+            assert again.code == 0, again.err
+            await wait_until(lambda: len(seen) == 30, 15, "all 30 events")
+        finally:
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
+    got = sorted(str(event["order_id"]) for event in seen.values())
+    assert got == sorted(f"{tag}-{n}" for n in range(30))
+    assert {str(event["status"]) for event in seen.values()} == {"created"}
+    assert "published 30 event(s) again" in again.err, "the log since then: the 30, each once"
 
 
 async def broker_count(port: int) -> int | None:

@@ -151,6 +151,9 @@ async def test_malformed_since_is_bad_input_and_too_old_says_how_far_back(
     assert (await cli("replay", "--since", "0", "--until", "soon")).code == 2
     assert (await cli("replay", "--since", "0", "--order", "bad id")).code == 2
     assert (await cli("replay")).code == 2
+    for bad_rate in ("fast", "-1", "nan", "2e6"):
+        result = await cli("replay", "--since", "0", "--publish", "--rate", bad_rate)
+        assert result.code == 2 and "--rate must be" in result.err, (bad_rate, result)
 
     empty = await cli("replay", "--since", "0")
     assert empty.code == 1 and "event log is empty" in empty.err
@@ -169,6 +172,34 @@ async def test_malformed_since_is_bad_input_and_too_old_says_how_far_back(
     assert recent.out.splitlines() == [compact(e) for e in subscriber.of("old-1")]
     unknown = await cli("replay", "--since", "old-1/1/9/paid/paid")
     assert unknown.code == 1 and "not in the event log" in unknown.err
+
+
+async def test_replay_publishes_at_its_rate(
+    settings: Settings,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    subscriber: Subscriber,
+    cli: Callable[..., Awaitable[CliResult]],
+    redis: Redis,
+) -> None:
+    """`replay --publish --rate R`: no faster than R a second (a replay most
+    often follows a subscriber that fell behind); `--rate 0`: no pace."""
+    await start_daemon()
+    async with OrderClient(settings) as client:
+        since_ms = await client.store.now_ms()
+        await client.create_many([(f"paced-{i:03d}", 600) for i in range(100)])
+    await wait_until(lambda: len(subscriber.events) >= 100, 15, "the 100 `created` events")
+    await wait_logged(redis, 100)
+    rate = 200.0
+    async with watch_topic(settings, "orders/+/status", "replay-paced") as seen:
+        paced = await cli("replay", "--since", iso_ms(since_ms), "--publish", "--rate", f"{rate:g}")
+        assert paced.code == 0, paced.err
+        await wait_until(lambda: len(seen) >= 100, 10, "the 100 replayed events")
+    assert "published 100 event(s) again, with their event_ids, at most 200 a second" in paced.err
+    # one event per 5 ms step at this rate: the 99 after the first no faster than the pace
+    assert seen[-1].at - seen[0].at >= 99 / rate * 0.9
+    unpaced = await cli("replay", "--since", iso_ms(since_ms), "--publish", "--rate", "0")
+    assert unpaced.code == 0, unpaced.err
+    assert unpaced.err.strip().endswith("published 100 event(s) again, with their event_ids")
 
 
 async def test_the_log_is_trimmed_by_time(

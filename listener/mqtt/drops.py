@@ -18,14 +18,21 @@ broker that closes the connection on the subscription (some managed ones
 do for topics a user may not read) costs one session: the link does not
 ask again (mqtt/link.py). The payload is untrusted like any MQTT message:
 anything but a whole number is ignored, said once.
+
+Each warning also says how to give subscribers what they may have missed:
+the `replay` command for the event log since the count before the drops
+(the drops happened after it), paced so that the replay does not overflow
+the same queue again.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 from listener import logs
+from listener.events import iso_ms
 
 log = logs.get("listener.mqtt")
 
@@ -36,6 +43,9 @@ FIX = (
     "raise max_queued_messages in mosquitto.conf (0: no limit; max_queued_bytes bounds the memory), "
     "or make every status subscriber keep up; the count covers every topic and client of the broker"
 )
+# The event log's entries carry Redis' clock, the count's time this machine's:
+# a replay starts this much earlier than the count before the drops.
+REPLAY_MARGIN_S = 10.0
 GRANT = f"mosquitto with an acl_file: grant this user `topic read {DROPPED_TOPIC}`"
 
 
@@ -46,11 +56,23 @@ class DropWatch:
     said by `tick`, called every few seconds, once the time has come). The
     first value (the broker's drops before this daemon connected) is a
     baseline, said once if not 0; a lower value means the broker restarted,
-    and counts from 0."""
+    and counts from 0. With `replay` (the event log is on), a warning of new
+    drops carries the command that publishes the events again since the
+    count before them (`wall`: the time of day, for that)."""
 
-    def __init__(self, on_new: Callable[[int], None], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        on_new: Callable[[int], None],
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        replay: bool = False,
+    ) -> None:
         self.on_new = on_new
         self.clock = clock
+        self.wall = wall
+        self.replay = replay
+        self.read_at: float | None = None  # the time of day of the last count
+        self.unsaid_since: float | None = None  # ... of the count before the first drops not said yet
         self.last: int | None = None
         self.unsaid = 0
         self.said_at: float | None = None
@@ -104,6 +126,7 @@ class DropWatch:
                 )
             return
         last, self.last = self.last, value
+        read_before, self.read_at = self.read_at, self.wall()
         if last is None:
             if value:
                 log.warning(
@@ -116,6 +139,8 @@ class DropWatch:
         if new <= 0:
             return
         self.on_new(new)
+        if not self.unsaid:
+            self.unsaid_since = read_before
         self.unsaid += new
         self._say_if_due(self.clock())
 
@@ -123,13 +148,24 @@ class DropWatch:
         """The drops not said yet, unless the last warning is less than WARN_EVERY_S old."""
         if not self.unsaid or (self.said_at is not None and now - self.said_at < WARN_EVERY_S):
             return
+        again = {}
+        if self.replay and self.unsaid_since is not None:
+            again["replay"] = replay_command(self.unsaid_since)
         log.warning(
             "the broker dropped messages: a subscriber's queue at the broker is full",
             dropped=self.unsaid,
             broker_total=self.last,
             fix=FIX,
+            **again,
         )
-        self.unsaid, self.said_at = 0, now
+        self.unsaid, self.said_at, self.unsaid_since = 0, now, None
+
+
+def replay_command(counted_at: float) -> str:
+    """The command that publishes the logged events again from REPLAY_MARGIN_S
+    before `counted_at` (a time of day), at the pace the daemon gives a backlog."""
+    since = iso_ms(math.floor((counted_at - REPLAY_MARGIN_S) * 1000))
+    return f"order-listener replay --since {since} --publish"
 
 
 def _shown(payload: object) -> str:
