@@ -563,13 +563,17 @@ def cmd_replay(args: argparse.Namespace) -> None:
                 sys.stdout.flush()
                 return count
             events = [event async for event in log.events(since, until, args.order)]
-        terminal = sys.stderr.isatty()
+        shown_at = 0.0  # a terminal line at most every 0.1 s: progress comes with every PUBACK read
 
         def progress(done: int) -> None:
-            if terminal:
+            nonlocal shown_at
+            now = time.monotonic()
+            if done == len(events) or now - shown_at >= 0.1:
+                shown_at = now
                 print(f"\rpublished {done}/{len(events)}", end="", file=sys.stderr, flush=True)
 
-        pace = await publish_again(config, events, progress, rate)
+        terminal = sys.stderr.isatty()
+        pace = await publish_again(config, events, progress if terminal else None, rate)
         if terminal:
             print(file=sys.stderr)
         paced = f", at most {pace:,.0f} a second" if pace else ""

@@ -16,10 +16,8 @@ come in the order they were published: version order.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -273,9 +271,6 @@ def events_of(fields: dict[bytes, bytes]) -> list[tuple[int, bytes]]:
     return sorted((int(name), value) for name, value in fields.items() if name.isdigit() and len(name) < 8)
 
 
-REPLAY_STEP_S = 0.005  # a paced replay publishes this many seconds' worth at a time
-
-
 async def publish_again(
     settings: Any,
     events: Sequence[StatusEvent],
@@ -284,34 +279,43 @@ async def publish_again(
 ) -> float:
     """Publish `events` again, in this order, QoS 1, on their topics with the
     same payloads and event_ids, at most `rate` a second (0: as fast as the
-    broker acknowledges, its window kept full; None: the pace the daemon
-    gives a `created` backlog on this broker, outbox_pump.auto_rate);
-    `progress(n)` after each chunk. Returns the pace kept (0: none). MQTT is
-    loaded here only.
+    broker acknowledges; None: the pace the daemon gives a `created` backlog
+    on this broker, outbox_pump.auto_rate), the broker's window kept full;
+    `progress(n)` as the broker acknowledges them. Returns the pace kept (0:
+    none). MQTT is loaded here only. The daemon's fast publish path when it
+    can run (listener.fastpath.paho_io), its fallback otherwise.
 
     Why a pace: a replay most often follows events a broker dropped because
     a subscriber fell behind; sent at the broker's full speed, the replay
     overflows the same subscriber's queue again."""
     import aiomqtt
 
+    from listener.config import FastPathSetting
     from listener.errors import Unavailable
+    from listener.fastpath import FastPaths, paho_io
     from listener.mqtt import Publisher, default_client_id, make_client
     from listener.outbox_pump import auto_rate
     from listener.urls import mqtt_target
 
+    fast_paths = FastPaths(enabled=settings.fast_paths is FastPathSetting.AUTO)
+
+    def fast_failed(exc: BaseException) -> None:
+        fast_paths.fall_back(paho_io.SPEC.name, f"{type(exc).__name__}: {exc}")
+
+    client = make_client(
+        settings,
+        identifier=default_client_id("replay"),
+        fast_io=fast_paths.decide(paho_io.SPEC).fast,
+        on_fast_failure=fast_failed,
+    )
+    # our window bounds what is in flight; paho's own would scan all its
+    # messages on every PUBACK (as the daemon's connections, mqtt/link.py)
+    client.paho.max_inflight_messages_set(0)
     try:
-        async with make_client(settings, identifier=default_client_id("replay")) as client:
+        async with client:
             publisher = Publisher(client, settings.mqtt_protocol == "5", settings.topic_prefix)
             pace = auto_rate([publisher.window]) if rate is None else rate
-            chunk = max(1, int(pace * REPLAY_STEP_S)) if pace else 1000
-            started = time.monotonic()
-            for start in range(0, len(events), chunk):
-                if pace:
-                    # the chunk's time by the pace from the start, so a late wake-up is caught up
-                    await asyncio.sleep(max(0.0, started + start / pace - time.monotonic()))
-                await publisher.publish(events[start : start + chunk], timeout=10.0)
-                if progress is not None:
-                    progress(min(start + chunk, len(events)))
+            await publisher.publish(events, timeout=10.0, rate=pace, progress=progress)
             return pace
     except aiomqtt.MqttError as exc:
         raise Unavailable(

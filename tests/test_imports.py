@@ -138,3 +138,18 @@ def test_the_package_loads_its_names_on_first_use() -> None:
     assert listener.OrderClient.__module__ == "listener.api"
     with pytest.raises(AttributeError, match="NoSuchThing"):
         _ = listener.NoSuchThing
+
+
+def test_every_module_imports_first() -> None:
+    """Each module imported first in a fresh interpreter. The graph above
+    sees modules only; a package's `__init__` also runs when one of its
+    modules is imported, and one that loads a module importing back into
+    the package fails halfway (listener.fastpath.paho_io, imported first,
+    once did: listener.mqtt's `__init__` loaded `client`, which imports it)."""
+    started = [
+        (name, subprocess.Popen([sys.executable, "-c", f"import {name}"], stderr=subprocess.PIPE, text=True))
+        for name in sorted(module_names())
+    ]
+    said = {name: proc.communicate(timeout=120)[1].strip().splitlines()[-1:] for name, proc in started}
+    failed = {name: said[name] for name, proc in started if proc.returncode != 0}
+    assert not failed

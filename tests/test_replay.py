@@ -174,6 +174,7 @@ async def test_malformed_since_is_bad_input_and_too_old_says_how_far_back(
     assert unknown.code == 1 and "not in the event log" in unknown.err
 
 
+@pytest.mark.fastpath  # its publisher is the daemon's: fast path and fallback
 async def test_replay_publishes_at_its_rate(
     settings: Settings,
     start_daemon: Callable[..., Awaitable[Daemon]],

@@ -9,9 +9,29 @@ paho's private parts that the fast publish path uses live apart, in
 `listener.fastpath.paho_io`.
 """
 
-from listener.mqtt.client import PublishRefused, default_client_id, make_client
-from listener.mqtt.link import Connection, MqttLink
-from listener.mqtt.window import AckSink, Publisher
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from listener.mqtt.client import PublishRefused, default_client_id, make_client
+    from listener.mqtt.link import Connection, MqttLink
+    from listener.mqtt.window import AckSink, Publisher
+
+# Loaded on first use (PEP 562), as the package `listener` does: importing a
+# module of this package (`packets`, which the fast path in
+# listener.fastpath.paho_io uses) must not load `client`, which imports that
+# fast path, halfway through its own import.
+_HOME = {
+    "AckSink": "listener.mqtt.window",
+    "Connection": "listener.mqtt.link",
+    "MqttLink": "listener.mqtt.link",
+    "PublishRefused": "listener.mqtt.client",
+    "Publisher": "listener.mqtt.window",
+    "default_client_id": "listener.mqtt.client",
+    "make_client": "listener.mqtt.client",
+}
 
 __all__ = [
     "AckSink",
@@ -22,3 +42,12 @@ __all__ = [
     "default_client_id",
     "make_client",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'listener.mqtt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # looked up once
+    return value

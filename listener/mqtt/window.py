@@ -12,7 +12,8 @@ keeps that order per topic, so one order's events stay in version order.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import aiomqtt
@@ -28,6 +29,7 @@ from listener.mqtt.packets import encode_publish, property_bytes, publish_proper
 # QoS 1 publishes awaiting PUBACK per connection when the broker announces no
 # smaller Receive Maximum (MQTT 5): enough to keep a loopback or LAN link busy.
 WINDOW = 1000
+PACE_STEP_S = 0.005  # a paced `publish` sends this many seconds' worth at a time
 
 
 class AckSink(Protocol):
@@ -195,26 +197,41 @@ class Publisher:
             sink.lost(reason)
         self._wake()
 
-    async def publish(self, events: Sequence[StatusEvent], timeout: float) -> None:
+    async def publish(
+        self,
+        events: Sequence[StatusEvent],
+        timeout: float,
+        rate: float = 0.0,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         """Publish in this order and return once the broker acknowledged all of
-        them (for callers outside the outbox: tests, benchmarks). Raises
-        MqttError if the connection is lost or the broker is silent for
-        `timeout` seconds, PublishRefused if it refused any."""
+        them (for callers outside the outbox: `replay`, tests, benchmarks),
+        at most `rate` a second if given (PACE_STEP_S's worth at a time, a
+        late wake-up caught up), the window kept full meanwhile, never
+        waiting for one step's last PUBACK before the next step goes;
+        `progress(n)` as the acknowledged count grows. Raises MqttError if
+        the connection is lost or the broker is silent for `timeout` seconds,
+        PublishRefused if it refused any."""
         waiting = _Waiting()
-        sent = 0
+        pace = _Pace(rate, self._loop)
+        sent = reported = 0
         try:
             while True:
                 if waiting.gone:
                     raise aiomqtt.MqttError(waiting.gone)
+                if progress is not None and sent - waiting.open > reported:
+                    reported = sent - waiting.open
+                    progress(reported)
                 if sent == len(events) and not waiting.open:
                     break
-                take = min(self.room, len(events) - sent)
+                take = min(self.room, len(events) - sent, pace.allows(sent))
                 if take > 0:
                     self.send(events[sent : sent + take], range(sent, sent + take), waiting)
                     waiting.open += take
                     sent += take
-                    continue
-                if not await self.changed(timeout):
+                elif sent < len(events) and self.room > 0:
+                    await pace.next_step(sent)  # held by the pace, not the window
+                elif not await self.changed(timeout):
                     raise aiomqtt.MqttError("publish timed out: no PUBACK from the broker")
         finally:
             if waiting.open:
@@ -224,6 +241,27 @@ class Publisher:
             raise PublishRefused(
                 f"the broker refused {len(waiting.refused)} publish(es): {', '.join(reasons)}"
             )
+
+
+class _Pace:
+    """At most `rate` publishes a second from the start (0: no limit), a step
+    of PACE_STEP_S's worth at a time; a late wake-up is caught up."""
+
+    def __init__(self, rate: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.rate = rate
+        self.loop = loop
+        self.step = max(1, int(rate * PACE_STEP_S))
+        self.started = loop.time()
+
+    def allows(self, sent: int) -> int:
+        """How many more may go now, `sent` having gone."""
+        if not self.rate:
+            return sys.maxsize
+        return int((self.loop.time() - self.started) * self.rate) + self.step - sent
+
+    async def next_step(self, sent: int) -> None:
+        """Until a step more is allowed."""
+        await asyncio.sleep(max(0.0, self.started + sent / self.rate - self.loop.time()))
 
 
 class _Waiting:
