@@ -544,6 +544,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
         until = parse_time(args.until, "--until") if args.until is not None else None
         if args.order is not None:
             validate_order_id(args.order)
+        if args.rate is not None and not args.publish:
+            raise BadInput("--rate goes with --publish: it paces the publishing")
         rate = config.created_rate if args.rate is None else _replay_rate(args.rate)
     except BadInput as exc:
         raise _bad_input(exc) from None
@@ -784,8 +786,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate",
         metavar="R|auto",
         help="with --publish: at most R events a second, 0 for as fast as the broker takes them, auto for "
-        "10,000 on a broker that looks untuned (default: ORDER_LISTENER_CREATED_RATE), so that a "
-        "subscriber's queue at the broker does not overflow again",
+        "10,000 on a broker that looks untuned (MQTT 5, Receive Maximum below 100; no pace on MQTT 3.1.1) "
+        "(default: ORDER_LISTENER_CREATED_RATE), so that a subscriber's queue at the broker does not "
+        "overflow again",
     )
 
     extend = command(

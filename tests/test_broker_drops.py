@@ -85,34 +85,32 @@ def test_drops_held_back_by_the_minute_are_said_when_it_is_over() -> None:
     assert said == [(5, 5), (4, 9)]
 
 
-def test_a_warning_of_new_drops_carries_the_replay_since_the_count_before_them() -> None:
-    """The drops happened after the count before them: the warning names the
-    `replay` that publishes the logged events again from then (less a margin
-    for the clocks of this machine and Redis); drops held back by the minute
-    are replayed from the count before the first of them."""
+def test_a_warning_of_new_drops_carries_the_replay_from_before_them() -> None:
+    """mosquitto publishes the count when it changed, at its next tick: the
+    drops a count shows came after the count before it and within a minute
+    of it. The warning names the `replay` from the later of the two, less a
+    margin for the clocks of this machine and Redis; drops held back by the
+    minute are replayed from before the first of them."""
     clock, wall = Clock(), Clock()
-    wall.now = 1_800_000_000.0
+    wall.now = 1_800_000_000.0  # 2027-01-15T08:00:00Z
     watch = DropWatch(lambda _: None, clock, wall, replay=True)
     with structlog.testing.capture_logs() as logged:
-        watch.seen(b"0")
+        watch.seen(b"0")  # the baseline, long before the drops
+        clock.now += 100
+        wall.now += 100
+        watch.seen(b"5")  # said at once; the drops within the minute before: from +40 s
         clock.now += 10
         wall.now += 10
-        watch.seen(b"0")  # no drops: the count to start from is this one's (1_800_000_010)
+        watch.seen(b"9")  # within the minute: held back; its drops after the count at +100 s
         clock.now += 10
         wall.now += 10
-        watch.seen(b"5")
-        clock.now += 10
-        wall.now += 10
-        watch.seen(b"9")  # within the minute: held back, its drops after 1_800_000_020
-        clock.now += 10
-        wall.now += 10
-        watch.seen(b"12")
+        watch.seen(b"12")  # held back too
         clock.now += 60
         watch.tick()
     said = [(line["dropped"], line["replay"]) for line in logged if "dropped" in line]
     assert said == [
-        (5, "order-listener replay --since 2027-01-15T08:00:00.000Z --publish"),  # 1_800_000_010 - 10 s
-        (7, "order-listener replay --since 2027-01-15T08:00:10.000Z --publish"),  # 1_800_000_020 - 10 s
+        (5, "order-listener replay --since 2027-01-15T08:00:30.000Z --publish"),  # +100 - 60 - 10 s
+        (7, "order-listener replay --since 2027-01-15T08:01:30.000Z --publish"),  # +100 - 10 s
     ]
 
 

@@ -15,7 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -28,6 +28,7 @@ from listener.config import FastPathSetting, Settings
 from listener.events import StatusEvent, iso_ms
 from listener.fastpath import paho_io
 from listener.mqtt import MqttLink, Publisher
+from listener.mqtt import window as window_module
 from listener.mqtt.drops import DropWatch
 from listener.mqtt.packets import _length, encode_publish, property_bytes, topic_level_ok
 from listener.servers import ServerProcess, mosquitto
@@ -237,6 +238,75 @@ async def test_a_lost_connection_fails_a_waiting_publish_at_once(settings: Setti
             await asyncio.wait_for(link.publish(events_for("back", orders=5, versions=1)), 20)
     finally:
         broker.stop()
+
+
+async def test_a_paced_publish_hears_a_silent_broker_between_its_steps(
+    settings: Settings, workdir: Path
+) -> None:
+    """A paced publish (replay's) is held by its pace with room in the window:
+    a broker that stops answering fails it after `timeout`, not once the pace
+    has filled the window (1,000 on this broker: 100 s at 10 a second)."""
+    broker = mosquitto(workdir / f"silent-{random.randrange(10**9)}", profile="tuned")
+    broker.start()
+    try:
+        config = dataclasses.replace(settings, mqtt_url=f"mqtt://127.0.0.1:{broker.port}")
+        async with running(config) as link:
+            publisher = (await link.connection()).publishers[0]
+            assert publisher.window == 1000
+            assert broker.proc is not None
+            broker.proc.send_signal(signal.SIGSTOP)
+            try:
+                paced = publisher.publish(events_for("silent", orders=200, versions=1), timeout=1.0, rate=10)
+                with pytest.raises(aiomqtt.MqttError, match="no PUBACK"):
+                    await asyncio.wait_for(paced, 10)
+            finally:
+                broker.proc.send_signal(signal.SIGCONT)
+    finally:
+        broker.stop()
+
+
+async def test_a_paced_publish_fails_at_once_when_the_connection_is_lost_between_its_steps(
+    settings: Settings, workdir: Path
+) -> None:
+    """Lost while nothing of the paced publish was in flight (between two
+    steps): it fails instead of waiting for a window that never comes back."""
+    broker = mosquitto(workdir / f"gone-{random.randrange(10**9)}")
+    broker.start()
+    try:
+        config = dataclasses.replace(settings, mqtt_url=f"mqtt://127.0.0.1:{broker.port}")
+        async with running(config) as link:
+            publisher = (await link.connection()).publishers[0]
+            acked: list[int] = []
+            events = events_for("gone", orders=100, versions=1)
+            paced = asyncio.create_task(publisher.publish(events, 30, rate=5, progress=acked.append))
+            await wait_until(lambda: bool(acked), 10, "the first step acknowledged")
+            broker.kill()
+            with pytest.raises(aiomqtt.MqttError):
+                await asyncio.wait_for(paced, 10)
+    finally:
+        broker.stop()
+
+
+class FakeLoop:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_a_pace_goes_a_step_at_a_time_and_catches_up_at_most_four_steps() -> None:
+    loop = FakeLoop()
+    pace = window_module._Pace(1000.0, cast(asyncio.AbstractEventLoop, loop))
+    assert pace.step == 5
+    assert pace.allows(0) == 5  # the first step at once
+    assert pace.allows(5) == 0 and pace.wait(5) == pytest.approx(0.005)
+    loop.now += 0.005
+    assert pace.allows(5) == 5
+    loop.now += 1.0  # a full window, or a late wake-up: 1,000 behind
+    assert pace.allows(10) == 4 * 5, "caught up at most four steps at once"
+    assert pace.allows(30) == 0 and pace.wait(30) == pytest.approx(0.005)
+    assert window_module._Pace(0.0, cast(asyncio.AbstractEventLoop, loop)).allows(10**9) > 10**9
 
 
 async def test_the_paho_fast_path_is_checked_and_falls_back_for_good_on_a_failure(

@@ -154,6 +154,8 @@ async def test_malformed_since_is_bad_input_and_too_old_says_how_far_back(
     for bad_rate in ("fast", "-1", "nan", "2e6"):
         result = await cli("replay", "--since", "0", "--publish", "--rate", bad_rate)
         assert result.code == 2 and "--rate must be" in result.err, (bad_rate, result)
+    without_publish = await cli("replay", "--since", "0", "--rate", "100")
+    assert without_publish.code == 2 and "--rate goes with --publish" in without_publish.err
 
     empty = await cli("replay", "--since", "0")
     assert empty.code == 1 and "event log is empty" in empty.err

@@ -20,9 +20,13 @@ ask again (mqtt/link.py). The payload is untrusted like any MQTT message:
 anything but a whole number is ignored, said once.
 
 Each warning also says how to give subscribers what they may have missed:
-the `replay` command for the event log since the count before the drops
-(the drops happened after it), paced so that the replay does not overflow
-the same queue again.
+the `replay` command for the event log from before the drops, paced so that
+the replay does not overflow the same queue again. mosquitto publishes the
+count only when it changed, at its next `$SYS` tick: the drops happened
+after the count before (the last change, which may be days old) and within
+a tick of the count that shows them. So the replay starts at the later of
+the two, the latter taken as REPLAY_LOOKBACK_S (for ticks of up to 50 s;
+mosquitto's default is 10), less REPLAY_MARGIN_S.
 """
 
 from __future__ import annotations
@@ -43,8 +47,11 @@ FIX = (
     "raise max_queued_messages in mosquitto.conf (0: no limit; max_queued_bytes bounds the memory), "
     "or make every status subscriber keep up; the count covers every topic and client of the broker"
 )
+# The drops that a count shows happened at most this long before it arrived
+# (a `sys_interval` of up to 50 s, and the count's way to us).
+REPLAY_LOOKBACK_S = 60.0
 # The event log's entries carry Redis' clock, the count's time this machine's:
-# a replay starts this much earlier than the count before the drops.
+# a replay starts this much earlier still.
 REPLAY_MARGIN_S = 10.0
 GRANT = f"mosquitto with an acl_file: grant this user `topic read {DROPPED_TOPIC}`"
 
@@ -72,7 +79,7 @@ class DropWatch:
         self.wall = wall
         self.replay = replay
         self.read_at: float | None = None  # the time of day of the last count
-        self.unsaid_since: float | None = None  # ... of the count before the first drops not said yet
+        self.unsaid_since: float | None = None  # when the first drops not said yet may have begun
         self.last: int | None = None
         self.unsaid = 0
         self.said_at: float | None = None
@@ -140,7 +147,7 @@ class DropWatch:
             return
         self.on_new(new)
         if not self.unsaid:
-            self.unsaid_since = read_before
+            self.unsaid_since = drops_began(read_before, self.read_at)
         self.unsaid += new
         self._say_if_due(self.clock())
 
@@ -161,10 +168,18 @@ class DropWatch:
         self.unsaid, self.said_at, self.unsaid_since = 0, now, None
 
 
-def replay_command(counted_at: float) -> str:
+def drops_began(count_before: float | None, count_now: float) -> float:
+    """The earliest time of day the drops a count shows can have begun: after
+    the count before it (`None`: none since this daemon connected), and
+    within REPLAY_LOOKBACK_S of this one."""
+    earliest = count_now - REPLAY_LOOKBACK_S
+    return earliest if count_before is None else max(count_before, earliest)
+
+
+def replay_command(began: float) -> str:
     """The command that publishes the logged events again from REPLAY_MARGIN_S
-    before `counted_at` (a time of day), at the pace the daemon gives a backlog."""
-    since = iso_ms(math.floor((counted_at - REPLAY_MARGIN_S) * 1000))
+    before `began` (a time of day), at the pace the daemon gives a backlog."""
+    since = iso_ms(math.floor((began - REPLAY_MARGIN_S) * 1000))
     return f"order-listener replay --since {since} --publish"
 
 

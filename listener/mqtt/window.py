@@ -30,6 +30,7 @@ from listener.mqtt.packets import encode_publish, property_bytes, publish_proper
 # smaller Receive Maximum (MQTT 5): enough to keep a loopback or LAN link busy.
 WINDOW = 1000
 PACE_STEP_S = 0.005  # a paced `publish` sends this many seconds' worth at a time
+PACE_CATCH_UP = 4  # ... and at most this many steps' worth at once after falling behind
 
 
 class AckSink(Protocol):
@@ -206,33 +207,38 @@ class Publisher:
     ) -> None:
         """Publish in this order and return once the broker acknowledged all of
         them (for callers outside the outbox: `replay`, tests, benchmarks),
-        at most `rate` a second if given (PACE_STEP_S's worth at a time, a
-        late wake-up caught up), the window kept full meanwhile, never
-        waiting for one step's last PUBACK before the next step goes;
-        `progress(n)` as the acknowledged count grows. Raises MqttError if
-        the connection is lost or the broker is silent for `timeout` seconds,
-        PublishRefused if it refused any."""
-        waiting = _Waiting()
+        at most `rate` a second if given (PACE_STEP_S's worth at a time; a
+        late wake-up is caught up, never more than PACE_CATCH_UP steps at
+        once), the window kept full meanwhile, never waiting for one step's
+        last PUBACK before the next step goes; `progress(n)` as the
+        acknowledged count grows. Raises MqttError if the connection is lost
+        or the broker is silent for `timeout` seconds with publishes
+        unanswered, PublishRefused if it refused any."""
+        waiting = _Waiting(self._loop)
         pace = _Pace(rate, self._loop)
         sent = reported = 0
         try:
             while True:
-                if waiting.gone:
-                    raise aiomqtt.MqttError(waiting.gone)
+                if waiting.gone or self._lost:  # (lost with none of ours in flight: between steps)
+                    raise aiomqtt.MqttError(waiting.gone or self._lost)
                 if progress is not None and sent - waiting.open > reported:
                     reported = sent - waiting.open
                     progress(reported)
                 if sent == len(events) and not waiting.open:
                     break
+                if waiting.open and self._loop.time() - waiting.heard > timeout:
+                    raise aiomqtt.MqttError("publish timed out: no PUBACK from the broker")
                 take = min(self.room, len(events) - sent, pace.allows(sent))
                 if take > 0:
+                    if not waiting.open:  # the broker's silence counts from the first unanswered
+                        waiting.heard = self._loop.time()
                     self.send(events[sent : sent + take], range(sent, sent + take), waiting)
                     waiting.open += take
                     sent += take
-                elif sent < len(events) and self.room > 0:
-                    await pace.next_step(sent)  # held by the pace, not the window
-                elif not await self.changed(timeout):
-                    raise aiomqtt.MqttError("publish timed out: no PUBACK from the broker")
+                    continue
+                held = sent < len(events) and self.room > 0  # by the pace, not the window
+                # until a PUBACK, a lost connection, or (held) the pace's next step
+                await self.changed(pace.wait(sent) if held else timeout)
         finally:
             if waiting.open:
                 self.forget(waiting)
@@ -244,36 +250,45 @@ class Publisher:
 
 
 class _Pace:
-    """At most `rate` publishes a second from the start (0: no limit), a step
-    of PACE_STEP_S's worth at a time; a late wake-up is caught up."""
+    """At most `rate` publishes a second (0: no limit), a step of
+    PACE_STEP_S's worth at a time. What a late wake-up or a full window held
+    back goes later, but never more than PACE_CATCH_UP steps at once: a
+    pace is there so that a subscriber's queue at the broker does not fill."""
 
     def __init__(self, rate: float, loop: asyncio.AbstractEventLoop) -> None:
         self.rate = rate
         self.loop = loop
         self.step = max(1, int(rate * PACE_STEP_S))
-        self.started = loop.time()
+        self.started = loop.time()  # when `sent` publishes would have gone exactly at the pace, moved up
 
     def allows(self, sent: int) -> int:
         """How many more may go now, `sent` having gone."""
         if not self.rate:
             return sys.maxsize
-        return int((self.loop.time() - self.started) * self.rate) + self.step - sent
+        now = self.loop.time()
+        self.started = max(self.started, now - (sent + (PACE_CATCH_UP - 1) * self.step) / self.rate)
+        return int((now - self.started) * self.rate + 1e-6) + self.step - sent  # (a float's last bit)
 
-    async def next_step(self, sent: int) -> None:
-        """Until a step more is allowed."""
-        await asyncio.sleep(max(0.0, self.started + sent / self.rate - self.loop.time()))
+    def wait(self, sent: int) -> float:
+        """Seconds until a step more is allowed."""
+        if not self.rate:
+            return 0.0
+        return max(0.0, self.started + sent / self.rate - self.loop.time())
 
 
 class _Waiting:
     """An `AckSink` that counts what is still unanswered (`Publisher.publish`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self.open = 0
         self.refused: list[str] = []
         self.gone = ""  # why the connection was lost
+        self.heard = 0.0  # the loop's time of the last PUBACK, or of a send with none unanswered
 
     def acked(self, token: Any, reason: int) -> None:
         self.open -= 1
+        self.heard = self.loop.time()
         if reason >= 0x80:
             self.refused.append(refusal_text(reason))
 
