@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import resource
 import shutil
 import statistics
@@ -162,7 +163,8 @@ async def publish(binary: str, port: int, source: Path, extra: list[str], rate: 
         )
         if rate:
             lines = await asyncio.to_thread(lambda: source.read_bytes().splitlines(keepends=True))
-            await feed_at(pub, lines, rate)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it died: its stderr says why
+                await feed_at(pub, lines, rate)
         _, err = await pub.communicate()
     if pub.returncode != 0:
         raise RuntimeError(f"mosquitto_pub exited {pub.returncode}: {err.decode(errors='replace')}")

@@ -86,7 +86,7 @@ async def one_run(events: int, profile: str, rate: str, grace: float) -> Run:
             "ORDER_LISTENER_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}",
         }
         binary = Path(sys.executable).parent / "order-listener"
-        started = time.monotonic()
+        started, started_unix = time.monotonic(), time.time()
         proc = await asyncio.create_subprocess_exec(
             str(binary),
             *("replay", "--since", since, "--publish", "--rate", rate),
@@ -104,7 +104,8 @@ async def one_run(events: int, profile: str, rate: str, grace: float) -> Run:
             if now > got:
                 got, last = now, time.monotonic()
             await asyncio.sleep(POLL_S)
-        return Run(replay_s, last - started, events - got)
+        stamps = [stamp for stamp, _ in (await sub.results()).values()]  # mosquitto_sub's own receipt times
+        return Run(replay_s, max(stamps, default=started_unix) - started_unix, events - got)
     finally:
         if sub is not None:
             await sub.stop()

@@ -564,23 +564,26 @@ def cmd_replay(args: argparse.Namespace) -> None:
                     count += 1
                 sys.stdout.flush()
                 return count
-            events = [event async for event in log.events(since, until, args.order)]
-        shown_at = 0.0  # a terminal line at most every 0.1 s: progress comes with every PUBACK read
+            # what was logged before the replay began: one slower than the
+            # daemon's publishing would never reach the end of the log otherwise
+            end = until if until is not None else await client.store.now_ms() + 1
+            shown_at = 0.0  # a terminal line at most every 0.1 s: progress comes with every PUBACK read
 
-        def progress(done: int) -> None:
-            nonlocal shown_at
-            now = time.monotonic()
-            if done == len(events) or now - shown_at >= 0.1:
-                shown_at = now
-                print(f"\rpublished {done}/{len(events)}", end="", file=sys.stderr, flush=True)
+            def progress(done: int) -> None:
+                nonlocal shown_at
+                now = time.monotonic()
+                if now - shown_at >= 0.1:
+                    shown_at = now
+                    print(f"\rpublished {done}", end="", file=sys.stderr, flush=True)
 
-        terminal = sys.stderr.isatty()
-        pace = await publish_again(config, events, progress if terminal else None, rate)
+            terminal = sys.stderr.isatty()
+            selected = log.events(since, end, args.order)
+            count, pace = await publish_again(config, selected, progress if terminal else None, rate)
         if terminal:
             print(file=sys.stderr)
         paced = f", at most {pace:,.0f} a second" if pace else ""
-        err(f"published {len(events)} event(s) again, with their event_ids{paced}")
-        return len(events)
+        err(f"published {count} event(s) again, with their event_ids{paced}")
+        return count
 
     run_async(go, config)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -271,19 +271,23 @@ def events_of(fields: dict[bytes, bytes]) -> list[tuple[int, bytes]]:
     return sorted((int(name), value) for name, value in fields.items() if name.isdigit() and len(name) < 8)
 
 
+REPLAY_PAGE = 10_000  # events a replay holds at a time: a day's log need not fit in memory
+
+
 async def publish_again(
     settings: Any,
-    events: Sequence[StatusEvent],
+    events: AsyncIterable[StatusEvent],
     progress: Callable[[int], None] | None = None,
     rate: float | None = None,
-) -> float:
+) -> tuple[int, float]:
     """Publish `events` again, in this order, QoS 1, on their topics with the
     same payloads and event_ids, at most `rate` a second (0: as fast as the
     broker acknowledges; None: the pace the daemon gives a `created` backlog
     on this broker, outbox_pump.auto_rate), the broker's window kept full;
-    `progress(n)` as the broker acknowledges them. Returns the pace kept (0:
-    none). MQTT is loaded here only. The daemon's fast publish path when it
-    can run (listener.fastpath.paho_io), its fallback otherwise.
+    REPLAY_PAGE of them taken from `events` at a time; `progress(n)` as the
+    broker acknowledges them. Returns how many were published and the pace
+    kept (0: none). MQTT is loaded here only. The daemon's fast publish path
+    when it can run (listener.fastpath.paho_io), its fallback otherwise.
 
     Why a pace: a replay most often follows events a broker dropped because
     a subscriber fell behind; sent at the broker's full speed, the replay
@@ -311,14 +315,33 @@ async def publish_again(
     # our window bounds what is in flight; paho's own would scan all its
     # messages on every PUBACK (as the daemon's connections, mqtt/link.py)
     client.paho.max_inflight_messages_set(0)
+    published = 0
     try:
         async with client:
             publisher = Publisher(client, settings.mqtt_protocol == "5", settings.topic_prefix)
             pace = auto_rate([publisher.window]) if rate is None else rate
-            await publisher.publish(events, timeout=10.0, rate=pace, progress=progress)
-            return pace
+
+            def page_progress(done: int) -> None:
+                if progress is not None:
+                    progress(published + done)
+
+            async for page in _pages(events, REPLAY_PAGE):
+                await publisher.publish(page, timeout=10.0, rate=pace, progress=page_progress)
+                published += len(page)
+            return published, pace
     except aiomqtt.MqttError as exc:
         raise Unavailable(
             f"replay to the MQTT broker at {mqtt_target(settings.mqtt_url).shown} failed: {exc}; "
-            "events before the failure were published"
+            f"{published} event(s) or more were published before the failure"
         ) from None
+
+
+async def _pages(events: AsyncIterable[StatusEvent], size: int) -> AsyncIterator[list[StatusEvent]]:
+    page: list[StatusEvent] = []
+    async for event in events:
+        page.append(event)
+        if len(page) == size:
+            yield page
+            page = []
+    if page:
+        yield page

@@ -64,8 +64,8 @@ class DropWatch:
     first value (the broker's drops before this daemon connected) is a
     baseline, said once if not 0; a lower value means the broker restarted,
     and counts from 0. With `replay` (the event log is on), a warning of new
-    drops carries the command that publishes the events again since the
-    count before them (`wall`: the time of day, for that)."""
+    drops carries the command that publishes the events again from before
+    them (`drops_began`; `wall`: the time of day, for that)."""
 
     def __init__(
         self,

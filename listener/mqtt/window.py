@@ -259,7 +259,7 @@ class _Pace:
         self.rate = rate
         self.loop = loop
         self.step = max(1, int(rate * PACE_STEP_S))
-        self.started = loop.time()  # when `sent` publishes would have gone exactly at the pace, moved up
+        self.started = loop.time()  # the pace counts from here; moved up after falling behind (allows)
 
     def allows(self, sent: int) -> int:
         """How many more may go now, `sent` having gone."""
