@@ -26,8 +26,11 @@ from listener.store import Store
 from tests.conftest import DaemonProcess, Subscriber, wait_until
 from tests.life import deadline_of, lanes_barrier, outbox_streams
 
-# CI runs these once more with ORDER_LISTENER_FAST_PATHS=off (both ways stay green)
-pytestmark = pytest.mark.fastpath
+# CI runs the tests marked `fastpath` once more with ORDER_LISTENER_FAST_PATHS=off
+# (both ways stay green). Not marked: recovery of whole processes (a kill -9, a
+# second signal, a lane taken over), which goes through the outbox's own
+# bookkeeping, the same on either path; a minute of CI the second time.
+fastpath = pytest.mark.fastpath
 
 
 def assert_in_version_order(subscriber: Subscriber) -> None:
@@ -84,6 +87,7 @@ async def test_kill_9_while_orders_fall_due_then_restart(
     assert {e["order_id"] for e in subscriber.with_status("created")} == set(ids)
 
 
+@fastpath
 async def test_broker_down_while_orders_fall_due_nothing_lost(
     settings: Settings,
     start_daemon: Callable[..., Awaitable[Daemon]],
@@ -112,6 +116,7 @@ async def test_broker_down_while_orders_fall_due_nothing_lost(
     await wait_until(drained, 10, "the outbox to drain")
 
 
+@fastpath
 async def test_redis_restart_with_aof(
     settings: Settings,
     start_daemon: Callable[..., Awaitable[Daemon]],
@@ -145,6 +150,7 @@ async def test_redis_restart_with_aof(
     assert max(o.updated_ms - o.deadline_ms for o in late) < 500
 
 
+@fastpath
 async def test_three_daemons_cancel_and_publish_each_once(
     settings: Settings,
     start_daemon: Callable[..., Awaitable[Daemon]],
@@ -165,6 +171,7 @@ async def test_three_daemons_cancel_and_publish_each_once(
     assert sum(d.scheduler.cancelled + d.listener.cancelled for d in daemons) == 1000
 
 
+@fastpath
 async def test_pay_racing_expiry_exactly_one_winner(
     settings: Settings,
     start_daemon: Callable[..., Awaitable[Daemon]],
@@ -195,6 +202,7 @@ async def test_pay_racing_expiry_exactly_one_winner(
         assert later == (["paid"] if oid in paid else ["cancelled"]), (oid, later)
 
 
+@fastpath
 async def test_sigterm_mid_wave_exits_0_nothing_lost(
     settings: Settings,
     spawn_daemon: Callable[..., Awaitable[DaemonProcess]],
@@ -218,6 +226,7 @@ async def test_sigterm_mid_wave_exits_0_nothing_lost(
     await every_order_cancelled_once_in_order(subscriber, ids, 20)
 
 
+@fastpath
 async def test_sigterm_while_redis_never_answered_exits_0(
     spawn_daemon: Callable[..., Awaitable[DaemonProcess]],
 ) -> None:
@@ -235,6 +244,7 @@ async def test_sigterm_while_redis_never_answered_exits_0(
     assert "stopped before Redis answered" in daemon.log.read_text()
 
 
+@fastpath
 async def test_logs_off_a_terminal_are_json_lines_with_order_ids(
     settings: Settings,
     spawn_daemon: Callable[..., Awaitable[DaemonProcess]],
@@ -269,6 +279,7 @@ async def burst_handled(daemon: Daemon) -> None:
     )
 
 
+@fastpath
 async def test_expired_event_burst_does_not_disconnect_the_listener(
     settings: Settings,
     redis: Redis,
