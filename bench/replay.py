@@ -30,12 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import floor
 import lag
 from benchlib import print_setup
 from brokers import add_broker_arg, broker_line
 from redis.asyncio import Redis
 
-from listener.events import LOG_FIELD, StatusEvent, logged
+from listener.events import LOG_FIELD, logged
 from listener.keys import PARTS, KeyLayout, part_of
 from listener.servers import ServerProcess
 
@@ -52,12 +53,8 @@ class Run:
 
 async def write_log(redis: Redis, events: int) -> None:
     """`events` cancellations in the event log, each part's in entries of up to PER_ENTRY."""
-    at = int(time.time() * 1000)
     by_part: dict[int, list[bytes]] = {part: [] for part in range(PARTS)}
-    for n in range(events):
-        event = StatusEvent(
-            f"{lag.MEASURED_PREFIX}replay-{n}", "cancelled", "created", "timeout", 2, at, at - 1_800_000
-        )
+    for event in floor.events_of(events):
         by_part[part_of(event.order_id)].append(logged(event))
     layout = KeyLayout()
     async with redis.pipeline(transaction=False) as pipe:
@@ -80,15 +77,13 @@ async def one_run(events: int, profile: str, rate: str, grace: float) -> Run:
             await write_log(redis, events)
         sub = lag.MosquittoSubSubscriber("127.0.0.1", broker.port, workdir)
         await sub.start()  # (returns once it receives)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_LISTENER_")}
-        env |= {
+        env = os.environ | {  # (main cleared every ORDER_LISTENER_* of the environment)
             "ORDER_LISTENER_REDIS_URL": redis_url,
             "ORDER_LISTENER_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}",
         }
-        binary = Path(sys.executable).parent / "order-listener"
         started, started_unix = time.monotonic(), time.time()
         proc = await asyncio.create_subprocess_exec(
-            str(binary),
+            lag.daemon_command()[0],
             *("replay", "--since", since, "--publish", "--rate", rate),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,

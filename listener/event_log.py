@@ -296,25 +296,14 @@ async def publish_again(
 
     from listener.config import FastPathSetting
     from listener.errors import Unavailable
-    from listener.fastpath import FastPaths, paho_io
-    from listener.mqtt import Publisher, default_client_id, make_client
+    from listener.fastpath import FastPaths
+    from listener.mqtt import Publisher, default_client_id
+    from listener.mqtt.client import make_publishing_client
     from listener.outbox_pump import auto_rate
     from listener.urls import mqtt_target
 
     fast_paths = FastPaths(enabled=settings.fast_paths is FastPathSetting.AUTO)
-
-    def fast_failed(exc: BaseException) -> None:
-        fast_paths.fall_back(paho_io.SPEC.name, f"{type(exc).__name__}: {exc}")
-
-    client = make_client(
-        settings,
-        identifier=default_client_id("replay"),
-        fast_io=fast_paths.decide(paho_io.SPEC).fast,
-        on_fast_failure=fast_failed,
-    )
-    # our window bounds what is in flight; paho's own would scan all its
-    # messages on every PUBACK (as the daemon's connections, mqtt/link.py)
-    client.paho.max_inflight_messages_set(0)
+    client = make_publishing_client(settings, fast_paths, identifier=default_client_id("replay"))
     published = 0
     try:
         async with client:

@@ -11,8 +11,9 @@ paho's private parts that the fast publish path uses live apart, in
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from listener.lazy import names_on_first_use
 
 if TYPE_CHECKING:
     from listener.mqtt.client import PublishRefused, default_client_id, make_client
@@ -44,10 +45,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module 'listener.mqtt' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # looked up once
-    return value
+__getattr__, __dir__ = names_on_first_use(__name__, _HOME, globals())

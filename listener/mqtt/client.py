@@ -25,6 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from listener.config import Settings
+from listener.fastpath import FastPaths, paho_io
 from listener.fastpath.paho_io import FastPaho
 from listener.urls import mqtt_target
 
@@ -140,6 +141,30 @@ def make_client(
         on_fast_failure=on_fast_failure,
     )
     client.pending_calls_threshold = 1_000_000  # our publishes are bounded by the window
+    return client
+
+
+def make_publishing_client(
+    settings: Settings, fast_paths: FastPaths, *, identifier: str, persistent: bool = False
+) -> CheckedClient:
+    """A client whose QoS 1 publishes go through a `Publisher` window (the
+    daemon's connections, `replay`): on our fast publish path unless
+    `fast_paths` decides against it (decided once per registry; a failure at
+    run time turns it off for good), and with paho's own in-flight queue off,
+    since our window bounds what is in flight and paho's would scan all its
+    messages on every PUBACK (only the fallback path uses paho's queue)."""
+
+    def fast_failed(exc: BaseException) -> None:
+        fast_paths.fall_back(paho_io.SPEC.name, f"{type(exc).__name__}: {exc}")
+
+    client = make_client(
+        settings,
+        identifier=identifier,
+        persistent=persistent,
+        fast_io=fast_paths.decide(paho_io.SPEC).fast,
+        on_fast_failure=fast_failed,
+    )
+    client.paho.max_inflight_messages_set(0)
     return client
 
 

@@ -17,8 +17,13 @@ import aiomqtt
 from listener import logs
 from listener.config import FastPathSetting, Settings
 from listener.events import StatusEvent
-from listener.fastpath import FastPaths, paho_io
-from listener.mqtt.client import CheckedClient, default_client_id, is_failure, make_client
+from listener.fastpath import FastPaths
+from listener.mqtt.client import (
+    CheckedClient,
+    default_client_id,
+    is_failure,
+    make_publishing_client,
+)
 from listener.mqtt.drops import DROPPED_TOPIC, DropWatch
 from listener.mqtt.window import WINDOW, Publisher
 from listener.supervise import Service, supervise
@@ -95,27 +100,14 @@ class MqttLink:
     async def run(self) -> None:
         await supervise("mqtt", self.service, self._session)
 
-    def _fast_failed(self, exc: BaseException) -> None:
-        self.fast_paths.fall_back(paho_io.SPEC.name, f"{type(exc).__name__}: {exc}")
-
     def _make(self, index: int) -> CheckedClient:
-        # decided once per daemon; a failure at run time turns it off for good
-        fast = self.fast_paths.decide(paho_io.SPEC).fast
         if index == 0:
             identifier, persistent = self._identifier, self._persistent
         else:  # publish only: no session state worth keeping
             identifier, persistent = f"{self._identifier}-p{index}", False
-        client = make_client(
-            self.settings,
-            identifier=identifier,
-            persistent=persistent,
-            fast_io=fast,
-            on_fast_failure=self._fast_failed,
+        return make_publishing_client(
+            self.settings, self.fast_paths, identifier=identifier, persistent=persistent
         )
-        # our window bounds what is in flight; paho's own would scan all its
-        # messages on every PUBACK (only the fallback path uses paho's queue)
-        client.paho.max_inflight_messages_set(0)
-        return client
 
     async def _session(self) -> None:
         main = self._make(0)
